@@ -1,0 +1,3 @@
+from convmaps.cli import main
+
+main()

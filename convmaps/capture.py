@@ -1,0 +1,347 @@
+"""Capture: layer selection (SPEC), the layer table, and exact forward hooks.
+
+    >>> import torch
+    >>> from convmaps.models import lenet5
+    >>> net = lenet5().eval()
+    >>> out = capture(net, torch.zeros(2, 1, 28, 28), ["C1", "S2"])
+    >>> tuple(out["C1"].shape), tuple(out["S2"].shape)
+    ((2, 6, 28, 28), (2, 6, 14, 14))
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from convmaps.errors import ConvmapsError, UnknownLayerError
+from convmaps.models import feature_root
+
+__all__ = [
+    "Kind",
+    "Layer",
+    "LayerRow",
+    "Trace",
+    "capture",
+    "kind_of",
+    "layer_table",
+    "list_layers",
+    "select",
+    "trace",
+]
+
+
+class Kind(StrEnum):
+    """Type words a SPEC may use, and the type column of the layer table."""
+
+    conv = "conv"
+    relu = "relu"
+    pool = "pool"
+    linear = "linear"
+    other = "other"
+
+
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def kind_of(module: nn.Module) -> Kind:
+    if isinstance(module, nn.Conv2d):
+        return Kind.conv
+    if isinstance(module, nn.ReLU):
+        return Kind.relu
+    if isinstance(module, _POOLS):
+        return Kind.pool
+    if isinstance(module, nn.Linear):
+        return Kind.linear
+    return Kind.other
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A module a SPEC can name: its qualified name, its index in the feature extractor (for
+    direct children of it), and the module itself."""
+
+    name: str
+    index: int | None
+    module: nn.Module = field(repr=False, compare=False)
+
+    @property
+    def kind(self) -> Kind:
+        return kind_of(self.module)
+
+
+def _root(model: nn.Module) -> tuple[str, nn.Module]:
+    name = feature_root(model)
+    return name, (model.get_submodule(name) if name else model)
+
+
+def list_layers(model: nn.Module) -> list[Layer]:
+    """Leaf modules in definition order, plus the feature extractor's non-leaf children (so an
+    index like `4` on a ResNet names `layer1`)."""
+    root_name, root = _root(model)
+    prefix = f"{root_name}." if root_name else ""
+    index = {f"{prefix}{n}": i for i, (n, _) in enumerate(root.named_children())}
+    out = []
+    for name, module in model.named_modules():
+        if name and (name in index or not any(True for _ in module.children())):
+            out.append(Layer(name, index.get(name), module))
+    return out
+
+
+def _spec_help(layers: Sequence[Layer], root_name: str) -> str:
+    indexed = [layer.index for layer in layers if layer.index is not None]
+    where = root_name or "the model's top level"
+    names = [layer.name for layer in layers]
+    shown = ", ".join(names[:40]) + (f", … (+{len(names) - 40})" if len(names) > 40 else "")
+    idx = f"indices 0-{max(indexed)} (into {where}); " if indexed else ""
+    return f"{idx}names: {shown}; type words: {', '.join(k.value for k in Kind if k != 'other')}, all"
+
+
+def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag: str = "--layers"
+           ) -> list[Layer]:
+    """The layers a SPEC names, in model order, each once.
+
+    SPEC items (comma-separated): an index into the feature extractor (`3`), a range (`0-5`), a
+    qualified module name (`features.3`, `C3`), or a type word (`conv`, `relu`, `pool`,
+    `linear`, `all`). With `conv_only`, type words keep only Conv2d layers and naming any other
+    layer is an error.
+
+    Raises:
+        UnknownLayerError: an item matches nothing; the message lists what exists.
+    """
+    layers = list_layers(model)
+    root_name, _ = _root(model)
+    by_index = {layer.index: layer for layer in layers if layer.index is not None}
+    by_name = {layer.name: layer for layer in layers}
+    modules = dict(model.named_modules())
+    chosen: dict[str, Layer] = {}
+    for raw in (spec or "all").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        found: list[Layer]
+        if item == "all" or item in Kind.__members__:
+            found = [x for x in layers if item == "all" or x.kind == item]
+            if conv_only:
+                found = [x for x in found if x.kind == Kind.conv]
+        elif m := re.fullmatch(r"(\d+)(?:-(\d+))?", item):
+            lo, hi = int(m[1]), int(m[2] or m[1])
+            missing = [i for i in range(lo, hi + 1) if i not in by_index]
+            if lo > hi or missing:
+                raise UnknownLayerError(
+                    f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}"
+                )
+            found = [by_index[i] for i in range(lo, hi + 1)]
+        elif item in by_name:
+            found = [by_name[item]]
+        elif item in modules and item:
+            found = [Layer(item, None, modules[item])]
+        else:
+            raise UnknownLayerError(f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}")
+        if conv_only and not item.isalpha():
+            for x in found:
+                if x.kind != Kind.conv:
+                    raise UnknownLayerError(
+                        f"{flag} takes conv layers only; {x.name} is "
+                        f"{type(x.module).__name__} (try {flag} conv)"
+                    )
+        for x in found:
+            chosen.setdefault(x.name, x)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(chosen.values(), key=lambda x: order[x.name])
+
+
+@dataclass
+class Trace:
+    """One batched forward pass: selected modules' outputs and inputs, key = module name.
+
+    A module called more than once per forward pass (a shared ReLU) gets keys `name`,
+    `name@1`, `name@2`, … in call order.
+    """
+
+    outputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]  # e.g. MaxPool2d(return_indices=True) returns (values, indices)
+    return None
+
+
+@contextmanager
+def _no_inplace(model: nn.Module) -> Iterator[None]:
+    """Turn off `inplace` (torchvision's ReLU(inplace=True)) so a conv's captured output is not
+    overwritten by the next ReLU; restored afterwards."""
+    flipped = [m for m in model.modules() if getattr(m, "inplace", None) is True]
+    for m in flipped:
+        m.inplace = False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.inplace = True  # type: ignore[assignment]
+
+
+def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs: Collection[str],
+         clone: bool) -> tuple[Trace, list[str]]:
+    """Forward with hooks; returns the trace and the keys whose tensors changed after capture."""
+    got_out: dict[str, torch.Tensor] = {}
+    got_in: dict[str, torch.Tensor] = {}
+    versions: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+    calls: dict[str, int] = {}
+    current = [""]
+
+    def keep(kind: str, store: dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
+        t = t.detach()
+        if clone:
+            t = t.clone()
+        store[key] = t
+        versions[(kind, key)] = (t, t._version)
+
+    def pre_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            current[0] = name
+            if name in inputs and (t := _first_tensor(args)) is not None:
+                n = calls.get(name, 0)
+                keep("in", got_in, name if n == 0 else f"{name}@{n}", t)
+
+        return hook
+
+    def post_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
+            n = calls.get(name, 0)
+            calls[name] = n + 1
+            if name in outputs and (t := _first_tensor(result)) is not None:
+                keep("out", got_out, name if n == 0 else f"{name}@{n}", t)
+
+        return hook
+
+    handles = []
+    was_training = model.training
+    try:
+        for name, module in model.named_modules():
+            if name in outputs or name in inputs:
+                handles.append(module.register_forward_pre_hook(pre_hook(name)))
+                handles.append(module.register_forward_hook(post_hook(name)))
+            elif not any(True for _ in module.children()):
+                handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        model.eval()
+        with torch.no_grad(), _no_inplace(model):
+            try:
+                model(batch)
+            except RuntimeError as e:
+                where = f" in {current[0]}" if current[0] else ""
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ConvmapsError(
+                    f"forward pass failed{where} for input {tuple(batch.shape)}: {first}"
+                ) from e
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    changed = [key for (_, key), (t, v) in versions.items() if t._version != v]
+    return Trace(got_out, got_in), changed
+
+
+def trace(model: nn.Module, batch: torch.Tensor, outputs: Collection[str],
+          inputs: Collection[str] = ()) -> Trace:
+    """Outputs of the modules named in `outputs` and inputs of those in `inputs`, exactly.
+
+    In-place modules are switched off for the pass. Should the model's own forward code still
+    modify a captured tensor in place afterwards (e.g. ResNet's `out += identity`), the
+    tensor's version counter shows it and the pass is redone with every capture cloned.
+    Hooks are always removed and `model.training` restored.
+    """
+    names = dict(model.named_modules())
+    unknown = [n for n in [*outputs, *inputs] if n not in names]
+    if unknown:
+        raise UnknownLayerError(f"no module named {', '.join(unknown)}")
+    result, changed = _run(model, batch, set(outputs), set(inputs), clone=False)
+    if changed:
+        result, _ = _run(model, batch, set(outputs), set(inputs), clone=True)
+    return result
+
+
+def capture(model: nn.Module, batch: torch.Tensor, layers: Collection[str]
+            ) -> dict[str, torch.Tensor]:
+    """The outputs of `layers` (module names) for a batch: `{name: (N, ...) tensor}`."""
+    return trace(model, batch, layers).outputs
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One row of `convmaps layers`; shapes are per image (no batch dim)."""
+
+    index: int | None
+    name: str
+    type: str
+    in_shape: tuple[int, ...] | None
+    out_shape: tuple[int, ...] | None
+    params: int
+    kernel_map_bytes: int | None  # one image's kernel maps in float32, conv layers only
+    tap_map_bytes: int | None
+
+
+def _meta_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Collection[str]
+                 ) -> Trace:
+    """A forward pass on the meta device: real module code, real shapes, no compute or memory."""
+    params = {k: torch.empty_like(v, device="meta") for k, v in model.named_parameters()}
+    buffers = {k: torch.empty_like(v, device="meta") for k, v in model.named_buffers()}
+    x = torch.empty((1, *input_shape), device="meta")
+
+    class _Call(nn.Module):
+        def forward(self, batch: torch.Tensor) -> Any:
+            return functional_call(model, {**params, **buffers}, (batch,))
+
+    wrapper = _Call()
+    wrapper.add_module("model", model)
+    prefixed = [f"model.{n}" for n in names]
+    try:
+        t = trace(wrapper, x, prefixed, prefixed)
+    except ConvmapsError as e:
+        raise ConvmapsError(str(e).replace(" in model.", " in ", 1)) from e.__cause__
+    strip = len("model.")
+    return Trace({k[strip:]: v for k, v in t.outputs.items()},
+                 {k[strip:]: v for k, v in t.inputs.items()})
+
+
+def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:
+    """Every selectable layer with its per-image input/output shapes for `input_shape` (C, H, W),
+    its parameter count and, for convs, the bytes of one image's kernel and tap maps."""
+    layers = list_layers(model)
+    shapes = _meta_shapes(model, input_shape, [x.name for x in layers])
+    rows = []
+    for layer in layers:
+        i = shapes.inputs.get(layer.name)
+        o = shapes.outputs.get(layer.name)
+        in_shape = tuple(i.shape[1:]) if i is not None else None
+        out_shape = tuple(o.shape[1:]) if o is not None else None
+        km = tm = None
+        conv = layer.module
+        if isinstance(conv, nn.Conv2d) and out_shape is not None:
+            per_pixel = out_shape[0] * out_shape[1] * out_shape[2] * 4
+            km = per_pixel * (conv.in_channels // conv.groups)
+            tm = per_pixel * conv.kernel_size[0] * conv.kernel_size[1]
+        rows.append(
+            LayerRow(
+                index=layer.index,
+                name=layer.name,
+                type=type(layer.module).__name__,
+                in_shape=in_shape,
+                out_shape=out_shape,
+                params=sum(p.numel() for p in layer.module.parameters()),
+                kernel_map_bytes=km,
+                tap_map_bytes=tm,
+            )
+        )
+    return rows

@@ -1,0 +1,351 @@
+"""The command line: a thin Typer shell over the Python API.
+
+torch and torchvision are imported inside the commands, so `convmaps --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from convmaps import __version__
+from convmaps.errors import ConvmapsError
+
+app = typer.Typer(
+    name="convmaps",
+    help="Open up convolutional networks: filters, feature maps, kernel maps and max-pool "
+    "switches, written as safetensors files plus PNG grids.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+# Piped output keeps full layer names instead of an 80-column squeeze.
+out_console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Options shared by several commands, declared once.
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A torchvision classifier (alexnet, vgg11 … vgg19_bn, resnet18, …), `lenet` (the "
+        "bundled, trained LeNet-5), or a checkpoint file (.safetensors, .pt/.pth) with --arch.",
+        show_default=False,
+    ),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights", "-w",
+        help="DEFAULT, a torchvision weights name (IMAGENET1K_V1), `none` (seeded random "
+        "init) or a state-dict file. Default: DEFAULT; the bundled checkpoint for lenet.",
+    ),
+]
+ArchOpt = Annotated[
+    str | None, typer.Option("--arch", help="Architecture of a checkpoint MODEL, e.g. vgg16.")
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+def _fail(message: str) -> None:
+    err_console.print(Text.assemble(("error: ", "bold red"), (message, "red")))
+
+
+def reports_errors(fn: F) -> F:
+    """Turn a ConvmapsError into one red line on stderr and exit code 1; anything else is a
+    bug and keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConvmapsError as e:
+            _fail(str(e))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            _fail("interrupted; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"convmaps {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """Open up convolutional networks."""
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        h, w = (int(parts[0]), int(parts[-1]))
+    except ValueError:
+        raise ConvmapsError(f"--input-size {text!r}: write H,W such as 224,224") from None
+    if h < 1 or w < 1 or len(parts) > 2:
+        raise ConvmapsError(f"--input-size {text!r}: write H,W such as 224,224")
+    return h, w
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "—" if shape is None else "×".join(str(s) for s in shape)
+
+
+@app.command()
+@reports_errors
+def layers(
+    model: ModelArg,
+    weights: WeightsOpt = None,
+    input_size: Annotated[
+        str | None,
+        typer.Option("--input-size", help="H,W of the input. Default: the model's preset."),
+    ] = None,
+    arch: ArchOpt = None,
+) -> None:
+    """Print the layer table: index, name, type, shapes, parameters, kernel-map bytes.
+
+    Shapes come from a forward pass on the meta device (no compute, no weights needed).
+    """
+    from convmaps.capture import layer_table
+    from convmaps.models import load_model
+    from convmaps.store import format_bytes
+
+    # Shapes do not depend on weight values, so no pretrained file is needed to list layers.
+    loaded = load_model(model, weights or "none", arch)
+    size = _size(input_size) or loaded.input_size
+    rows = layer_table(loaded.model, (loaded.in_channels, *size))
+    table = Table(title=f"{loaded.arch} · input {loaded.in_channels}×{size[0]}×{size[1]}")
+    for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("input", "right"),
+                      ("output", "right"), ("params", "right"), ("kernel maps", "right"),
+                      ("tap maps", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            "" if r.index is None else str(r.index), r.name, r.type, _shape(r.in_shape),
+            _shape(r.out_shape), f"{r.params:,}",
+            format_bytes(r.kernel_map_bytes) if r.kernel_map_bytes else "",
+            format_bytes(r.tap_map_bytes) if r.tap_map_bytes else "",
+        )
+    out_console.print(table)
+    total = sum(p.numel() for p in loaded.model.parameters())
+    km = sum(r.kernel_map_bytes or 0 for r in rows)
+    out_console.print(
+        f"{total:,} parameters; kernel maps of every conv: {format_bytes(km)} per image (float32)"
+    )
+
+
+@app.command()
+@reports_errors
+def filters(
+    model: ModelArg,
+    layers: Annotated[
+        str | None, typer.Option("--layers", "-l", help="Conv layers SPEC. Default: conv.")
+    ] = None,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="Write PNG grids.")] = True,
+    png_cap: Annotated[
+        int, typer.Option("--png-cap", min=1, help="Draw at most N filters × N kernels a layer.")
+    ] = 64,
+    arch: ArchOpt = None,
+) -> None:
+    """Write every conv weight to OUT/filters/filters.safetensors, and one PNG grid per conv."""
+    from convmaps.models import load_model
+    from convmaps.pipeline import run_filters
+
+    loaded = load_model(model, weights, arch)
+    notes = run_filters(loaded, layers, out, png=png, png_cap=png_cap)
+    for name, note in notes:
+        if note:
+            err_console.print(f"{name}: {note}")
+    out_console.print(f"wrote {len(notes)} filters to {out / 'filters'}")
+
+
+@app.command()
+@reports_errors
+def dump(
+    model: ModelArg,
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Image files and/or folders (walked recursively). `dump lenet` "
+                       "with none uses the bundled samples.", show_default=False),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", "-l", help="SPEC: indices into the feature extractor (0,3), "
+                     "ranges (0-5), names (features.3, C3), conv/relu/pool/linear/all."),
+    ] = None,
+    kernels: Annotated[
+        str | None, typer.Option("--kernels", help="Conv layers SPEC whose kernel maps to write.")
+    ] = None,
+    taps: Annotated[
+        str | None, typer.Option("--taps", help="Conv layers SPEC whose tap maps to write.")
+    ] = None,
+    switches: Annotated[
+        bool, typer.Option("--switches/--no-switches", help="Max-pool switch indices.")
+    ] = True,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="PNG grids.")] = True,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="DataLoader worker processes for decoding.")
+    ] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps …")] = "cpu",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")
+    ] = "float32",
+    max_bytes: Annotated[
+        str, typer.Option("--max-bytes", help="Refuse runs that would write more (e.g. 20GB).")
+    ] = "8GB",
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="Skip inputs whose outputs are complete.")
+    ] = True,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 at the end if any input was skipped.")
+    ] = False,
+    png_cap: Annotated[
+        int, typer.Option("--png-cap", min=0, help="Kernel/tap-map PNGs for at most N filters.")
+    ] = 16,
+) -> None:
+    """Run images through MODEL and write activations, switches, kernel and tap maps."""
+    from convmaps.pipeline import DType, DumpOptions
+
+    if dtype not in DType.__members__:
+        raise ConvmapsError(f"--dtype {dtype!r}: choose float32, float16 or bfloat16")
+    options = DumpOptions(
+        model=model, inputs=[str(p) for p in inputs or []], layers=layers, kernels=kernels,
+        taps=taps, switches=switches, png=png, out=str(out), weights=weights, arch=arch,
+        batch_size=batch_size, workers=workers, device=device, dtype=DType(dtype),
+        max_bytes=max_bytes, resume=resume, strict=strict, png_cap=png_cap,
+    )
+    _dump(options)
+
+
+def _dump(options: Any) -> None:
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+    )
+
+    from convmaps.pipeline import plan_dump, run_dump
+    from convmaps.store import format_bytes
+
+    plan = plan_dump(options)
+    err_console.print(
+        f"{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.sources)} image(s), "
+        f"{len(plan.complete)} already done · {len(plan.layers)} layer(s) · about "
+        f"{format_bytes(plan.image_bytes * plan.pending)} to write"
+    )
+    speed = TextColumn("{task.fields[rate]}")
+    with Progress(TextColumn("dump"), BarColumn(), MofNCompleteColumn(), speed,
+                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+        task = bar.add_task("dump", total=len(plan.sources), rate="")
+
+        def step(n: int) -> None:
+            bar.advance(task, n)
+            rate = bar.tasks[0].speed
+            bar.update(task, rate=f"{rate:.1f} images/s" if rate else "")
+
+        manifest = run_dump(plan, on_progress=step)
+    skipped = [e for e in manifest["inputs"] if e["status"] != "ok"]
+    for e in skipped[:20]:
+        err_console.print(Text(f"skipped {e['source']}: {e['status'].removeprefix('skipped: ')}",
+                               style="yellow"))
+    if len(skipped) > 20:
+        err_console.print(f"… and {len(skipped) - 20} more skipped (see manifest.json)")
+    done = len(manifest["inputs"]) - len(skipped)
+    out_console.print(f"{done} image(s) written to {plan.out}, {len(skipped)} skipped; "
+                      f"manifest: {plan.out / 'manifest.json'}")
+    if skipped and options.strict:
+        raise typer.Exit(1)
+
+
+def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "zeros"):
+        table.add_column(col, justify="left" if col in ("tensor", "dtype") else "right")
+    for s in stats:
+        table.add_row(s.name, _shape(s.shape), s.dtype, f"{s.min:.4g}", f"{s.max:.4g}",
+                      f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.zeros:.1%}")
+    return table
+
+
+@app.command()
+@reports_errors
+def show(
+    path: Annotated[Path, typer.Argument(help="A .safetensors file or a dump folder.")],
+) -> None:
+    """Summary statistics (shape, dtype, min/max, mean/std, zeros) of a file or a whole dump."""
+    from convmaps.summary import dump_stats, file_stats, read_manifest
+
+    if path.is_dir():
+        manifest = read_manifest(path)
+        entries = manifest.get("inputs", [])
+        ok = sum(1 for e in entries if e["status"] == "ok")
+        out_console.print(f"{path}: {manifest.get('model')} ({manifest.get('weights')}), "
+                          f"{ok} image(s) ok, {len(entries) - ok} skipped")
+        for rel, stats in dump_stats(path).items():
+            out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
+        return
+    if not path.is_file():
+        raise ConvmapsError(f"{path} does not exist")
+    from safetensors import safe_open
+
+    stats = file_stats(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    for k, v in meta.items():
+        if not k.startswith("module."):
+            out_console.print(Text(f"{k}: {v}", style="dim"))
+    out_console.print(_stats_table(str(path), stats))
+
+
+@app.command("train-lenet")
+@reports_errors
+def train_lenet(
+    data: Annotated[
+        Path, typer.Option("--data", help="Folder with (Fashion-)MNIST IDX files.")
+    ] = Path("/usr/share/datasets/fashion-mnist"),
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
+        "lenet5.safetensors"
+    ),
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    samples: Annotated[
+        Path | None, typer.Option("--samples", help="Also export test images as PNG here.")
+    ] = None,
+) -> None:
+    """Train the LeNet-5 checkpoint on (Fashion-)MNIST IDX files, as the bundled one was."""
+    from convmaps import train
+
+    metrics = train.train_lenet(data, out, epochs=epochs, seed=seed,
+                                log=lambda s: err_console.print(s))
+    out_console.print(f"wrote {out}: test accuracy {float(metrics['test_accuracy']):.2%}")
+    if samples is not None:
+        train.export_samples(data, samples)
+        out_console.print(f"wrote sample images to {samples}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,51 @@
+"""The exception hierarchy: the CLI turns any ConvmapsError into one red line and exit 1."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadImageError",
+    "CheckpointError",
+    "ConvmapsError",
+    "TooLargeError",
+    "UnknownLayerError",
+    "UnknownModelError",
+    "UnsafeCheckpointError",
+    "WeightsUnavailableError",
+    "WriteError",
+]
+
+
+class ConvmapsError(Exception):
+    """Base of every error convmaps reports to a user as one line."""
+
+
+class UnknownModelError(ConvmapsError):
+    """A model name that is neither a torchvision classifier, `lenet`, nor a checkpoint."""
+
+
+class WeightsUnavailableError(ConvmapsError):
+    """Pretrained weights that are neither cached nor downloadable."""
+
+
+class CheckpointError(ConvmapsError):
+    """A checkpoint that cannot be read or does not fit the architecture."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that wants to run code; refused, never loaded unsafely."""
+
+
+class UnknownLayerError(ConvmapsError):
+    """A layer SPEC item that matches no module."""
+
+
+class BadImageError(ConvmapsError):
+    """An input that is not a usable image (recorded in the manifest and skipped)."""
+
+
+class TooLargeError(ConvmapsError):
+    """A run whose estimated output exceeds --max-bytes or the free disk space."""
+
+
+class WriteError(ConvmapsError):
+    """An output that could not be written (disk full, permissions)."""

@@ -1,0 +1,226 @@
+"""Store: atomic files, a streaming safetensors writer, metadata and the manifest.
+
+safetensors' own `save_file` needs every tensor in memory at once; kernel maps of a VGG layer
+do not fit that. `write_safetensors` writes the published format itself (8-byte little-endian
+header length, a JSON header padded with spaces to 8 bytes, then the raw little-endian data in
+header order) from an iterator of chunks, so peak memory is one chunk.
+
+    >>> import torch, tempfile, os
+    >>> from safetensors import safe_open
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+    >>> save_tensors(path, {"a": torch.arange(6.).reshape(2, 3)}, {"model": "demo"})
+    >>> with safe_open(path, "pt") as f:
+    ...     f.get_tensor("a").tolist(), f.metadata()
+    ([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], {'model': 'demo'})
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import struct
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from convmaps.errors import ConvmapsError, WriteError
+
+__all__ = [
+    "TensorSpec",
+    "atomic_write",
+    "format_bytes",
+    "parse_bytes",
+    "read_metadata",
+    "save_tensors",
+    "write_bytes",
+    "write_json",
+    "write_safetensors",
+]
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through `write(f)` into a temporary file in the same folder, fsync it, then
+    rename it over `path`: a reader (or a resumed run) sees the old file or the whole new one,
+    never a partial one.
+
+    Raises:
+        WriteError: the disk is full or the folder is not writable; no temporary file remains.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink()
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise WriteError(f"could not write {path}: {reason}") from e
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Deterministic JSON (no timestamps; key order as given)."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
+    write_bytes(path, text.encode())
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor will be, known before its data is computed."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _header(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for spec in specs:
+        if spec.name in entries or spec.name == "__metadata__":
+            raise ValueError(f"duplicate tensor name {spec.name!r}")
+        if spec.dtype not in _DTYPES:
+            raise ValueError(f"safetensors cannot store {spec.dtype}")
+        entries[spec.name] = {
+            "dtype": _DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy has none).
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_safetensors(path: str | Path, specs: list[TensorSpec],
+                      chunks: Iterable[tuple[str, torch.Tensor]],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Stream a safetensors file: header from `specs`, then data from `chunks`.
+
+    `chunks` yields `(name, tensor)` in spec order; a tensor may arrive in several consecutive
+    chunks split along its first dimension. Each chunk's dtype must match its spec, and the
+    bytes written must add up exactly, or nothing is written.
+    """
+    if sys.byteorder != "little":  # the format is little-endian; so are all torch platforms
+        raise WriteError("safetensors writing needs a little-endian machine")
+
+    def write(f: IO[bytes]) -> None:
+        f.write(_header(specs, metadata or {}))
+        pending = iter(specs)
+        spec: TensorSpec | None = None
+        left = 0
+        for name, t in chunks:
+            if left == 0:
+                spec = next(pending, None)
+                if spec is None:
+                    raise ValueError(f"unexpected chunk for {name!r} after the last tensor")
+                left = spec.nbytes
+            assert spec is not None
+            if name != spec.name or t.dtype != spec.dtype:
+                raise ValueError(f"chunk {name!r} {t.dtype} does not match {spec}")
+            data = _raw(t)
+            if data.nbytes > left:
+                raise ValueError(f"chunks for {name!r} exceed its shape {spec.shape}")
+            f.write(data)
+            left -= data.nbytes
+            if left == 0:
+                spec = None
+        rest = [s.name for s in pending if s.nbytes]
+        if left or rest:
+            raise ValueError(f"missing data for {(spec.name if spec else '')} {rest}")
+
+    atomic_write(path, write)
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write a whole dict of tensors (key order kept) atomically as safetensors."""
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    write_safetensors(path, specs, tensors.items(), metadata)
+
+
+def read_metadata(path: str | Path) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors file from its header alone; None if the file is
+    missing or not a complete safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, struct.error, ValueError):
+        return None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if size != 8 + n + max(ends, default=0):
+        return None
+    meta = header.get("__metadata__", {})
+    return meta if isinstance(meta, dict) else None
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """`"500MB"`, `"2GiB"`, `"1e9"` or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in _UNITS:
+        raise ConvmapsError(f"size {text!r} not understood; write e.g. 500MB, 8GB or 2GiB")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,119 @@
+"""Summary statistics of saved tensors, in the spirit of lovely-tensors (`convmaps show`).
+
+    >>> import torch
+    >>> s = tensor_stats("x", torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    >>> (s.min, s.max, s.mean, s.zeros)
+    (0.0, 3.0, 1.5, 0.25)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convmaps.errors import ConvmapsError
+
+__all__ = ["Stats", "dump_stats", "file_stats", "read_manifest", "tensor_stats"]
+
+
+@dataclass(frozen=True)
+class Stats:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    min: float
+    max: float
+    mean: float
+    std: float
+    zeros: float  # share of exact zeros, 0..1
+    count: int = 1  # how many tensors (images) went into these figures
+
+
+@dataclass
+class _Running:
+    """Streaming min/max/mean/std/zeros over many tensors of one key, in float64 so that fp16
+    maps do not overflow the sums."""
+
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    count: int = 0
+    n: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+    lo: float = math.inf
+    hi: float = -math.inf
+    zeros: int = 0
+    _seen: set[tuple[int, ...]] = field(default_factory=set)
+
+    def add(self, t: torch.Tensor) -> None:
+        x = t.detach().to(torch.float64).reshape(-1)
+        self.shape, self.dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
+        self.count += 1
+        if x.numel():
+            self.n += x.numel()
+            self.total += x.sum().item()
+            self.squares += (x * x).sum().item()
+            self.lo = min(self.lo, x.min().item())
+            self.hi = max(self.hi, x.max().item())
+            self.zeros += int((x == 0).sum().item())
+
+    def stats(self, name: str) -> Stats:
+        if not self.n:
+            nan = float("nan")
+            return Stats(name, self.shape, self.dtype, nan, nan, nan, nan, 0.0, self.count)
+        mean = self.total / self.n
+        var = max(self.squares / self.n - mean * mean, 0.0) * self.n / max(self.n - 1, 1)
+        return Stats(name, self.shape, self.dtype, self.lo, self.hi, mean, math.sqrt(var),
+                     self.zeros / self.n, self.count)
+
+
+def tensor_stats(name: str, t: torch.Tensor) -> Stats:
+    """Shape, dtype, min/max, mean/std and the share of zeros of one tensor."""
+    acc = _Running()
+    acc.add(t)
+    return acc.stats(name)
+
+
+def _read(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ConvmapsError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def file_stats(path: str | Path) -> list[Stats]:
+    """Stats of every tensor in one safetensors file, one tensor in memory at a time."""
+    return [tensor_stats(k, t) for k, t in _read(Path(path))]
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "manifest.json"
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        return manifest
+    except (OSError, ValueError) as e:
+        raise ConvmapsError(f"{folder} has no readable manifest.json ({e})") from e
+
+
+def dump_stats(folder: str | Path) -> dict[str, list[Stats]]:
+    """Per file kind (activations, switches, …) and key: stats over every image of a dump."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    running: dict[str, dict[str, _Running]] = {}
+    for entry in manifest.get("inputs", []):
+        for rel in entry.get("files", []):
+            if rel.endswith(".safetensors"):
+                per_key = running.setdefault(rel, {})
+                for key, t in _read(folder / entry["key"] / rel):
+                    per_key.setdefault(key, _Running()).add(t)
+    return {rel: [acc.stats(k) for k, acc in keys.items()] for rel, keys in running.items()}

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models and images made by the tests themselves."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def tiny_cnn() -> nn.Sequential:
+    """Conv -> in-place ReLU -> max-pool -> conv -> ReLU -> flatten -> linear, like a
+    miniature AlexNet (in-place ReLUs included, which is the trap capture must avoid)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv2d(3, 4, 3, padding=1)),
+                ("relu1", nn.ReLU(inplace=True)),
+                ("pool1", nn.MaxPool2d(3, 2)),
+                ("conv2", nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False)),
+                ("relu2", nn.ReLU(inplace=True)),
+                ("flatten", nn.Flatten()),
+                ("fc", nn.Linear(5 * 2 * 2, 7)),  # for 10x10 inputs
+            ]
+        )
+    ).eval()
+
+
+def write_image(path: Path, size: tuple[int, int] = (40, 32), mode: str = "RGB",
+                seed: int = 0, fmt: str | None = None) -> Path:
+    """A small random picture (deterministic per seed)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB").convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path

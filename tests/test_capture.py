@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convmaps.capture import capture, layer_table, list_layers, select, trace
+from convmaps.errors import ConvmapsError, UnknownLayerError
+from convmaps.models import build, load_model
+
+
+def _recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An independent recomputation with torch.nn.functional, not the module's forward."""
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, module.weight, module.bias, module.stride, module.padding,
+                        module.dilation, module.groups)
+    if isinstance(module, nn.ReLU):
+        return x.clamp(min=0)
+    if isinstance(module, nn.MaxPool2d):
+        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding,
+                            module.dilation, module.ceil_mode)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return F.adaptive_avg_pool2d(x, module.output_size)
+    if isinstance(module, nn.Linear):
+        return x.flatten(1) @ module.weight.T + module.bias
+    if isinstance(module, (nn.Dropout, nn.Flatten)):
+        return x.flatten(1) if isinstance(module, nn.Flatten) else x
+    raise NotImplementedError(type(module))
+
+
+def _check_chain(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    names = [layer.name for layer in list_layers(model)]
+    got = capture(model, x, names)
+    assert list(got) == names
+    modules = dict(model.named_modules())
+    prev = x
+    for name in names:
+        if prev.dim() > got[name].dim():  # torch.flatten in the model's forward code
+            prev = prev.flatten(1)
+        expected = _recompute(modules[name], prev)
+        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-5, msg=name)
+        prev = got[name]
+    return got
+
+
+def test_inplace_relu_does_not_overwrite_conv_output(tiny_cnn):
+    x = torch.randn(2, 3, 10, 10)
+    got = capture(tiny_cnn, x, ["conv1", "relu1"])
+    expected = F.conv2d(x, tiny_cnn.conv1.weight, tiny_cnn.conv1.bias, padding=1)
+    assert (got["conv1"] < 0).any(), "a conv output must keep its negatives"
+    torch.testing.assert_close(got["conv1"], expected)
+    torch.testing.assert_close(got["relu1"], expected.clamp(min=0))
+    assert tiny_cnn.relu1.inplace is True  # restored afterwards
+
+
+def test_chain_tiny(tiny_cnn):
+    _check_chain(tiny_cnn, torch.randn(3, 3, 10, 10))
+
+
+@pytest.mark.parametrize("arch,shape", [("alexnet", (2, 3, 96, 96)), ("vgg11", (2, 3, 32, 32))])
+def test_chain_torchvision(arch, shape):
+    model = build(arch).eval()
+    got = _check_chain(model, torch.randn(shape))
+    assert (got["features.0"] < 0).any()
+
+
+def test_chain_bundled_lenet():
+    model = load_model("lenet").model
+    got = _check_chain(model, torch.randn(4, 1, 28, 28))
+    assert set(got) >= {"C1", "relu1", "S2", "C3", "relu3", "S4", "C5", "relu5", "F6", "OUTPUT"}
+
+
+def test_hooks_removed_and_mode_restored_even_on_error(tiny_cnn):
+    tiny_cnn.train()
+    with pytest.raises(ConvmapsError, match="forward pass failed in conv1"):
+        capture(tiny_cnn, torch.randn(1, 2, 10, 10), ["conv1"])
+    capture(tiny_cnn, torch.randn(1, 3, 10, 10), ["conv1", "fc"])
+    assert tiny_cnn.training
+    for m in tiny_cnn.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+class _Residual(nn.Module):
+    """Forward code that modifies a submodule's output in place, as ResNet's `out += x`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y += x
+        return y
+
+
+def test_inplace_in_forward_code_is_detected():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(1, 2, 6, 6)
+    got = capture(model, x, ["conv"])
+    torch.testing.assert_close(got["conv"], F.conv2d(x, model.conv.weight, model.conv.bias,
+                                                     padding=1))
+
+
+def test_shared_module_called_twice_gets_two_keys():
+    relu = nn.ReLU()
+    model = nn.Sequential()
+    model.add_module("relu", relu)
+    model.add_module("lin", nn.Linear(3, 3))
+    model.forward = lambda x: relu(model.lin(relu(x)))  # type: ignore[method-assign]
+    x = torch.randn(2, 3)
+    got = trace(model, x, ["relu"], ["relu"])
+    assert set(got.outputs) == {"relu", "relu@1"}
+    torch.testing.assert_close(got.inputs["relu"], x)
+    torch.testing.assert_close(got.outputs["relu@1"], model.lin(x.clamp(min=0)).clamp(min=0))
+
+
+def test_select_grammar():
+    model = build("alexnet")
+    names = lambda spec, **kw: [x.name for x in select(model, spec, **kw)]  # noqa: E731
+    assert names("0,3") == ["features.0", "features.3"]
+    assert names("3,0,3") == ["features.0", "features.3"]  # model order, once each
+    assert names("0-2") == ["features.0", "features.1", "features.2"]
+    assert names("features.3,classifier.1") == ["features.3", "classifier.1"]
+    assert names("pool") == ["features.2", "features.5", "features.12", "avgpool"]
+    assert names("conv") == [f"features.{i}" for i in (0, 3, 6, 8, 10)]
+    assert len(names("linear")) == 3
+    assert len(names(None)) == len(names("all")) == 21
+    assert names("all", conv_only=True) == names("conv")
+
+
+def test_select_lenet_names():
+    model = build("lenet")
+    assert [x.name for x in select(model, "C3,0")] == ["C1", "C3"]
+    assert [x.name for x in select(model, "relu")] == ["relu1", "relu3", "relu5", "relu6"]
+
+
+@pytest.mark.parametrize("spec", ["13", "5-99", "features.99", "convolution", "3-1"])
+def test_select_unknown_lists_what_exists(spec):
+    with pytest.raises(UnknownLayerError) as e:
+        select(build("alexnet"), spec)
+    msg = str(e.value)
+    assert "indices 0-12" in msg and "features.3" in msg and "conv" in msg
+    assert "\n" not in msg
+
+
+def test_select_conv_only_refuses_other_layers():
+    with pytest.raises(UnknownLayerError, match="--kernels takes conv layers only; features.1"):
+        select(build("alexnet"), "0,1", conv_only=True, flag="--kernels")
+
+
+def _conv_out(n: int, k: int, s: int, p: int, d: int) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@pytest.mark.parametrize("arch,size", [("alexnet", 224), ("vgg11", 64), ("lenet", 28),
+                                       ("alexnet", 127)])
+def test_layer_table_matches_real_forward(arch, size):
+    model = build(arch).eval()
+    channels = 1 if arch == "lenet" else 3
+    rows = layer_table(model, (channels, size, size))
+    real = trace(model, torch.randn(1, channels, size, size), [r.name for r in rows],
+                 [r.name for r in rows])
+    for r in rows:
+        assert r.out_shape == tuple(real.outputs[r.name].shape[1:]), r.name
+        assert r.in_shape == tuple(real.inputs[r.name].shape[1:]), r.name
+        module = model.get_submodule(r.name)
+        assert r.params == sum(p.numel() for p in module.parameters())
+        if isinstance(module, nn.Conv2d):
+            h = _conv_out(r.in_shape[1], module.kernel_size[0], module.stride[0],
+                          module.padding[0], module.dilation[0])
+            w = _conv_out(r.in_shape[2], module.kernel_size[1], module.stride[1],
+                          module.padding[1], module.dilation[1])
+            assert r.out_shape == (module.out_channels, h, w)
+            km = torch.empty(module.out_channels, module.in_channels // module.groups, h, w)
+            assert r.kernel_map_bytes == km.numel() * 4
+
+
+def test_layer_table_indices():
+    rows = layer_table(build("alexnet"), (3, 224, 224))
+    assert [r.index for r in rows[:13]] == list(range(13))
+    assert rows[13].name == "avgpool" and rows[13].index is None
