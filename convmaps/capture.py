@@ -101,7 +101,8 @@ def _spec_help(layers: Sequence[Layer], root_name: str) -> str:
     names = [layer.name for layer in layers]
     shown = ", ".join(names[:40]) + (f", … (+{len(names) - 40})" if len(names) > 40 else "")
     idx = f"indices 0-{max(indexed)} (into {where}); " if indexed else ""
-    return f"{idx}names: {shown}; type words: {', '.join(k.value for k in Kind if k != 'other')}, all"
+    words = ", ".join(k.value for k in Kind if k != Kind.other)
+    return f"{idx}names: {shown}; type words: {words}, all"
 
 
 def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag: str = "--layers"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,7 +31,7 @@ app = typer.Typer(
 )
 # Piped output keeps full layer names instead of an 80-column squeeze.
 out_console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line when piped
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -181,15 +182,19 @@ def filters(
     out_console.print(f"wrote {len(notes)} filters to {out / 'filters'}")
 
 
+InputsArg = Annotated[
+    list[Path] | None,
+    typer.Argument(help="Image files and/or folders (walked recursively). `dump lenet` with none "
+                   "uses the bundled samples.", show_default=False),
+]
+
+
 @app.command()
 @reports_errors
 def dump(
+    ctx: typer.Context,
     model: ModelArg,
-    inputs: Annotated[
-        list[Path] | None,
-        typer.Argument(help="Image files and/or folders (walked recursively). `dump lenet` "
-                       "with none uses the bundled samples.", show_default=False),
-    ] = None,
+    inputs: InputsArg = None,
     layers: Annotated[
         str | None,
         typer.Option("--layers", "-l", help="SPEC: indices into the feature extractor (0,3), "
@@ -230,22 +235,71 @@ def dump(
     ] = 16,
 ) -> None:
     """Run images through MODEL and write activations, switches, kernel and tap maps."""
-    from convmaps.pipeline import DType, DumpOptions
+    from convmaps.pipeline import DumpOptions
 
-    if dtype not in DType.__members__:
-        raise ConvmapsError(f"--dtype {dtype!r}: choose float32, float16 or bfloat16")
-    options = DumpOptions(
-        model=model, inputs=[str(p) for p in inputs or []], layers=layers, kernels=kernels,
-        taps=taps, switches=switches, png=png, out=str(out), weights=weights, arch=arch,
-        batch_size=batch_size, workers=workers, device=device, dtype=DType(dtype),
-        max_bytes=max_bytes, resume=resume, strict=strict, png_cap=png_cap,
+    _dump(DumpOptions(**_options(ctx, locals(), only_given=False)))
+
+
+def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> dict[str, Any]:
+    """Command-line values as DumpOptions fields (only those typed, with `only_given`)."""
+    from convmaps.pipeline import DType
+
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in ("ctx", "config") or (
+            # by name: typer may ship its own copy of click's ParameterSource enum
+            only_given and getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE"
+        ):
+            continue
+        if name == "dtype" and value not in DType.__members__:
+            raise ConvmapsError(f"--dtype {value!r}: choose float32, float16 or bfloat16")
+        if name == "inputs":
+            value = [str(p) for p in value or []]
+        out[name] = DType(value) if name == "dtype" else str(value) if name == "out" else value
+    return out
+
+
+def run(ctx: typer.Context, config: Path, **values: Any) -> None:
+    """Run a dump from a TOML config (see configs/); options given here override the file."""
+    from convmaps.config import options_from
+
+    if not config.is_file():
+        raise ConvmapsError(f"config {config} does not exist")
+    _dump(options_from(config, _options(ctx, values, only_given=True)))
+
+
+def _run_signature() -> None:
+    """`run` takes CONFIG plus every `dump` option, declared once, on `dump`."""
+    import inspect
+
+    hints = typing.get_type_hints(dump.__wrapped__, include_extras=True)  # type: ignore[attr-defined]
+    params = inspect.signature(dump.__wrapped__).parameters  # type: ignore[attr-defined]
+    config = inspect.Parameter(
+        "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[Path, typer.Argument(help="A TOML file of dump options.")],
     )
-    _dump(options)
+    inputs = params["inputs"].replace(annotation=Annotated[
+        list[Path] | None,
+        typer.Argument(help="Inputs that replace the config's `inputs`.", show_default=False),
+    ])
+    rest = [p.replace(annotation=hints[p.name]) for n, p in params.items()
+            if n not in ("ctx", "model", "inputs")]
+    new = [params["ctx"].replace(annotation=typer.Context), config, inputs, *rest]
+    run.__signature__ = inspect.Signature(new, return_annotation=None)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in new} | {"return": None}
+
+
+_run_signature()
+app.command("run")(reports_errors(run))
 
 
 def _dump(options: Any) -> None:
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
     )
 
     from convmaps.pipeline import plan_dump, run_dump

@@ -49,7 +49,8 @@ class DType(StrEnum):
 
     @property
     def torch(self) -> torch.dtype:
-        return getattr(torch, self.value)  # type: ignore[no-any-return]
+        dtype: torch.dtype = getattr(torch, self.value)
+        return dtype
 
 
 @dataclass
@@ -75,6 +76,7 @@ class DumpOptions:
     strict: bool = False
     png_cap: int = 16
     chunk_bytes: str = "64MB"
+    config: str | None = None  # the TOML file the options came from, if any
 
 
 @dataclass
@@ -144,6 +146,7 @@ def _expected_files(plan: Plan) -> list[str]:
         files += [f"png/{x.name}.png" for x in plan.layers]
         for kind, convs in (("kernels", plan.kernels), ("taps", plan.taps)):
             for x in convs:
+                assert isinstance(x.module, nn.Conv2d)
                 n = min(plan.options.png_cap, x.module.out_channels)
                 files += [f"png/{x.name}.{kind}/{o}.png" for o in range(n)]
     return sorted(files)
@@ -346,7 +349,7 @@ def _manifest(plan: Plan, entries: list[dict[str, Any]]) -> dict[str, Any]:
         "preprocessing": repr(plan.loaded.preprocess),
         "input_size": list(plan.loaded.input_size),
         "options": {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(o).items()
-                    if k not in ("resume", "workers", "device")},
+                    if k not in ("resume", "workers", "device", "out", "config")},
         "run": plan.fingerprint,
         "layers": [
             {"index": r.index, "name": r.name, "type": r.type,
@@ -414,7 +417,8 @@ def run_filters(loaded: LoadedModel, spec: str | None, out: str | Path, png: boo
 
     convs = select(loaded.model, spec or "conv", conv_only=True)
     folder = Path(out) / "filters"
-    weights = {x.name: x.module.weight.detach().cpu() for x in convs}  # type: ignore[union-attr]
+    weights = {x.name: x.module.weight.detach().cpu() for x in convs
+               if isinstance(x.module, nn.Conv2d)}
     meta = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
             "dtype": "float32"}
     meta.update({f"module.{x.name}": repr(x.module) for x in convs})

@@ -19,11 +19,16 @@ from torch import nn
 __all__ = ["switches", "unpool"]
 
 
+def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
+    return v if isinstance(v, tuple) else (v, v)
+
+
 def switches(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     """The flat per-plane argmax indices `pool` chooses on its input `x` ((C,H,W) or (N,C,H,W)),
     int64, exactly as `MaxPool2d(return_indices=True)` gives them."""
     _, indices = F.max_pool2d_with_indices(
-        x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
+        x, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding),
+        _pair(pool.dilation), pool.ceil_mode,
     )
     return indices
 
@@ -37,6 +42,6 @@ def unpool(pooled: torch.Tensor, indices: torch.Tensor, pool: nn.MaxPool2d,
     if pool.dilation not in (1, (1, 1)):
         raise ValueError("max_unpool2d has no dilation; a dilated pool cannot be unpooled")
     return F.max_unpool2d(
-        pooled, indices, pool.kernel_size, pool.stride, pool.padding,
+        pooled, indices, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding),
         output_size=list(input_size)[-2:],
     )

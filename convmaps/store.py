@@ -58,7 +58,7 @@ _DTYPES = {
 }
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write a file through `write(f)` into a temporary file in the same folder, fsync it, then
     rename it over `path`: a reader (or a resumed run) sees the old file or the whole new one,
     never a partial one.
@@ -136,7 +136,7 @@ def _header(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> bytes:
 def _raw(t: torch.Tensor) -> memoryview:
     # Reinterpreting as bytes works for every dtype, bfloat16 included (numpy has none).
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def write_safetensors(path: str | Path, specs: list[TensorSpec],

@@ -116,4 +116,11 @@ def dump_stats(folder: str | Path) -> dict[str, list[Stats]]:
                 per_key = running.setdefault(rel, {})
                 for key, t in _read(folder / entry["key"] / rel):
                     per_key.setdefault(key, _Running()).add(t)
-    return {rel: [acc.stats(k) for k, acc in keys.items()] for rel, keys in running.items()}
+    # safetensors lists keys alphabetically; show them in model order instead.
+    order = {row["name"]: i for i, row in enumerate(manifest.get("layers", []))}
+
+    def rank(key: str) -> tuple[int, str]:
+        return order.get(key.split("@")[0].removesuffix(".bias"), len(order)), key
+
+    return {rel: [keys[k].stats(k) for k in sorted(keys, key=rank)]
+            for rel, keys in running.items()}

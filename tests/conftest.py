@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -44,3 +45,22 @@ def write_image(path: Path, size: tuple[int, int] = (40, 32), mode: str = "RGB",
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt)
     return path
+
+
+def recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An independent recomputation with torch.nn.functional, not the module's forward."""
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, module.weight, module.bias, module.stride, module.padding,
+                        module.dilation, module.groups)
+    if isinstance(module, nn.ReLU):
+        return x.clamp(min=0)
+    if isinstance(module, nn.MaxPool2d):
+        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding,
+                            module.dilation, module.ceil_mode)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return F.adaptive_avg_pool2d(x, module.output_size)
+    if isinstance(module, nn.Linear):
+        return x.flatten(1) @ module.weight.T + module.bias
+    if isinstance(module, (nn.Dropout, nn.Flatten)):
+        return x.flatten(1) if isinstance(module, nn.Flatten) else x
+    raise NotImplementedError(type(module))

@@ -9,24 +9,7 @@ from convmaps.capture import capture, layer_table, list_layers, select, trace
 from convmaps.errors import ConvmapsError, UnknownLayerError
 from convmaps.models import build, load_model
 
-
-def _recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An independent recomputation with torch.nn.functional, not the module's forward."""
-    if isinstance(module, nn.Conv2d):
-        return F.conv2d(x, module.weight, module.bias, module.stride, module.padding,
-                        module.dilation, module.groups)
-    if isinstance(module, nn.ReLU):
-        return x.clamp(min=0)
-    if isinstance(module, nn.MaxPool2d):
-        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding,
-                            module.dilation, module.ceil_mode)
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return F.adaptive_avg_pool2d(x, module.output_size)
-    if isinstance(module, nn.Linear):
-        return x.flatten(1) @ module.weight.T + module.bias
-    if isinstance(module, (nn.Dropout, nn.Flatten)):
-        return x.flatten(1) if isinstance(module, nn.Flatten) else x
-    raise NotImplementedError(type(module))
+from .conftest import recompute
 
 
 def _check_chain(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -38,7 +21,7 @@ def _check_chain(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     for name in names:
         if prev.dim() > got[name].dim():  # torch.flatten in the model's forward code
             prev = prev.flatten(1)
-        expected = _recompute(modules[name], prev)
+        expected = recompute(modules[name], prev)
         torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-5, msg=name)
         prev = got[name]
     return got

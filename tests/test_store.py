@@ -61,7 +61,8 @@ def test_same_tensors_same_bytes_as_safetensors_reads_them(tmp_path):
 def test_streamed_chunks_equal_whole(tmp_path):
     big = torch.randn(10, 4, 3, 3).half()
     bias = torch.randn(10).half()
-    specs = [TensorSpec("conv", big.dtype, tuple(big.shape)), TensorSpec("conv.bias", bias.dtype, (10,))]
+    specs = [TensorSpec("conv", big.dtype, tuple(big.shape)),
+             TensorSpec("conv.bias", bias.dtype, (10,))]
     chunks = [("conv", big[0:3]), ("conv", big[3:4]), ("conv", big[4:10]), ("conv.bias", bias)]
     write_safetensors(tmp_path / "k.safetensors", specs, iter(chunks), {"a": "b"})
     got = load_file(tmp_path / "k.safetensors")

@@ -1,0 +1,138 @@
+"""Kernel maps of every AlexNet conv, three ways, timed in one run (medians, as ratios).
+
+    python benchmarks/bench_kernel_maps.py [--images 4] [--repeats 5] [--device cpu]
+
+- forward: the plain forward pass through `features` (the part every method pays).
+- floor:   the same forward pass plus writing as many bytes as the kernel maps take, raw,
+           to a file (fsync'd, as convmaps' atomic writes are).
+- recipe:  the forum recipe: hooks keep each conv's input, a grouped conv with groups=C_in and
+           the weight permuted to (C_in*C_out, 1, kh, kw), the result permuted back, and
+           `safetensors.torch.save_file` of all of them.
+- convmaps: `trace` + `decompose.kernel_map_chunks` streamed by `store.write_safetensors`.
+
+Work = time beyond the plain forward pass. Goals (issue 4): convmaps work <= 0.5x the
+recipe's, and convmaps total within 1.3x of the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from convmaps import decompose
+from convmaps.capture import trace
+from convmaps.models import build
+from convmaps.store import TensorSpec, write_safetensors
+
+
+def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    names = [n for n, _ in _convs(model)]
+    return {k: v[0] for k, v in trace(model, x, [], names).inputs.items()}
+
+
+def forward(model: nn.Module, x: torch.Tensor, out: Path) -> None:
+    with torch.no_grad():
+        model.features(x)  # type: ignore[operator]
+
+
+def floor(model: nn.Module, x: torch.Tensor, out: Path, nbytes: int) -> None:
+    forward(model, x, out)
+    block = bytes(64 << 20)
+    with open(out, "wb") as f:
+        left = nbytes
+        while left:
+            n = min(left, len(block))
+            f.write(memoryview(block)[:n])
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recipe(model: nn.Module, x: torch.Tensor, out: Path) -> None:
+    inputs = _inputs(model, x)
+    maps = {name: decompose.forum_kernel_maps(conv, inputs[name]).contiguous()
+            for name, conv in _convs(model)}
+    save_file(maps, out)
+
+
+def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20) -> None:
+    inputs = _inputs(model, x)
+    specs, streams = [], []
+    for name, conv in _convs(model):
+        c_in, h, w = inputs[name].shape
+        nbytes = decompose.kernel_maps_bytes(conv, (c_in, h, w))
+        sample = decompose.kernel_maps(conv, inputs[name], filters=slice(0, 1))
+        specs.append(TensorSpec(name, torch.float32, (conv.out_channels, *sample.shape[1:])))
+        assert specs[-1].nbytes == nbytes
+        streams.append((name, decompose.kernel_map_chunks(conv, inputs[name], chunk)))
+
+    def chunks():
+        for name, it in streams:
+            for _, t in it:
+                yield name, t
+
+    write_safetensors(out, specs, chunks())
+
+
+def _time(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = build("alexnet").eval().to(args.device)
+    images = [torch.randn(1, 3, 224, 224, device=args.device) for _ in range(args.images)]
+    nbytes = sum(decompose.kernel_maps_bytes(c, tuple(v.shape))
+                 for (n, c), v in zip(_convs(model), _inputs(model, images[0]).values(),
+                                      strict=True))
+    tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-"))
+    methods: dict[str, Callable[[torch.Tensor, Path], None]] = {
+        "forward": lambda x, p: forward(model, x, p),
+        "floor": lambda x, p: floor(model, x, p, nbytes),
+        "recipe": lambda x, p: recipe(model, x, p),
+        "convmaps": lambda x, p: convmaps(model, x, p),
+    }
+    for fn in methods.values():  # warm-up: allocator, kernels, page cache
+        fn(images[0], tmp / "warm")
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(args.repeats):
+        for name, fn in methods.items():  # interleaved, so drift hits every method alike
+            total = 0.0
+            for i, x in enumerate(images):
+                path = tmp / f"{name}-{i}.bin"
+                total += _time(lambda: fn(x, path))  # noqa: B023
+                path.unlink(missing_ok=True)
+            times[name].append(total / len(images))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"AlexNet, all 5 convs, {nbytes / 1e6:.1f} MB of kernel maps per image, "
+          f"{args.images} images x {args.repeats} repeats on {args.device}; median s/image:")
+    for k, v in med.items():
+        print(f"  {k:9s} {v:7.3f}")
+    work = {k: med[k] - med["forward"] for k in ("floor", "recipe", "convmaps")}
+    print(f"convmaps work / recipe work = {work['convmaps'] / work['recipe']:.2f}  (goal <= 0.5)")
+    print(f"convmaps / floor            = {med['convmaps'] / med['floor']:.2f}  (goal <= 1.3)")
+    print(f"convmaps work / floor work  = {work['convmaps'] / work['floor']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

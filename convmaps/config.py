@@ -1,0 +1,87 @@
+"""Config files for `convmaps run`: every `dump` option from TOML, checked against DumpOptions.
+
+    model = "alexnet"
+    inputs = ["photos/"]
+    layers = "0,3"
+    kernels = "3"
+    dtype = "float16"
+
+Keys are DumpOptions' field names (`batch_size` or `batch-size`). Relative paths are taken
+from the current folder, as on the command line.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from convmaps.errors import ConvmapsError
+from convmaps.pipeline import DumpOptions
+
+__all__ = ["load_config", "options_from"]
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(DumpOptions)
+
+
+def _allowed(hint: Any) -> tuple[tuple[type, ...], type | None, str]:
+    """(accepted TOML value types, list item type or None, words for an error)."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    args = tuple(a for a in args if a is not type(None))
+    if typing.get_origin(args[0]) is list:
+        return (list,), typing.get_args(args[0])[0], "a list of strings"
+    if isinstance(args[0], type) and issubclass(args[0], StrEnum):
+        return (str,), None, "one of " + ", ".join(m.value for m in args[0])
+    words = {str: "a string", int: "an integer", bool: "true or false"}
+    return tuple(args), None, " or ".join(words.get(a, a.__name__) for a in args)
+
+
+def _check(path: Path, key: str, value: Any, hint: Any) -> Any:
+    accepted, item, words = _allowed(hint)
+    # TOML's true is not an integer here, whatever Python's bool subclassing says.
+    ok = isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)
+    if ok and item is not None:
+        ok = all(isinstance(v, item) for v in value)
+    base = typing.get_args(hint)[0] if isinstance(hint, types.UnionType) else hint
+    if ok and isinstance(base, type) and issubclass(base, StrEnum):
+        ok = value in base.__members__
+        value = base(value) if ok else value
+    if not ok:
+        raise ConvmapsError(f"{path}: {key} must be {words}, not {value!r}")
+    return value
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The options a TOML file sets, validated; unknown keys and wrong types are errors that
+    name the key and the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConvmapsError(f"cannot read config {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConvmapsError(f"{path} is not valid TOML: {e}") from e
+    hints = _field_types()
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConvmapsError(f"{path}: unknown key {raw_key!r}; known keys: {known}")
+        out[key] = _check(path, raw_key, value, hints[key])
+    return out
+
+
+def options_from(path: str | Path, overrides: dict[str, Any]) -> DumpOptions:
+    """DumpOptions from a config file, with command-line `overrides` on top."""
+    values = load_config(path)
+    values.update(overrides)
+    options = DumpOptions(**values)
+    options.config = str(path)
+    return options
+

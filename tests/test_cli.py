@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from convmaps.cli import app
+
+from .conftest import write_image
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_import_does_not_import_torch():
+    code = "import sys, convmaps.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "convmaps", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("convmaps ")
+
+
+@pytest.mark.parametrize("cmd", ["layers", "filters", "dump", "show", "train-lenet"])
+def test_help(cmd):
+    result = run(cmd, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_layers_table():
+    result = run("layers", "alexnet")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "features.3 " in x)
+    assert "Conv2d" in line and "64×27×27" in line and "192×27×27" in line and "35.8 MB" in line
+    assert "61,100,840 parameters" in result.output
+    result = run("layers", "lenet", "--input-size", "32,32")
+    assert result.exit_code == 1 and "forward pass failed in F6" in result.output
+
+
+def test_filters_writes_weights_and_pngs(tmp_path):
+    result = run("filters", "lenet", "--weights", "none", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "filters" / "filters.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["C1", "C3", "C5"]
+        assert tuple(f.get_tensor("C3").shape) == (16, 6, 5, 5)
+        meta = f.metadata()
+    assert meta["model"] == "lenet" and meta["weights"] == "none"
+    assert meta["module.C3"].startswith("Conv2d(6, 16")
+    for name in ("C1", "C3", "C5"):
+        assert Image.open(tmp_path / "filters" / "png" / f"{name}.png").mode == "RGB"
+
+
+def test_filters_rgb_first_layer_and_cap(tmp_path):
+    result = run("filters", "alexnet", "-w", "none", "--layers", "0,3", "--png-cap", "8",
+                 "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "features.3: drew 8 of 192 filters" in result.output
+    with safe_open(str(tmp_path / "filters" / "filters.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["features.0", "features.3"]
+
+
+def test_dump_and_show(tmp_path):
+    img = write_image(tmp_path / "in" / "x.png")
+    out = tmp_path / "out"
+    result = run("dump", "lenet", img, "--weights", "none", "--out", out, "--layers", "C1,S2")
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) written" in result.output
+    assert (out / "x.png" / "png" / "C1.png").exists()
+    result = run("show", out)
+    assert result.exit_code == 0, result.output
+    assert "activations.safetensors" in result.output and "6×28×28" in result.output
+    result = run("show", out / "x.png" / "switches.safetensors")
+    assert result.exit_code == 0 and "int64" in result.output
+
+
+def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    args = ["dump", "lenet", tmp_path / "bad.png", "-w", "none", "--out", tmp_path / "o"]
+    result = run(*args)
+    assert result.exit_code == 0 and "skipped" in result.output
+    assert run(*args, "--strict").exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["layers", "alexnt"], "Did you mean: alexnet"),
+        (["dump", "lenet", "-w", "none", "--layers", "C9"], "no layer 'C9'"),
+        (["dump", "lenet", "-w", "none", "--kernels", "relu1"], "conv layers only"),
+        (["dump", "lenet", "-w", "none", "--dtype", "int8"], "--dtype"),
+        (["dump", "lenet", "-w", "none", "/no/such/file.png"], "/no/such/file.png"),
+        (["dump", "alexnet", "-w", "none"], "give INPUT"),
+        (["dump", "lenet", "-w", "none", "--max-bytes", "10B"], "--max-bytes"),
+        (["show", "/no/such/dump"], "does not exist"),
+        (["layers", "lenet", "--input-size", "abc"], "--input-size"),
+        (["filters", "missing.pt", "--arch", "lenet"], "does not exist"),
+    ],
+)
+def test_errors_are_one_line(args, words, tmp_path):
+    result = run(*args, *(["--out", tmp_path] if args[0] == "dump" else []))
+    assert result.exit_code == 1, result.output
+    assert words in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output
+    assert result.output.startswith("error: ")

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from convmaps.cli import app
+from convmaps.config import load_config, options_from
+from convmaps.errors import ConvmapsError
+from convmaps.pipeline import DType
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    options = options_from(path, {})
+    assert options.model and options.config == str(path)
+
+
+def test_types_are_converted_and_dashes_accepted(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('model = "lenet"\nbatch-size = 3\ndtype = "float16"\npng = false\n'
+                    'inputs = ["a", "b"]\n')
+    values = load_config(path)
+    assert values == {"model": "lenet", "batch_size": 3, "dtype": DType.float16, "png": False,
+                      "inputs": ["a", "b"]}
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ('modle = "lenet"', "unknown key 'modle'"),
+        ("batch_size = \"8\"", "batch_size must be an integer"),
+        ("batch_size = true", "batch_size must be an integer"),
+        ("png = 1", "png must be true or false"),
+        ('dtype = "int8"', "dtype must be one of float32, float16, bfloat16"),
+        ('inputs = "photos"', "inputs must be a list of strings"),
+        ("inputs = [1, 2]", "inputs must be a list of strings"),
+        ("model = ", "is not valid TOML"),
+    ],
+)
+def test_bad_configs_name_key_and_file(tmp_path, text, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConvmapsError) as e:
+        load_config(path)
+    assert words in str(e.value) and str(path) in str(e.value)
+
+
+def test_run_command_line_overrides_file(tmp_path):
+    from .conftest import write_image
+
+    img = write_image(tmp_path / "x.png")
+    path = tmp_path / "c.toml"
+    path.write_text(f'model = "lenet"\nweights = "none"\nlayers = "C1"\npng = true\n'
+                    f'out = "{tmp_path / "out"}"\ninputs = ["{img}"]\n')
+    result = CliRunner().invoke(app, ["run", str(path), "--no-png", "--layers", "C3"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["options"]["png"] is False  # from the command line
+    assert manifest["options"]["layers"] == "C3"
+    assert manifest["options"]["weights"] == "none"  # from the file
+    assert manifest["selected"]["activations"] == ["C3"]
+    assert not (tmp_path / "out" / "x.png" / "png").exists()
+
+
+def test_run_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 1 and result.output.startswith("error: config")

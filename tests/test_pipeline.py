@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from convmaps.errors import ConvmapsError, TooLargeError
+from convmaps.images import decode, sha256_file
+from convmaps.models import build, lenet_preset
+from convmaps.pipeline import DType, DumpOptions, plan_dump, run_dump
+from convmaps.pooling import unpool
+
+from .conftest import recompute, write_image
+
+
+def _lenet_ckpt(tmp_path: Path) -> str:
+    """A seeded LeNet checkpoint, so these tests do not depend on the bundled training."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lenet.safetensors"
+    save_file(build("lenet").state_dict(), path, {"arch": "lenet"})
+    return str(path)
+
+
+def _dump(tmp_path: Path, inputs: list[Path], out: str = "out", **kw) -> dict:
+    o = DumpOptions(model=_lenet_ckpt(tmp_path), inputs=[str(p) for p in inputs],
+                    out=str(tmp_path / out), **kw)
+    return run_dump(plan_dump(o))
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    root = tmp_path / "photos"
+    for i, rel in enumerate(["a/cat.png", "b/cat.png", "b/deep/dog.jpg", "c.bmp", "d.webp"]):
+        write_image(root / rel, seed=i)
+    (root / "notes.txt").write_text("not an image, ignored in a folder")
+    return root
+
+
+def test_dump_writes_exact_activations_per_image(tmp_path, photos):
+    manifest = _dump(tmp_path, [photos], batch_size=2, png=False)
+    keys = [e["key"] for e in manifest["inputs"]]
+    assert keys == ["a/cat.png", "b/cat.png", "b/deep/dog.jpg", "c.bmp", "d.webp"]
+    model = build("lenet").eval()
+    names = [n for n, _ in model.named_children()]
+    for entry in manifest["inputs"]:
+        assert entry["status"] == "ok"
+        src = photos / entry["key"]
+        assert entry["sha256"] == sha256_file(src)
+        path = tmp_path / "out" / entry["key"] / "activations.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            acts = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        assert meta["sha256"] == entry["sha256"] and meta["source"] == str(src)
+        assert set(acts) == set(names)
+        # Independent recomputation from the image itself, one image at a time.
+        prev = lenet_preset()(decode(src))[None]
+        for name in names:
+            if name == "flatten":
+                prev = prev.flatten(1)
+                continue
+            prev = recompute(model.get_submodule(name), prev)
+            torch.testing.assert_close(acts[name], prev[0], rtol=1e-4, atol=1e-5)
+
+
+def test_switches_round_trip_through_saved_files(tmp_path, photos):
+    _dump(tmp_path, [photos / "c.bmp"], png=False)
+    folder = tmp_path / "out" / "c.bmp"
+    acts = load_file(folder / "activations.safetensors")
+    sw = load_file(folder / "switches.safetensors")
+    model = build("lenet")
+    assert set(sw) == {"S2", "S4"}
+    for pool, before in (("S2", "relu1"), ("S4", "relu3")):
+        assert sw[pool].dtype == torch.int64
+        back = unpool(acts[pool], sw[pool], model.get_submodule(pool), acts[before].shape)
+        assert torch.equal(model.get_submodule(pool)(back), acts[pool])
+
+
+def test_no_switches_and_dtype(tmp_path, photos):
+    _dump(tmp_path, [photos / "c.bmp"], png=False, switches=False, dtype=DType.float16,
+          layers="C1,C3")
+    folder = tmp_path / "out" / "c.bmp"
+    assert not (folder / "switches.safetensors").exists()
+    acts = load_file(folder / "activations.safetensors")
+    assert set(acts) == {"C1", "C3"} and acts["C1"].dtype == torch.float16
+
+
+def test_broken_inputs_are_skipped_and_recorded(tmp_path, photos):
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "text.png").write_text("hello")
+    good = (photos / "c.bmp").read_bytes()
+    (photos / "cut.bmp").write_bytes(good[: len(good) // 2])
+    manifest = _dump(tmp_path, [photos], png=False)
+    status = {e["key"]: e["status"] for e in manifest["inputs"]}
+    assert status["empty.jpg"].startswith("skipped: empty")
+    assert status["text.png"].startswith("skipped: not an image")
+    assert status["cut.bmp"].startswith("skipped:")
+    assert status["a/cat.png"] == "ok"
+    assert "notes.txt" not in status
+    assert not (tmp_path / "out" / "empty.jpg").exists()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_same_inputs_give_byte_identical_outputs(tmp_path, photos):
+    _dump(tmp_path, [photos], out="one", batch_size=3)
+    _dump(tmp_path, [photos], out="two", batch_size=3)
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert one == two and "manifest.json" in one and any(k.endswith(".png") for k in one)
+
+
+def test_killed_run_resumes_to_identical_result(tmp_path, photos):
+    _dump(tmp_path, [photos], out="clean", batch_size=2)
+    o = DumpOptions(model=_lenet_ckpt(tmp_path), inputs=[str(photos)], out=str(tmp_path / "k"),
+                    batch_size=2)
+    calls = []
+
+    def kill(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dump(plan_dump(o), on_progress=kill)
+    assert not (tmp_path / "k" / "manifest.json").exists()
+    # a write killed half-way leaves a temp file and a damaged final file is redone too
+    done = tmp_path / "k" / "a" / "cat.png"
+    (done / ".activations.safetensors.99.tmp").write_bytes(b"partial")
+    plan = plan_dump(o)
+    assert plan.complete == {0, 1, 2, 3}  # two batches of two were written before the kill
+    (done / "switches.safetensors").unlink()
+    plan = plan_dump(o)
+    assert plan.complete == {1, 2, 3}
+    run_dump(plan)
+    resumed = {k: v for k, v in _files(tmp_path / "k").items() if not k.endswith(".tmp")}
+    assert resumed == _files(tmp_path / "clean")
+
+
+def test_resume_redoes_images_whose_options_changed(tmp_path, photos):
+    _dump(tmp_path, [photos / "c.bmp"], png=False, layers="C1")
+    o = DumpOptions(model=_lenet_ckpt(tmp_path), inputs=[str(photos / "c.bmp")],
+                    out=str(tmp_path / "out"), png=False, layers="C3")
+    assert plan_dump(o).complete == set()
+    o.layers = "C1"
+    assert plan_dump(o).complete == {0}
+    o.resume = False
+    assert plan_dump(o).complete == set()
+
+
+def test_manifest_records_the_run(tmp_path, photos):
+    manifest = _dump(tmp_path, [photos / "c.bmp"], png=False)
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["model"] == "lenet" and "Normalize" in manifest["preprocessing"]
+    assert [r["name"] for r in manifest["layers"]][:2] == ["C1", "relu1"]
+    assert manifest["layers"][0]["out_shape"] == [6, 28, 28]
+    entry = manifest["inputs"][0]
+    assert entry["files"] == ["activations.safetensors", "switches.safetensors"]
+
+
+def test_size_limit_is_checked_before_work(tmp_path, photos):
+    with pytest.raises(TooLargeError, match=r"over --max-bytes 1\.0 KB"):
+        _dump(tmp_path, [photos], max_bytes="1KB")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_images_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConvmapsError, match="no images"):
+        _dump(tmp_path, [tmp_path / "empty"])
