@@ -233,11 +233,19 @@ def dump(
     png_cap: Annotated[
         int, typer.Option("--png-cap", min=0, help="Kernel/tap-map PNGs for at most N filters.")
     ] = 16,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="I/N: do shard I (0-based) of N, e.g. a SLURM array task."),
+    ] = None,
 ) -> None:
-    """Run images through MODEL and write activations, switches, kernel and tap maps."""
+    """Run images through MODEL and write activations, switches, kernel and tap maps.
+
+    Under `torchrun --nproc-per-node K -m convmaps dump …` each process takes its shard.
+    """
+    values = dict(locals())
     from convmaps.pipeline import DumpOptions
 
-    _dump(DumpOptions(**_options(ctx, locals(), only_given=False)))
+    _dump(DumpOptions(**_options(ctx, values, only_given=False)))
 
 
 def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> dict[str, Any]:
@@ -306,15 +314,17 @@ def _dump(options: Any) -> None:
     from convmaps.store import format_bytes
 
     plan = plan_dump(options)
+    index, count = plan.shard
+    label = f"shard {index}/{count}: " if count > 1 else ""
     err_console.print(
-        f"{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.sources)} image(s), "
+        f"{label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} image(s), "
         f"{len(plan.complete)} already done · {len(plan.layers)} layer(s) · about "
         f"{format_bytes(plan.image_bytes * plan.pending)} to write"
     )
     speed = TextColumn("{task.fields[rate]}")
-    with Progress(TextColumn("dump"), BarColumn(), MofNCompleteColumn(), speed,
+    with Progress(TextColumn(f"{label}dump"), BarColumn(), MofNCompleteColumn(), speed,
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        task = bar.add_task("dump", total=len(plan.sources), rate="")
+        task = bar.add_task("dump", total=len(plan.mine), rate="")
 
         def step(n: int) -> None:
             bar.advance(task, n)

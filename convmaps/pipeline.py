@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from importlib import resources
@@ -76,6 +80,7 @@ class DumpOptions:
     strict: bool = False
     png_cap: int = 16
     chunk_bytes: str = "64MB"
+    shard: str | None = None  # "I/N": this process does shard I (0-based) of N
     config: str | None = None  # the TOML file the options came from, if any
 
 
@@ -94,14 +99,21 @@ class Plan:
     fingerprint: str
     image_bytes: int  # bytes of safetensors output per image
     complete: set[int]  # indices of sources whose outputs are already complete
+    shard: tuple[int, int] = (0, 1)  # (index, count)
+    batches: list[list[int]] = field(default_factory=list)  # this shard's, at fixed positions
 
     @property
     def out(self) -> Path:
         return Path(self.options.out)
 
     @property
+    def mine(self) -> list[int]:
+        """Indices of the sources this process (shard) is responsible for."""
+        return [i for b in self.batches for i in b]
+
+    @property
     def pending(self) -> int:
-        return len(self.sources) - len(self.complete)
+        return len(self.mine) - len(self.complete)
 
 
 def bundled_samples() -> Path:
@@ -189,11 +201,24 @@ def plan_dump(o: DumpOptions) -> Plan:
     itemsize = torch.empty((), dtype=DType(o.dtype).torch).element_size()
     per_image = _per_image_bytes(table, layers, pools, kernels, taps, itemsize)
     plan = Plan(o, loaded, layers, pools, kernels, taps, sources, table,
-                _fingerprint(o, loaded, layers, pools, kernels, taps), per_image, set())
+                _fingerprint(o, loaded, layers, pools, kernels, taps), per_image, set(),
+                resolve_shard(o.shard))
+    plan.batches = _batches(len(sources), o.batch_size, plan.shard)
     if o.resume:
-        plan.complete = {i for i, s in enumerate(sources) if _is_complete(plan, s)}
+        plan.complete = {i for i in plan.mine if _is_complete(plan, sources[i])}
     _check_size(plan)
     return plan
+
+
+def resolve_shard(spec: str | None) -> tuple[int, int]:
+    """`--shard I/N`, else torchrun's RANK/WORLD_SIZE, else the whole input (0, 1)."""
+    if spec is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not int(m[1]) < int(m[2]):
+        raise ConvmapsError(f"--shard {spec!r}: write I/N with 0 <= I < N, e.g. 0/4 … 3/4")
+    return int(m[1]), int(m[2])
 
 
 def _check_size(plan: Plan) -> None:
@@ -238,14 +263,14 @@ class _Decoded(torch.utils.data.Dataset[dict[str, Any]]):
             return {"index": i, "sha256": None, "tensor": None, "reason": reason}
 
 
-def _batches(plan: Plan) -> list[list[int]]:
-    """Batches at fixed positions in the sorted inputs, so an image is always computed with the
-    same neighbours: CPU kernels give batch-dependent low bits, and a resumed run must be
-    byte-identical to an uninterrupted one. A batch with any unfinished image is redone."""
-    size = max(1, plan.options.batch_size)
-    every = [list(range(i, min(i + size, len(plan.sources))))
-             for i in range(0, len(plan.sources), size)]
-    return [b for b in every if not set(b) <= plan.complete]
+def _batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
+    """This shard's batches, at fixed positions in the sorted inputs: an image is always
+    computed with the same neighbours (CPU kernels give batch-dependent low bits), so a resumed
+    or sharded run is byte-identical to one uninterrupted process. Shard I of N takes every
+    N-th batch."""
+    size = max(1, size)
+    every = [list(range(i, min(i + size, count))) for i in range(0, count, size)]
+    return every[shard[0]::shard[1]]
 
 
 def _metadata(plan: Plan, src: ImageSource, sha: str, modules: list[str]) -> dict[str, str]:
@@ -349,7 +374,7 @@ def _manifest(plan: Plan, entries: list[dict[str, Any]]) -> dict[str, Any]:
         "preprocessing": repr(plan.loaded.preprocess),
         "input_size": list(plan.loaded.input_size),
         "options": {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(o).items()
-                    if k not in ("resume", "workers", "device", "out", "config")},
+                    if k not in ("resume", "workers", "device", "out", "config", "shard")},
         "run": plan.fingerprint,
         "layers": [
             {"index": r.index, "name": r.name, "type": r.type,
@@ -365,47 +390,135 @@ def _manifest(plan: Plan, entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _entry(src: ImageSource, sha: str | None, status: str, files: list[str]) -> dict[str, Any]:
+    return {"key": src.key, "source": str(src.path), "sha256": sha, "status": status,
+            "files": files}
+
+
+def _write_batch(plan: Plan, items: list[dict[str, Any]], got: Trace | None
+                 ) -> list[tuple[int, dict[str, Any]]]:
+    """All files of one batch (runs on the writer thread); returns manifest entries."""
+    done = []
+    good = [it for it in items if it["tensor"] is not None]
+    for it in items:
+        src = plan.sources[it["index"]]
+        if it["tensor"] is None:
+            done.append((it["index"], _entry(src, None, f"skipped: {it['reason']}", [])))
+    for row, it in enumerate(good):
+        src = plan.sources[it["index"]]
+        if it["index"] in plan.complete:  # redone only for its neighbours' sake
+            files = _expected_files(plan)
+        else:
+            assert got is not None
+            files = _write_image(plan, src, it["sha256"], got, row)
+        done.append((it["index"], _entry(src, it["sha256"], "ok", files)))
+    return done
+
+
+def _device(o: DumpOptions) -> torch.device:
+    device = torch.device(o.device)
+    local = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local is not None:
+        device = torch.device("cuda", int(local))  # one GPU per torchrun process
+    return device
+
+
 def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the planned dump; returns the manifest (also written to OUT/manifest.json).
 
-    `on_progress(n)` is called after each batch with the number of images it finished.
+    Decoding runs in DataLoader workers, the forward pass in this thread, and writing on a
+    writer thread with at most two batches in flight, so memory stays bounded when the disk
+    is slower than the model. `on_progress(n)` is called as each batch's files are written.
     """
     o = plan.options
-    device = torch.device(o.device)
+    device = _device(o)
     model = plan.loaded.model.to(device)
     outputs = [x.name for x in plan.layers]
     inputs = [x.name for x in [*plan.pools, *plan.kernels, *plan.taps]]
     entries: dict[int, dict[str, Any]] = {}
     for i in sorted(plan.complete):
         src = plan.sources[i]
-        entries[i] = {"key": src.key, "source": str(src.path), "sha256": sha256_file(src.path),
-                      "status": "ok", "files": _expected_files(plan)}
+        entries[i] = _entry(src, sha256_file(src.path), "ok", _expected_files(plan))
     if on_progress and plan.complete:
         on_progress(len(plan.complete))
+    todo = [b for b in plan.batches if not set(b) <= plan.complete]
     loader = torch.utils.data.DataLoader(
-        _Decoded(plan.sources, plan.loaded.preprocess),
-        batch_sampler=_batches(plan), num_workers=o.workers, collate_fn=list,
+        _Decoded(plan.sources, plan.loaded.preprocess), batch_sampler=todo,
+        num_workers=o.workers, collate_fn=list, pin_memory=device.type == "cuda",
     )
-    for items in loader:
-        good = [it for it in items if it["tensor"] is not None]
-        for it in items:
-            if it["tensor"] is None:
-                src = plan.sources[it["index"]]
-                entries[it["index"]] = {"key": src.key, "source": str(src.path), "sha256": None,
-                                        "status": f"skipped: {it['reason']}", "files": []}
-        if good:
-            batch = torch.stack([it["tensor"] for it in good]).to(device)
-            got = trace(model, batch, outputs, inputs)
-            for row, it in enumerate(good):
-                src = plan.sources[it["index"]]
-                files = (_expected_files(plan) if it["index"] in plan.complete
-                         else _write_image(plan, src, it["sha256"], got, row))
-                entries[it["index"]] = {"key": src.key, "source": str(src.path),
-                                        "sha256": it["sha256"], "status": "ok", "files": files}
-        if on_progress:
-            on_progress(sum(1 for it in items if it["index"] not in plan.complete))
+    in_flight: deque[tuple[Future[list[tuple[int, dict[str, Any]]]], int]] = deque()
+
+    def settle(limit: int) -> None:
+        while len(in_flight) > limit:
+            future, n = in_flight.popleft()
+            entries.update(future.result())
+            if on_progress:
+                on_progress(n)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convmaps-writer") as writer:
+        try:
+            for items in loader:
+                good = [it["tensor"] for it in items if it["tensor"] is not None]
+                got = None
+                if good:
+                    batch = torch.stack(good).to(device, non_blocking=True)
+                    got = trace(model, batch, outputs, inputs)
+                fresh = sum(1 for it in items if it["index"] not in plan.complete)
+                in_flight.append((writer.submit(_write_batch, plan, items, got), fresh))
+                settle(2)
+            settle(0)
+        finally:
+            for future, _ in in_flight:
+                future.cancel()
+    return _finish(plan, entries)
+
+
+def _manifest_name(shard: tuple[int, int]) -> str:
+    return MANIFEST if shard[1] == 1 else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def _finish(plan: Plan, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Write this process's manifest; with shards, merge them all once every shard is done
+    (under torchrun: rank 0, after a barrier; as separate jobs: whichever finishes last)."""
     manifest = _manifest(plan, [entries[i] for i in sorted(entries)])
+    write_json(plan.out / _manifest_name(plan.shard), manifest)
+    index, count = plan.shard
+    if count == 1:
+        return manifest
+    if int(os.environ.get("WORLD_SIZE", "1")) == count and plan.options.shard is None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(days=1))
+        dist.barrier()
+        if index == 0:
+            manifest = merge_manifests(plan)
+        dist.barrier()
+        dist.destroy_process_group()
+        return manifest
+    return merge_manifests(plan, wait=False)
+
+
+def merge_manifests(plan: Plan, wait: bool = True) -> dict[str, Any]:
+    """One manifest.json from every shard's manifest, in input order; the shard files go.
+
+    With `wait=False` it merges only if every shard has finished, else returns this shard's."""
+    count = plan.shard[1]
+    paths = [plan.out / _manifest_name((i, count)) for i in range(count)]
+    if not wait and not all(p.is_file() for p in paths):
+        mine: dict[str, Any] = json.loads((plan.out / _manifest_name(plan.shard)).read_text())
+        return mine
+    parts = [json.loads(p.read_text()) for p in paths]
+    if {part["run"] for part in parts} != {plan.fingerprint}:
+        raise ConvmapsError(f"shard manifests in {plan.out} come from different runs")
+    order = {s.key: i for i, s in enumerate(plan.sources)}
+    merged = [e for part in parts for e in part["inputs"]]
+    manifest = _manifest(plan, sorted(merged, key=lambda e: order.get(e["key"], len(order))))
     write_json(plan.out / MANIFEST, manifest)
+    for p in paths:
+        p.unlink(missing_ok=True)
     return manifest
 
 

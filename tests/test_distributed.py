@@ -1,0 +1,42 @@
+"""torchrun with 2 CPU processes (gloo): every image done once, one merged manifest, outputs
+identical to a single-process run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from convmaps.models import build
+
+from .conftest import write_image
+from .test_pipeline import _files
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_two_processes_match_one(tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(7):
+        write_image(photos / f"{'ab'[i % 2]}/img{i}.png", seed=i)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    ckpt = tmp_path / "lenet.safetensors"
+    save_file(build("lenet").state_dict(), ckpt, {"arch": "lenet"})
+    args = [str(ckpt), str(photos), "--batch-size", "2", "--kernels", "C3", "--png-cap", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    single = subprocess.run([sys.executable, "-m", "convmaps", "dump", *args, "--out",
+                             str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "convmaps", "dump", *args,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    two: Path = tmp_path / "two"
+    assert not list(two.glob("manifest.shard-*"))
+    assert _files(tmp_path / "one") == _files(two)
