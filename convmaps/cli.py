@@ -394,7 +394,7 @@ def train_lenet(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path(
         "lenet5.safetensors"
     ),
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     samples: Annotated[
         Path | None, typer.Option("--samples", help="Also export test images as PNG here.")

@@ -6,6 +6,7 @@ __all__ = [
     "BadImageError",
     "CheckpointError",
     "ConvmapsError",
+    "DatasetError",
     "TooLargeError",
     "UnknownLayerError",
     "UnknownModelError",
@@ -37,6 +38,10 @@ class UnsafeCheckpointError(CheckpointError):
 
 class UnknownLayerError(ConvmapsError):
     """A layer SPEC item that matches no module."""
+
+
+class DatasetError(ConvmapsError):
+    """Training data (IDX files) that are missing or malformed."""
 
 
 class BadImageError(ConvmapsError):
