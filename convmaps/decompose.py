@@ -1,0 +1,619 @@
+"""Decompose: a conv layer's output taken apart into kernel maps and tap maps, exactly.
+
+For a `nn.Conv2d` and one image `x` of shape `(C_in, H, W)`:
+
+- **kernel maps** `(C_out, C_in/groups, H_out, W_out)`: each kernel applied to its own
+  input channel, before the sum over input channels; `km.sum(1) + bias[:, None, None]`
+  is the conv's output.
+- **tap maps** `(C_out, H_out, W_out, kh, kw)`: for each filter and window position, the
+  products at each kernel tap summed over input channels only; `tm.sum((-2, -1)) + bias`
+  is the conv's output.
+
+The bias is never inside the maps: it belongs to the filter, not to any one kernel or tap.
+Padding (`'same'` included, asymmetric for even kernels) and padding modes are applied
+exactly as `nn.Conv2d._conv_forward` does, from the module's own
+`_reversed_padding_repeated_twice`.
+
+Every function also accepts a batch `(N, C_in, H, W)` and then returns a leading `N`
+axis, except the `*_chunks` generators, which stream one image.
+
+Exactness of chunks: a BLAS GEMM may round differently when only the number of rows
+(filters) or the alignment of its operands changes, so all maps are computed in fixed
+*tiles* of filters whose boundaries depend on the layer alone, each GEMM operand at a
+fixed alignment. A chunk or a `filters=` slice is a union of (trimmed) tiles, so for one
+image concatenated chunks are bit-for-bit the unchunked result.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+    >>> x = torch.randn(3, 16, 16)
+    >>> km = kernel_maps(conv, x)
+    >>> km.shape
+    torch.Size([8, 3, 16, 16])
+    >>> torch.allclose(km.sum(1) + conv.bias[:, None, None], conv(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "forum_kernel_maps",
+    "kernel_map_chunks",
+    "kernel_maps",
+    "kernel_maps_bytes",
+    "tap_map_chunks",
+    "tap_maps",
+    "tap_maps_bytes",
+]
+
+# A tile is at most this many filters and this many bytes of maps in the compute dtype.
+# 64 filters keep the per-tile GEMMs big enough that BLAS runs near full speed (measured on
+# AlexNet: 64-filter tiles cost ~1.5x one whole-layer GEMM, 8-filter tiles ~5x); the byte
+# cap keeps a tile, and so the smallest unit of work, bounded for huge feature maps.
+_TILE_FILTERS = 64
+_TILE_BYTES = 64 * 2**20
+# BLAS may pick a different code path, and round differently, for a different alignment of
+# its operands. Every GEMM operand is therefore placed at the address, modulo this, that
+# it would have inside one whole-layer buffer (CPU and CUDA allocators align to >= 64).
+_ALIGN = 64
+
+
+def _aligned_empty(
+    shape: tuple[int, ...], offset: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """An empty tensor whose address is that of element `offset` of an aligned buffer."""
+    numel = math.prod(shape)
+    flat = torch.empty(numel + _ALIGN // dtype.itemsize, dtype=dtype, device=device)
+    shift = (offset * dtype.itemsize - flat.data_ptr()) % _ALIGN // dtype.itemsize
+    return flat[shift : shift + numel].view(shape)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What a Conv2d does to shapes, read from the module itself."""
+
+    c_in: int
+    c_out: int
+    groups: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+    padding_mode: str
+
+    @property
+    def cg(self) -> int:
+        """Input channels per group (= kernels per filter)."""
+        return self.c_in // self.groups
+
+    @property
+    def co_g(self) -> int:
+        """Filters per group."""
+        return self.c_out // self.groups
+
+    @property
+    def taps(self) -> int:
+        return self.kh * self.kw
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        """H_out, W_out = floor((H + pads - d(k-1) - 1) / s) + 1, pads as the conv pads."""
+        left, right, top, bottom = self.pad
+        ho = (h + top + bottom - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + left + right - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"input {h}x{w} is too small for a {self.kh}x{self.kw} kernel with "
+                f"dilation {self.dilation} and padding {self.pad} (output {ho}x{wo})"
+            )
+        return ho, wo
+
+
+def _geometry(conv: nn.Conv2d) -> _Geometry:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    # The exact padding nn.Conv2d applies, 'same' included: for an even kernel 'same' pads
+    # one more on the right/bottom, and torch records that split here.
+    left, right, top, bottom = (int(p) for p in conv._reversed_padding_repeated_twice)
+    kh, kw = conv.kernel_size
+    return _Geometry(
+        c_in=conv.in_channels,
+        c_out=conv.out_channels,
+        groups=conv.groups,
+        kh=kh,
+        kw=kw,
+        stride=(conv.stride[0], conv.stride[1]),
+        dilation=(conv.dilation[0], conv.dilation[1]),
+        pad=(left, right, top, bottom),
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _filter_range(filters: slice | None, c_out: int) -> tuple[int, int]:
+    if filters is None:
+        return 0, c_out
+    if not isinstance(filters, slice):
+        raise TypeError(f"filters must be a slice or None, got {type(filters).__name__}")
+    start, stop, step = filters.indices(c_out)
+    if step != 1:
+        raise ValueError(f"filters must be a contiguous slice (step 1), got step {step}")
+    return start, max(start, stop)
+
+
+def _shape_hw(in_shape: Sequence[int], g: _Geometry) -> tuple[int, int, int]:
+    """(N, H, W) of an input shape (C, H, W) or (N, C, H, W), checked against the conv."""
+    shape = tuple(int(s) for s in in_shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"expected an input shape (C, H, W) or (N, C, H, W), got {shape}")
+    n = shape[0] if len(shape) == 4 else 1
+    c, h, w = shape[-3:]
+    if c != g.c_in:
+        raise ValueError(f"the conv expects {g.c_in} input channels, the input has {c}")
+    return n, h, w
+
+
+def _check_storage(max_bytes: int, dtype: torch.dtype) -> None:
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"maps are stored as a floating dtype, got {dtype}")
+
+
+class _Layer:
+    """One conv and its (padded) input, ready to produce any range of filters' maps."""
+
+    def __init__(self, conv: nn.Conv2d, x: Tensor) -> None:
+        g = _geometry(conv)
+        if x.dim() not in (3, 4):
+            raise ValueError(f"expected x of shape (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
+        if x.shape[-3] != g.c_in:
+            raise ValueError(f"the conv expects {g.c_in} input channels, x has {x.shape[-3]}")
+        weight = conv.weight.detach()
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the conv's weight is on {weight.device}")
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        if not dtype.is_floating_point:
+            raise TypeError(f"expected a floating-point input, got {x.dtype}")
+        # At least fp32: half-precision sums of many products lose the small kernel maps
+        # that make a decomposition worth looking at; fp64 stays fp64.
+        self.dtype = torch.promote_types(dtype, torch.float32)
+        self.g = g
+        self.batched = x.dim() == 4
+        # Detached inputs: no autograd graph, and bmm(out=...) is allowed.
+        x4 = (x if self.batched else x.unsqueeze(0)).detach().to(self.dtype)
+        if any(g.pad):
+            mode = "constant" if g.padding_mode == "zeros" else g.padding_mode
+            x4 = F.pad(x4, g.pad, mode=mode)
+        self.xp = x4.contiguous()
+        self.n = self.xp.shape[0]
+        left, right, top, bottom = g.pad
+        self.ho, self.wo = g.out_hw(
+            self.xp.shape[-2] - top - bottom, self.xp.shape[-1] - left - right
+        )
+        self.length = self.ho * self.wo
+        self.w = weight.to(self.dtype).reshape(g.c_out, g.cg, g.taps)
+        self._cols: Tensor | None = None
+        self._w_taps: Tensor | None = None
+
+    # -- shared pieces ------------------------------------------------------------------
+
+    def tile_size(self, per_filter_elements: int) -> int:
+        """Filters per tile; depends on the layer and image size only, never on a chunk."""
+        per_filter_bytes = per_filter_elements * self.dtype.itemsize
+        return max(1, min(_TILE_FILTERS, _TILE_BYTES // max(1, per_filter_bytes)))
+
+    def unit(self) -> int:
+        """Tiles never cross this many filters: a group when filters share input channels."""
+        return self.g.co_g if self.g.cg > 1 else self.g.c_out
+
+    def tiles(self, o0: int, o1: int, size: int) -> Iterator[tuple[int, int]]:
+        """The fixed tiles (start, stop) that cover filters [o0, o1)."""
+        unit = self.unit()
+        for base in range(o0 - o0 % unit, o1, unit):
+            end = base + unit
+            if max(o0, base) >= min(o1, end):
+                continue
+            first = base + (max(o0, base) - base) // size * size
+            for t0 in range(first, min(o1, end), size):
+                yield t0, min(t0 + size, end)
+
+    def cols(self, c0: int, c1: int) -> Tensor:
+        """im2col of input channels [c0, c1): (N, c1 - c0, kh*kw, H_out*W_out)."""
+        if self._cols is not None:
+            return self._cols[:, c0:c1]
+        g = self.g
+        cols = _aligned_empty(
+            (self.n, c1 - c0, g.taps, self.length),
+            c0 * g.taps * self.length,
+            self.dtype,
+            self.xp.device,
+        )
+        unfolded = F.unfold(self.xp[:, c0:c1], (g.kh, g.kw), dilation=g.dilation, stride=g.stride)
+        return cols.copy_(unfolded.view(cols.shape))
+
+    def cache_cols(self) -> None:
+        """Keep the im2col of every channel, for callers that revisit all of them."""
+        if self._cols is None:
+            self._cols = self.cols(0, self.g.c_in)
+
+    def inputs_of(self, o0: int, o1: int) -> Tensor:
+        """The padded input channel of each filter in [o0, o1) when groups == C_in."""
+        if self.g.co_g == 1:
+            return self.xp[:, o0:o1]  # a view: filter o reads channel o
+        index = torch.arange(o0, o1, device=self.xp.device) // self.g.co_g
+        return self.xp.index_select(1, index)
+
+    # -- kernel maps ----------------------------------------------------------------------
+
+    def kernel_maps(self, o0: int, o1: int, channel_block: int | None = None) -> Tensor:
+        """Kernel maps of filters [o0, o1) as (N, n, C_in/groups, H_out*W_out)."""
+        g = self.g
+        per_filter = g.cg * self.length
+        out = _aligned_empty(
+            (self.n, o1 - o0, g.cg, self.length), o0 * per_filter, self.dtype, self.xp.device
+        )
+        size = self.tile_size(per_filter)
+        if g.cg == 1:
+            for t0, t1 in self.tiles(o0, o1, size):
+                a, b = max(t0, o0), min(t1, o1)
+                # Depthwise: each kernel map is the conv's own output channel, so one
+                # grouped conv over the tile's channels gives them with no im2col.
+                y = F.conv2d(
+                    self.inputs_of(t0, t1),
+                    self.w[t0:t1].view(t1 - t0, 1, g.kh, g.kw),
+                    None,
+                    g.stride,
+                    0,
+                    g.dilation,
+                    t1 - t0,
+                )
+                out[:, a - o0 : b - o0, 0].copy_(y[:, a - t0 : b - t0].flatten(-2))
+            return out
+        block = g.cg if channel_block is None else max(1, min(g.cg, channel_block))
+        unit = self.unit()
+        for base in range(o0 - o0 % unit, o1, unit):
+            group_tiles = list(self.tiles(max(o0, base), min(o1, base + unit), size))
+            # A tile wholly inside [o0, o1) is written in place; a partial one (only at the
+            # ends) goes through a scratch tile, computed whole so its bits never change.
+            targets = [
+                out[:, t0 - o0 : t1 - o0]
+                if o0 <= t0 and t1 <= o1
+                else _aligned_empty(
+                    (self.n, t1 - t0, g.cg, self.length), t0 * per_filter, self.dtype, out.device
+                )
+                for t0, t1 in group_tiles
+            ]
+            c_base = base // g.co_g * g.cg
+            for c0 in range(0, g.cg, block):
+                c1 = min(g.cg, c0 + block)
+                cols = self.cols(c_base + c0, c_base + c1)
+                for (t0, t1), target in zip(group_tiles, targets, strict=True):
+                    w = self.w[t0:t1, c0:c1].transpose(0, 1)  # (channels, tile, taps)
+                    for i in range(self.n):
+                        # One GEMM per input channel: (tile, taps) @ (taps, L), written
+                        # straight into the (filter, channel, L) layout: BLAS takes the row
+                        # stride as its leading dimension, so no permute copy is needed.
+                        torch.bmm(w, cols[i], out=target[i, :, c0:c1].transpose(0, 1))
+            for (t0, t1), target in zip(group_tiles, targets, strict=True):
+                if not (o0 <= t0 and t1 <= o1):
+                    a, b = max(t0, o0), min(t1, o1)
+                    out[:, a - o0 : b - o0].copy_(target[:, a - t0 : b - t0])
+        return out
+
+    # -- tap maps -------------------------------------------------------------------------
+
+    def tap_maps_into(self, o0: int, o1: int, out: Tensor) -> None:
+        """Fill out (N, n, H_out*W_out, kh*kw), of any float dtype, with filters [o0, o1)."""
+        g = self.g
+        size = self.tile_size(self.length * g.taps)
+        if g.cg == 1:
+            for t0, t1 in self.tiles(o0, o1, size):
+                a, b = max(t0, o0), min(t1, o1)
+                cols = F.unfold(
+                    self.inputs_of(a, b), (g.kh, g.kw), dilation=g.dilation, stride=g.stride
+                ).view(self.n, b - a, g.taps, self.length)
+                # One product per tap and nothing to sum: exact, and cast on store.
+                torch.mul(
+                    cols.transpose(-1, -2),
+                    self.w[a:b].view(1, b - a, 1, g.taps),
+                    out=out[:, a - o0 : b - o0],
+                )
+            return
+        if self._w_taps is None:
+            self._w_taps = self.w.permute(2, 0, 1).contiguous()  # (taps, C_out, C_in/groups)
+        unit = self.unit()
+        for base in range(o0 - o0 % unit, o1, unit):
+            c_base = base // g.co_g * g.cg
+            cols = self.cols(c_base, c_base + g.cg)
+            for t0, t1 in self.tiles(max(o0, base), min(o1, base + unit), size):
+                a, b = max(t0, o0), min(t1, o1)
+                for i in range(self.n):
+                    # Per tap, (tile, C_in/g) @ (C_in/g, L): the sum over input channels
+                    # in one GEMM. Taps-last output cannot be a BLAS target, so the result
+                    # is permuted on the copy, which also casts to the storage dtype.
+                    prod = torch.bmm(self._w_taps[:, t0:t1], cols[i].transpose(0, 1))
+                    out[i, a - o0 : b - o0].copy_(prod[:, a - t0 : b - t0].permute(1, 2, 0))
+
+    def tap_maps(self, o0: int, o1: int, dtype: torch.dtype | None = None) -> Tensor:
+        out = torch.empty(
+            (self.n, o1 - o0, self.length, self.g.taps),
+            dtype=dtype or self.dtype,
+            device=self.xp.device,
+        )
+        self.tap_maps_into(o0, o1, out)
+        return out
+
+    # -- shapes ---------------------------------------------------------------------------
+
+    def shape_kernel(self, maps: Tensor) -> Tensor:
+        maps = maps.view(self.n, maps.shape[1], self.g.cg, self.ho, self.wo)
+        return maps if self.batched else maps[0]
+
+    def shape_tap(self, maps: Tensor) -> Tensor:
+        g = self.g
+        maps = maps.view(self.n, maps.shape[1], self.ho, self.wo, g.kh, g.kw)
+        return maps if self.batched else maps[0]
+
+    def plan_chunks(
+        self, per_filter_bytes: int, max_bytes: int, size: int
+    ) -> list[tuple[range, list[range]]]:
+        """(computed block, chunks yielded from it) pairs covering every filter in order.
+
+        Chunks are whole groups or whole tiles when max_bytes allows, so no chunk pays for
+        a partial tile; when one tile is larger than max_bytes, each tile is computed once
+        and handed out in pieces, so no filter is ever computed twice.
+        """
+        fit = max(1, max_bytes // per_filter_bytes)
+        unit, c_out = self.unit(), self.g.c_out
+        if fit >= unit:
+            step = fit - fit % unit
+            blocks = [range(o, min(o + step, c_out)) for o in range(0, c_out, step)]
+        elif fit >= size:
+            step = fit - fit % size
+            blocks = [
+                range(o, min(o + step, base + unit))
+                for base in range(0, c_out, unit)
+                for o in range(base, base + unit, step)
+            ]
+        else:
+            return [
+                (range(t0, t1), [range(o, min(o + fit, t1)) for o in range(t0, t1, fit)])
+                for t0, t1 in self.tiles(0, c_out, size)
+            ]
+        return [(block, [block]) for block in blocks]
+
+
+def _one_image(x: Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"chunks stream one image of shape (C, H, W), got {tuple(x.shape)}")
+
+
+def kernel_maps(conv: nn.Conv2d, x: Tensor, filters: slice | None = None) -> Tensor:
+    """Kernel maps of `conv` on one image: `(C_out, C_in/groups, H_out, W_out)`, no bias.
+
+    Args:
+        conv: any `nn.Conv2d` (stride, padding incl. 'same'/'valid', padding modes,
+            dilation, groups, bias or not).
+        x: `(C_in, H, W)`, or `(N, C_in, H, W)` for a leading batch axis in the result.
+        filters: a contiguous range of output filters; only the tiles holding them are
+            computed (at most one partial tile of extra work at each end).
+
+    Returns:
+        The maps in the compute dtype (the input's, at least float32).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(4, 6, 3, groups=2, bias=False)
+    >>> x = torch.randn(4, 10, 10)
+    >>> km = kernel_maps(conv, x, filters=slice(2, 5))
+    >>> km.shape
+    torch.Size([3, 2, 8, 8])
+    >>> torch.allclose(km.sum(1), conv(x)[2:5], atol=1e-5)
+    True
+    """
+    layer = _Layer(conv, x)
+    o0, o1 = _filter_range(filters, layer.g.c_out)
+    return layer.shape_kernel(layer.kernel_maps(o0, o1))
+
+
+def tap_maps(conv: nn.Conv2d, x: Tensor, filters: slice | None = None) -> Tensor:
+    """Tap maps of `conv` on one image: `(C_out, H_out, W_out, kh, kw)`, no bias.
+
+    Each entry is one kernel tap's products summed over the filter's input channels.
+    Arguments and dtype as in `kernel_maps`.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(3, 5, (2, 3), stride=2)
+    >>> x = torch.randn(3, 9, 9)
+    >>> tm = tap_maps(conv, x)
+    >>> tm.shape
+    torch.Size([5, 4, 4, 2, 3])
+    >>> torch.allclose(tm.sum((-2, -1)) + conv.bias[:, None, None], conv(x), atol=1e-5)
+    True
+    """
+    layer = _Layer(conv, x)
+    o0, o1 = _filter_range(filters, layer.g.c_out)
+    return layer.shape_tap(layer.tap_maps(o0, o1))
+
+
+def kernel_map_chunks(
+    conv: nn.Conv2d, x: Tensor, max_bytes: int, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[slice, Tensor]]:
+    """Kernel maps of one image in consecutive filter ranges of at most ~`max_bytes` each.
+
+    Each chunk is computed in the compute dtype and yielded as `dtype`; a chunk holds at
+    least one filter, so it exceeds `max_bytes` only when one filter's maps do.
+    `torch.cat` of the chunks is exactly `kernel_maps(conv, x).to(dtype)`.
+
+    Peak memory per chunk, a small multiple of the chunk: its maps in the compute dtype
+    (max_bytes x compute/storage itemsize), the cast copy (max_bytes; none when `dtype`
+    is the compute dtype) and im2col columns no larger than the compute-dtype chunk (kept
+    for the whole layer when they fit, else rebuilt per chunk in channel blocks; briefly
+    twice that while one block is built and copied to its aligned place). The one
+    exception: below one tile (at most 64 filters and 64 MiB in the compute dtype) a
+    whole tile is held and handed out in pieces, so that nothing is computed twice.
+
+    Raises:
+        ValueError: for a batched x, a non-positive max_bytes or a non-float dtype.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(3, 8, 3)
+    >>> x = torch.randn(3, 12, 12)
+    >>> [(s.start, s.stop, tuple(m.shape)) for s, m in kernel_map_chunks(conv, x, 5000)]
+    [(0, 4, (4, 3, 10, 10)), (4, 8, (4, 3, 10, 10))]
+    """
+    _one_image(x)
+    _check_storage(max_bytes, dtype)
+    layer = _Layer(conv, x)
+    per_filter = layer.g.cg * layer.length
+    size = layer.tile_size(per_filter)
+    plan = layer.plan_chunks(per_filter * dtype.itemsize, max_bytes, size)
+    return _kernel_chunks(layer, plan, dtype)
+
+
+def _kernel_chunks(
+    layer: _Layer, plan: list[tuple[range, list[range]]], dtype: torch.dtype
+) -> Iterator[tuple[slice, Tensor]]:
+    g = layer.g
+    block_elements = max(len(block) for block, _ in plan) * g.cg * layer.length
+    column_elements = layer.length * g.taps
+    channel_block: int | None = None
+    if g.cg > 1:
+        if g.c_in * column_elements <= block_elements:
+            layer.cache_cols()  # all the columns fit in one chunk's budget: build them once
+        else:
+            channel_block = max(1, block_elements // column_elements)
+    for block, pieces in plan:
+        maps = layer.kernel_maps(block.start, block.stop, channel_block)
+        for r in pieces:
+            part = layer.shape_kernel(maps[:, r.start - block.start : r.stop - block.start])
+            # Pieces of one tile get their own memory, so no two chunks ever alias.
+            yield slice(r.start, r.stop), part.to(dtype, copy=len(pieces) > 1)
+
+
+def tap_map_chunks(
+    conv: nn.Conv2d, x: Tensor, max_bytes: int, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[slice, Tensor]]:
+    """Tap maps of one image in consecutive filter ranges of at most ~`max_bytes` each.
+
+    As `kernel_map_chunks`; `torch.cat` of the chunks is exactly
+    `tap_maps(conv, x).to(dtype)`.
+
+    Peak memory per chunk: its maps in `dtype` (written directly, the cast fused into the
+    permuting copy), one tile of products in the compute dtype (no larger than the
+    compute-dtype chunk once a chunk holds a tile), and the layer's im2col columns, built
+    once and kept: C_in*kh*kw*H_out*W_out values, the size of C_in/groups filters' tap
+    maps. For the bits not to depend on the chunking the sum over input channels must be
+    one GEMM over all of them, so these columns cannot be split by channel.
+
+    Raises:
+        ValueError: for a batched x, a non-positive max_bytes or a non-float dtype.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(3, 4, 3)
+    >>> x = torch.randn(3, 8, 8)
+    >>> [(s.start, s.stop, m.dtype) for s, m in tap_map_chunks(conv, x, 700, torch.float16)]
+    [(0, 1, torch.float16), (1, 2, torch.float16), (2, 3, torch.float16), (3, 4, torch.float16)]
+    """
+    _one_image(x)
+    _check_storage(max_bytes, dtype)
+    layer = _Layer(conv, x)
+    per_filter = layer.length * layer.g.taps
+    size = layer.tile_size(per_filter)
+    plan = layer.plan_chunks(per_filter * dtype.itemsize, max_bytes, size)
+    return _tap_chunks(layer, plan, dtype)
+
+
+def _tap_chunks(
+    layer: _Layer, plan: list[tuple[range, list[range]]], dtype: torch.dtype
+) -> Iterator[tuple[slice, Tensor]]:
+    if layer.g.cg > 1:
+        layer.cache_cols()
+    for block, pieces in plan:
+        maps = layer.tap_maps(block.start, block.stop, dtype)
+        for r in pieces:
+            part = layer.shape_tap(maps[:, r.start - block.start : r.stop - block.start])
+            yield slice(r.start, r.stop), part.clone() if len(pieces) > 1 else part
+
+
+def kernel_maps_bytes(
+    conv: nn.Conv2d, in_shape: Sequence[int], dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes of the kernel maps for an input of shape `(C, H, W)` (or `(N, C, H, W)`).
+
+    >>> from torch import nn
+    >>> kernel_maps_bytes(nn.Conv2d(64, 192, 5, padding=2), (64, 27, 27))
+    35831808
+    """
+    g = _geometry(conv)
+    n, h, w = _shape_hw(in_shape, g)
+    ho, wo = g.out_hw(h, w)
+    return n * g.c_out * g.cg * ho * wo * dtype.itemsize
+
+
+def tap_maps_bytes(
+    conv: nn.Conv2d, in_shape: Sequence[int], dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes of the tap maps for an input of shape `(C, H, W)` (or `(N, C, H, W)`).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> tap_maps_bytes(nn.Conv2d(3, 64, 11, stride=4, padding=2), (3, 224, 224), torch.float16)
+    46851200
+    """
+    g = _geometry(conv)
+    n, h, w = _shape_hw(in_shape, g)
+    ho, wo = g.out_hw(h, w)
+    return n * g.c_out * ho * wo * g.taps * dtype.itemsize
+
+
+def forum_kernel_maps(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """The common forum recipe, kept as an independent reference for tests and benchmarks.
+
+    A depthwise conv (groups = C_in) whose weight is the filters regrouped by input
+    channel, `(C_in*C_out, 1, kh, kw)`, then the result permuted back to
+    `(C_out, C_in, H_out, W_out)`. Done right, the bias stays out of the maps. Only
+    groups=1 with zeros padding; it pads through `F.conv2d` itself, independently of
+    `kernel_maps`.
+
+    Raises:
+        NotImplementedError: for grouped convs or non-zero padding modes.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(2, 3, 3, padding="same")
+    >>> x = torch.randn(2, 7, 7)
+    >>> torch.allclose(forum_kernel_maps(conv, x), kernel_maps(conv, x), atol=1e-6)
+    True
+    """
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        raise NotImplementedError(
+            "forum_kernel_maps handles groups=1 with zeros padding only; use kernel_maps"
+        )
+    batched = x.dim() == 4
+    x4 = (x if batched else x.unsqueeze(0)).detach()
+    weight = conv.weight.detach()
+    c_out, c_in, kh, kw = weight.shape
+    y = F.conv2d(
+        x4,
+        weight.transpose(0, 1).reshape(c_in * c_out, 1, kh, kw),  # channel-major order
+        None,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        c_in,
+    )
+    maps = y.unflatten(1, (c_in, c_out)).transpose(1, 2).contiguous()
+    return maps if batched else maps[0]
