@@ -8,7 +8,8 @@
 - recipe:  the forum recipe: hooks keep each conv's input, a grouped conv with groups=C_in and
            the weight permuted to (C_in*C_out, 1, kh, kw), the result permuted back, and
            `safetensors.torch.save_file` of all of them.
-- convmaps: `trace` + `decompose.kernel_map_chunks` streamed by `store.write_safetensors`.
+- convmaps: `trace` + `decompose.kernel_map_chunks` streamed by `store.write_safetensors`,
+           as `convmaps dump --kernels` does (chunks of DumpOptions.chunk_bytes).
 
 Work = time beyond the plain forward pass. Goals (issue 4): convmaps work <= 0.5x the
 recipe's, and convmaps total within 1.3x of the floor.
@@ -31,7 +32,8 @@ from torch import nn
 from convmaps import decompose
 from convmaps.capture import trace
 from convmaps.models import build
-from convmaps.store import TensorSpec, write_safetensors
+from convmaps.pipeline import DumpOptions
+from convmaps.store import TensorSpec, parse_bytes, write_safetensors
 
 
 def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -98,7 +100,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chunk", default=DumpOptions.chunk_bytes, help="convmaps' chunk size")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="skip fsync everywhere, to compare compute and copies alone")
     args = ap.parse_args()
+    if args.no_fsync:
+        os.fsync = lambda fd: None  # type: ignore[assignment]
+    chunk = parse_bytes(args.chunk)
     torch.manual_seed(0)
     model = build("alexnet").eval().to(args.device)
     images = [torch.randn(1, 3, 224, 224, device=args.device) for _ in range(args.images)]
@@ -110,7 +118,7 @@ def main() -> None:
         "forward": lambda x, p: forward(model, x, p),
         "floor": lambda x, p: floor(model, x, p, nbytes),
         "recipe": lambda x, p: recipe(model, x, p),
-        "convmaps": lambda x, p: convmaps(model, x, p),
+        "convmaps": lambda x, p: convmaps(model, x, p, chunk),
     }
     for fn in methods.values():  # warm-up: allocator, kernels, page cache
         fn(images[0], tmp / "warm")
@@ -125,7 +133,8 @@ def main() -> None:
             times[name].append(total / len(images))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"AlexNet, all 5 convs, {nbytes / 1e6:.1f} MB of kernel maps per image, "
-          f"{args.images} images x {args.repeats} repeats on {args.device}; median s/image:")
+          f"{args.images} images x {args.repeats} repeats on {args.device}, chunks of "
+          f"{args.chunk}{', no fsync' if args.no_fsync else ''}; median s/image:")
     for k, v in med.items():
         print(f"  {k:9s} {v:7.3f}")
     work = {k: med[k] - med["forward"] for k in ("floor", "recipe", "convmaps")}

@@ -39,7 +39,7 @@ def main() -> None:
     from PIL import Image
 
     Image.effect_mandelbrot((320, 240), (-2, -1.2, 1, 1.2), 60).convert("RGB").save(tmp / "a.jpg")
-    common = [a.model, str(tmp / "a.jpg"), "-w", "none", "--no-png", "--dtype", "float16",
+    common = ["dump", a.model, str(tmp / "a.jpg"), "-w", "none", "--no-png", "--dtype", "float16",
               "--max-bytes", "20GB"]
     base, t0 = run([*common, "--out", str(tmp / "base")])
     peak, t1 = run([*common, "--kernels", "conv", "--out", str(tmp / "kernels")])

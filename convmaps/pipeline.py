@@ -79,7 +79,7 @@ class DumpOptions:
     resume: bool = True
     strict: bool = False
     png_cap: int = 16
-    chunk_bytes: str = "64MB"
+    chunk_bytes: str = "16MB"  # below glibc's mmap threshold: chunk memory is reused
     shard: str | None = None  # "I/N": this process does shard I (0-based) of N
     config: str | None = None  # the TOML file the options came from, if any
 
