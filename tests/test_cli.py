@@ -58,7 +58,8 @@ def test_filters_writes_weights_and_pngs(tmp_path):
     assert meta["model"] == "lenet" and meta["weights"] == "none"
     assert meta["module.C3"].startswith("Conv2d(6, 16")
     for name in ("C1", "C3", "C5"):
-        assert Image.open(tmp_path / "filters" / "png" / f"{name}.png").mode == "RGB"
+        png = Image.open(tmp_path / "filters" / "png" / f"{name}.png")
+        assert png.mode in ("RGB", "P") and png.info["convmaps-range"]
 
 
 def test_filters_rgb_first_layer_and_cap(tmp_path):

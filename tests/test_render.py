@@ -346,8 +346,8 @@ def test_png_bytes_round_trip_with_text() -> None:
     img = map_grid(torch.randn(4, 5, 5))
     data = png_bytes(img, note="drew 4 of 9 filters")
     back = Image.open(io.BytesIO(data))
-    assert back.mode == "RGB" and back.size == img.size
-    assert back.tobytes() == img.tobytes()
+    assert back.mode == "P" and back.size == img.size  # stored as a palette image
+    assert back.convert("RGB").tobytes() == img.tobytes()
     text = back.info  # Pillow reads tEXt chunks into info
     assert text["convmaps-note"] == "drew 4 of 9 filters"
     assert text["convmaps-scale"] == "diverging"
@@ -371,3 +371,19 @@ def test_png_bytes_compress_level_changes_size_not_pixels() -> None:
     raw, packed = png_bytes(img, compress_level=0), png_bytes(img, compress_level=9)
     assert len(packed) < len(raw)
     assert Image.open(io.BytesIO(raw)).tobytes() == Image.open(io.BytesIO(packed)).tobytes()
+
+
+def test_png_bytes_keeps_every_pixel_whatever_the_mode():
+    import io
+
+    from PIL import Image as PILImage
+
+    from convmaps.render import map_grid, png_bytes
+
+    torch.manual_seed(0)
+    for img in (map_grid(torch.randn(64, 13, 13)),
+                PILImage.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy())):
+        back = PILImage.open(io.BytesIO(png_bytes(img)))
+        assert back.convert("RGB").tobytes() == img.tobytes()
+    grid = PILImage.open(io.BytesIO(png_bytes(map_grid(torch.randn(64, 13, 13)))))
+    assert grid.mode == "P"  # a colour-mapped grid is stored as a palette image

@@ -1,0 +1,141 @@
+"""`convmaps dump` of every AlexNet activation for a folder of photos against the plain
+script a user would write (and torchlens, when installed), in one run; medians and ratios.
+
+    python benchmarks/bench_dump.py [--images 100] [--repeats 3] [--workers 2] [--photos DIR]
+
+- plain:    PIL decode + the weights' transforms, batched forward with a cloning hook on every
+            leaf module, `safetensors.torch.save_file` per image.
+- torchlens: `torchlens.log_forward_pass(..., layers_to_save="all")` per batch, then
+            `save_file` per image (skipped when torchlens is not installed).
+- convmaps: `plan_dump` + `run_dump` with --no-switches --no-png (the same tensors), then
+            with PNG grids on, to show what PNG adds.
+
+Without --photos it makes photo-sized JPEGs (500x375, varied content) in a temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from convmaps.models import load_model
+from convmaps.pipeline import DumpOptions, plan_dump, run_dump
+
+BATCH = 8
+
+
+def make_photos(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        # Mandelbrot crops with coloured gradients: compressible like photos, all different.
+        x0, y0 = -2 + (i % 10) * 0.1, -1.2 + (i // 10 % 10) * 0.08
+        m = Image.effect_mandelbrot((500, 375), (x0, y0, x0 + 2.5, y0 + 2.0), 40 + i % 50)
+        g = Image.linear_gradient("L").resize((500, 375)).rotate(i * 7)
+        img = Image.merge("RGB", (m, g, Image.eval(m, lambda v: 255 - v)))  # noqa: B023
+        paths.append(folder / f"photo{i:04d}.jpg")
+        img.save(paths[-1], quality=90)
+    return paths
+
+
+def plain(files: list[Path], out: Path) -> None:
+    lm = load_model("alexnet", "none")
+    model, tf = lm.model, lm.preprocess
+    leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+    acts: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def keep(m: nn.Module, i: object, o: torch.Tensor) -> None:
+            acts[name] = o.detach().clone()  # clone: the next in-place ReLU would overwrite it
+
+        return keep
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+    for start in range(0, len(files), BATCH):
+        batch = files[start : start + BATCH]
+        x = torch.stack([tf(Image.open(f).convert("RGB")) for f in batch])
+        with torch.no_grad():
+            model(x)
+        for i, f in enumerate(batch):
+            save_file({k: v[i].contiguous() for k, v in acts.items()}, out / f"{f.name}.safetensors")
+    for h in handles:
+        h.remove()
+
+
+def lens(files: list[Path], out: Path) -> None:
+    import torchlens as tl
+
+    lm = load_model("alexnet", "none")
+    for start in range(0, len(files), BATCH):
+        batch = files[start : start + BATCH]
+        x = torch.stack([lm.preprocess(Image.open(f).convert("RGB")) for f in batch])
+        log = tl.log_forward_pass(lm.model, x, layers_to_save="all", vis_opt="none")
+        for i, f in enumerate(batch):
+            tensors = {lay: log[lay].tensor_contents[i].contiguous() for lay in log.layer_labels
+                       if log[lay].tensor_contents is not None}
+            save_file(tensors, out / f"{f.name}.safetensors")
+
+
+def convmaps(files: list[Path], out: Path, png: bool, workers: int) -> None:
+    o = DumpOptions(model="alexnet", weights="none", inputs=[str(files[0].parent)], out=str(out),
+                    switches=False, png=png, batch_size=BATCH, workers=workers, resume=False)
+    run_dump(plan_dump(o))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=DumpOptions.workers)
+    ap.add_argument("--photos", type=Path)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-"))
+    if a.photos:
+        files = sorted(p for p in a.photos.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+        files = files[: a.images]
+    else:
+        files = make_photos(tmp / "photos", a.images)
+    methods: dict[str, Callable[[Path], None]] = {
+        "plain": lambda out: plain(files, out),
+        "convmaps": lambda out: convmaps(files, out, False, a.workers),
+        "convmaps+png": lambda out: convmaps(files, out, True, a.workers),
+    }
+    try:
+        import torchlens  # noqa: F401
+
+        methods["torchlens"] = lambda out: lens(files, out)
+    except ImportError:
+        print("(torchlens not installed: pip install torchlens to include it)")
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(a.repeats):
+        for name, fn in methods.items():  # interleaved, so drift hits every method alike
+            out = tmp / name
+            out.mkdir()
+            start = time.perf_counter()
+            fn(out)
+            times[name].append(time.perf_counter() - start)
+            shutil.rmtree(out)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"AlexNet, every activation, {len(files)} photos, batch {BATCH}, "
+          f"workers {a.workers}, {a.repeats} repeats; median seconds (images/s):")
+    for k, v in med.items():
+        print(f"  {k:13s} {v:7.2f}  ({len(files) / v:5.1f}/s)")
+    print(f"convmaps / plain       = {med['convmaps'] / med['plain']:.2f}  (goal <= 0.9)")
+    if "torchlens" in med:
+        print(f"convmaps / torchlens   = {med['convmaps'] / med['torchlens']:.2f}  (goal <= 0.65)")
+    print(f"PNG adds               = {med['convmaps+png'] / med['convmaps'] - 1:+.0%}")
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
