@@ -297,3 +297,19 @@ def test_bundled_samples_are_the_test_images_sources_names(fashion_test) -> None
         assert int((y == label).nonzero()[0]) == index  # the first image of its class
         with Image.open(SAMPLES_DIR / name) as im:
             assert np.array_equal(np.asarray(im), x[index].numpy()), name
+
+
+def test_train_lenet_command(synthetic_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from convmaps.cli import app
+
+    out, samples = tmp_path / "l.safetensors", tmp_path / "samples"
+    result = CliRunner().invoke(app, ["train-lenet", "--data", str(synthetic_dir), "--out",
+                                      str(out), "--epochs", "1", "--samples", str(samples)])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    assert load_model(str(out)).arch == "lenet"
+    assert len(list(samples.glob("*.png"))) == 8
+    result = CliRunner().invoke(app, ["train-lenet", "--data", str(tmp_path / "none")])
+    assert result.exit_code == 1 and result.output.startswith("error: data folder")
