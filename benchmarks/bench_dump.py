@@ -5,8 +5,8 @@ script a user would write (and torchlens, when installed), in one run; medians a
 
 - plain:    PIL decode + the weights' transforms, batched forward with a cloning hook on every
             leaf module, `safetensors.torch.save_file` per image.
-- torchlens: `torchlens.log_forward_pass(..., layers_to_save="all")` per batch, then
-            `save_file` per image (skipped when torchlens is not installed).
+- torchlens: `torchlens.trace(model, batch)` (torchlens 2.x; it saves every layer) per batch,
+            then `save_file` per image (skipped when torchlens is not installed).
 - convmaps: `plan_dump` + `run_dump` with --no-switches --no-png (the same tensors), then
             with PNG grids on, to show what PNG adds.
 
@@ -67,7 +67,8 @@ def plain(files: list[Path], out: Path) -> None:
         with torch.no_grad():
             model(x)
         for i, f in enumerate(batch):
-            save_file({k: v[i].contiguous() for k, v in acts.items()}, out / f"{f.name}.safetensors")
+            tensors = {k: v[i].contiguous() for k, v in acts.items()}
+            save_file(tensors, out / f"{f.name}.safetensors")
     for h in handles:
         h.remove()
 
@@ -79,10 +80,11 @@ def lens(files: list[Path], out: Path) -> None:
     for start in range(0, len(files), BATCH):
         batch = files[start : start + BATCH]
         x = torch.stack([lm.preprocess(Image.open(f).convert("RGB")) for f in batch])
-        log = tl.log_forward_pass(lm.model, x, layers_to_save="all", vis_opt="none")
+        log = tl.trace(lm.model, x)
+        outs = {lay: log[lay].out for lay in log.layer_labels}
         for i, f in enumerate(batch):
-            tensors = {lay: log[lay].tensor_contents[i].contiguous() for lay in log.layer_labels
-                       if log[lay].tensor_contents is not None}
+            tensors = {lay: t[i].clone() for lay, t in outs.items()  # output aliases the last layer
+                       if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == len(batch)}
             save_file(tensors, out / f"{f.name}.safetensors")
 
 

@@ -38,7 +38,7 @@ image concatenated chunks are bit-for-bit the unchunked result.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -473,13 +473,20 @@ def kernel_map_chunks(
     >>> [(s.start, s.stop, tuple(m.shape)) for s, m in kernel_map_chunks(conv, x, 5000)]
     [(0, 4, (4, 3, 10, 10)), (4, 8, (4, 3, 10, 10))]
     """
+    layer, plan = _chunk_plan(conv, x, max_bytes, dtype, lambda a: a.g.cg * a.length)
+    return _kernel_chunks(layer, plan, dtype)
+
+
+def _chunk_plan(
+    conv: nn.Conv2d, x: Tensor, max_bytes: int, dtype: torch.dtype,
+    per_filter: Callable[[_Layer], int],
+) -> tuple[_Layer, list[tuple[range, list[range]]]]:
+    """The layer and its chunk plan, given the values one filter's maps hold."""
     _one_image(x)
     _check_storage(max_bytes, dtype)
     layer = _Layer(conv, x)
-    per_filter = layer.g.cg * layer.length
-    size = layer.tile_size(per_filter)
-    plan = layer.plan_chunks(per_filter * dtype.itemsize, max_bytes, size)
-    return _kernel_chunks(layer, plan, dtype)
+    n = per_filter(layer)
+    return layer, layer.plan_chunks(n * dtype.itemsize, max_bytes, layer.tile_size(n))
 
 
 def _kernel_chunks(
@@ -527,12 +534,7 @@ def tap_map_chunks(
     >>> [(s.start, s.stop, m.dtype) for s, m in tap_map_chunks(conv, x, 700, torch.float16)]
     [(0, 1, torch.float16), (1, 2, torch.float16), (2, 3, torch.float16), (3, 4, torch.float16)]
     """
-    _one_image(x)
-    _check_storage(max_bytes, dtype)
-    layer = _Layer(conv, x)
-    per_filter = layer.length * layer.g.taps
-    size = layer.tile_size(per_filter)
-    plan = layer.plan_chunks(per_filter * dtype.itemsize, max_bytes, size)
+    layer, plan = _chunk_plan(conv, x, max_bytes, dtype, lambda a: a.length * a.g.taps)
     return _tap_chunks(layer, plan, dtype)
 
 
