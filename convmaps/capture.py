@@ -134,8 +134,8 @@ def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag:
                 found = [x for x in found if x.kind == Kind.conv]
         elif m := re.fullmatch(r"(\d+)(?:-(\d+))?", item):
             lo, hi = int(m[1]), int(m[2] or m[1])
-            missing = [i for i in range(lo, hi + 1) if i not in by_index]
-            if lo > hi or missing:
+            top = max(by_index, default=-1)
+            if lo > hi or hi > top or any(i not in by_index for i in range(lo, hi + 1)):
                 raise UnknownLayerError(
                     f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}"
                 )
@@ -146,7 +146,7 @@ def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag:
             found = [Layer(item, None, modules[item])]
         else:
             raise UnknownLayerError(f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}")
-        if conv_only and not item.isalpha():
+        if conv_only and item != "all" and item not in Kind.__members__:
             for x in found:
                 if x.kind != Kind.conv:
                     raise UnknownLayerError(

@@ -339,8 +339,11 @@ def _dump(options: Any) -> None:
     if len(skipped) > 20:
         err_console.print(f"… and {len(skipped) - 20} more skipped (see manifest.json)")
     done = len(manifest["inputs"]) - len(skipped)
+    merged = (plan.out / "manifest.json").is_file() and len(manifest["inputs"]) > len(plan.mine)
+    name = "manifest.json" if plan.shard[1] == 1 or merged else (
+        f"manifest.shard-{plan.shard[0]}-of-{plan.shard[1]}.json")
     out_console.print(f"{done} image(s) written to {plan.out}, {len(skipped)} skipped; "
-                      f"manifest: {plan.out / 'manifest.json'}")
+                      f"manifest: {plan.out / name}")
     if skipped and options.strict:
         raise typer.Exit(1)
 

@@ -172,7 +172,8 @@ def _load_pretrained(arch: str, weights: Any) -> nn.Module:
     cached = _cached_file(weights.url)
     try:
         return torchvision.models.get_model(arch, weights=weights)
-    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        # URLError is an OSError; a damaged cached file raises the others
         if cached.exists():
             raise CheckpointError(f"cached weights {cached} do not load: {e}") from e
         raise WeightsUnavailableError(

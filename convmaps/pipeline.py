@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from convmaps import __version__
-from convmaps.capture import Layer, LayerRow, Trace, layer_table, select, trace
+from convmaps.capture import Kind, Layer, LayerRow, Trace, layer_table, select, trace
 from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
 from convmaps.images import ImageSource, decode, find_images, sha256_file
-from convmaps.models import LoadedModel, load_model
+from convmaps.models import LoadedModel, bundled_lenet_path, load_model
 from convmaps.store import (
     TensorSpec,
     format_bytes,
@@ -137,8 +137,11 @@ def _per_image_bytes(table: list[LayerRow], layers: list[Layer], pools: list[Lay
 def _fingerprint(o: DumpOptions, loaded: LoadedModel, layers: list[Layer], pools: list[Layer],
                  kernels: list[Layer], taps: list[Layer]) -> str:
     """Everything that changes the bytes of an image's outputs (not batch size or workers)."""
+    weights_file = bundled_lenet_path() if loaded.weights == "bundled" else Path(loaded.weights)
     what = {
         "convmaps": __version__, "arch": loaded.arch, "weights": loaded.weights,
+        # a checkpoint's contents, not just its path: new weights in the same file redo images
+        "weights_sha256": sha256_file(weights_file) if weights_file.is_file() else None,
         "preprocess": repr(loaded.preprocess), "layers": [x.name for x in layers],
         "switches": [x.name for x in pools], "kernels": [x.name for x in kernels],
         "taps": [x.name for x in taps], "png": o.png, "png_cap": o.png_cap, "dtype": o.dtype,
@@ -183,21 +186,36 @@ def _is_complete(plan: Plan, source: ImageSource) -> bool:
 
 def plan_dump(o: DumpOptions) -> Plan:
     """Load the model, resolve layers and inputs, find finished work and check the size."""
+    _check_options(o)
     loaded = load_model(o.model, o.weights, o.arch)
     model = loaded.model
-    layers = select(model, o.layers)
+    table = layer_table(model, (loaded.in_channels, *loaded.input_size))
+    # Modules that never run in eval mode (GoogLeNet/Inception aux heads) have no output.
+    ran = {r.name for r in table if r.out_shape is not None}
+
+    def pick(spec: str | None, flag: str, conv_only: bool) -> list[Layer]:
+        chosen = select(model, spec, conv_only=conv_only, flag=flag) if spec is not None else []
+        idle = [x.name for x in chosen if x.name not in ran]
+        if idle and spec not in (None, "all", *Kind.__members__):
+            raise ConvmapsError(f"{flag}: {', '.join(idle[:3])} never run(s) in eval mode")
+        return [x for x in chosen if x.name in ran]
+
+    layers = pick(o.layers or "all", "--layers", False)
     pools = [x for x in layers if isinstance(x.module, nn.MaxPool2d)] if o.switches else []
-    kernels = select(model, o.kernels, conv_only=True, flag="--kernels") if o.kernels else []
-    taps = select(model, o.taps, conv_only=True, flag="--taps") if o.taps else []
+    kernels = pick(o.kernels, "--kernels", True)
+    taps = pick(o.taps, "--taps", True)
+    if not (layers or kernels or taps):
+        raise ConvmapsError("nothing selected: give --layers, --kernels or --taps a layer")
     inputs = list(o.inputs)
     if not inputs:
         if loaded.arch != "lenet":
             raise ConvmapsError("give INPUT images or folders (only `dump lenet` has samples)")
         inputs = [str(bundled_samples())]
-    sources = find_images(inputs)
+    out = Path(o.out).resolve()
+    # Never read this run's (or an earlier run's) own PNGs back as inputs.
+    sources = [s for s in find_images(inputs) if not s.path.resolve().is_relative_to(out)]
     if not sources:
         raise ConvmapsError(f"no images found in {', '.join(inputs)}")
-    table = layer_table(model, (loaded.in_channels, *loaded.input_size))
     itemsize = torch.empty((), dtype=DType(o.dtype).torch).element_size()
     per_image = _per_image_bytes(table, layers, pools, kernels, taps, itemsize)
     plan = Plan(o, loaded, layers, pools, kernels, taps, sources, table,
@@ -208,6 +226,21 @@ def plan_dump(o: DumpOptions) -> Plan:
         plan.complete = {i for i in plan.mine if _is_complete(plan, sources[i])}
     _check_size(plan)
     return plan
+
+
+def _check_options(o: DumpOptions) -> None:
+    """What the CLI's own bounds check, for options that come from a config or Python."""
+    for name, low in (("batch_size", 1), ("workers", 0), ("png_cap", 0)):
+        if getattr(o, name) < low:
+            raise ConvmapsError(f"{name} must be at least {low}, not {getattr(o, name)}")
+    parse_bytes(o.max_bytes)
+    parse_bytes(o.chunk_bytes)
+    try:
+        device = torch.device(o.device)
+    except RuntimeError as e:
+        raise ConvmapsError(f"--device {o.device!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConvmapsError(f"--device {o.device}: no CUDA GPU is available here")
 
 
 def resolve_shard(spec: str | None) -> tuple[int, int]:
@@ -255,8 +288,9 @@ class _Decoded(torch.utils.data.Dataset[dict[str, Any]]):
     def __getitem__(self, i: int) -> dict[str, Any]:
         src = self.sources[i]
         try:
+            image = decode(src.path)  # first: it refuses FIFOs and devices, which would hang
             sha = sha256_file(src.path)
-            tensor = self.preprocess(decode(src.path))
+            tensor = self.preprocess(image)
             return {"index": i, "sha256": sha, "tensor": tensor, "reason": None}
         except (BadImageError, OSError) as e:
             reason = str(e) if isinstance(e, BadImageError) else f"unreadable: {e.strerror or e}"
@@ -338,10 +372,13 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int) -> 
     folder = plan.out / src.key
     dtype = DType(plan.options.dtype).torch
     written: list[str] = []
-    acts = {k: v[i].to(dtype).cpu() for k, v in got.outputs.items()}
-    if acts:
-        save_tensors(folder / "activations.safetensors", acts, _metadata(plan, src, sha, [*acts]))
-        written.append("activations.safetensors")
+    # PNGs first and activations.safetensors last: a resumed run trusts an image whose
+    # safetensors carry its sha256, so everything else must already be new by then.
+    if plan.options.png:
+        for k, v in got.outputs.items():
+            img = render.render_activation(v[i].float().cpu())
+            write_bytes(folder / "png" / f"{k}.png", render.png_bytes(img))
+            written.append(f"png/{k}.png")
     if plan.pools:
         sw = {}
         for x in plan.pools:
@@ -357,11 +394,10 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int) -> 
             meta = _metadata(plan, src, sha, [x.name for x in convs])
             write_safetensors(folder / f"{kind}.safetensors", specs, stream, meta)
             written.append(f"{kind}.safetensors")
-    if plan.options.png:
-        for k, v in got.outputs.items():
-            img = render.render_activation(v[i].float().cpu())
-            write_bytes(folder / "png" / f"{k}.png", render.png_bytes(img))
-            written.append(f"png/{k}.png")
+    acts = {k: v[i].to(dtype).cpu() for k, v in got.outputs.items()}
+    if acts:
+        save_tensors(folder / "activations.safetensors", acts, _metadata(plan, src, sha, [*acts]))
+        written.append("activations.safetensors")
     return sorted(written)
 
 
@@ -508,9 +544,13 @@ def merge_manifests(plan: Plan, wait: bool = True) -> dict[str, Any]:
     count = plan.shard[1]
     paths = [plan.out / _manifest_name((i, count)) for i in range(count)]
     if not wait and not all(p.is_file() for p in paths):
-        mine: dict[str, Any] = json.loads((plan.out / _manifest_name(plan.shard)).read_text())
+        part: dict[str, Any] = json.loads((plan.out / _manifest_name(plan.shard)).read_text())
+        return part
+    try:
+        parts = [json.loads(p.read_text()) for p in paths]
+    except FileNotFoundError:  # another shard finishing at the same moment merged them
+        mine: dict[str, Any] = json.loads((plan.out / MANIFEST).read_text())
         return mine
-    parts = [json.loads(p.read_text()) for p in paths]
     if {part["run"] for part in parts} != {plan.fingerprint}:
         raise ConvmapsError(f"shard manifests in {plan.out} come from different runs")
     order = {s.key: i for i, s in enumerate(plan.sources)}

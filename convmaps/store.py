@@ -191,12 +191,14 @@ def read_metadata(path: str | Path) -> dict[str, str] | None:
     missing or not a complete safetensors file."""
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
             size = os.fstat(f.fileno()).st_size
-    except (OSError, struct.error, ValueError):
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:  # a foreign file under our name: never read a bogus length
+                return None
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, struct.error, ValueError, AttributeError, KeyError, TypeError, IndexError):
         return None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     if size != 8 + n + max(ends, default=0):
         return None
     meta = header.get("__metadata__", {})
@@ -212,8 +214,8 @@ def parse_bytes(text: str | int) -> int:
     """`"500MB"`, `"2GiB"`, `"1e9"` or an int -> bytes."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m[2].lower() not in _UNITS:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in _UNITS or float(m[1]) <= 0:
         raise ConvmapsError(f"size {text!r} not understood; write e.g. 500MB, 8GB or 2GiB")
     return int(float(m[1]) * _UNITS[m[2].lower()])
 

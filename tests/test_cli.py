@@ -106,6 +106,14 @@ def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
         (["show", "/no/such/dump"], "does not exist"),
         (["layers", "lenet", "--input-size", "abc"], "--input-size"),
         (["filters", "missing.pt", "--arch", "lenet"], "does not exist"),
+        (["dump", "lenet", "-w", "none", "--kernels", "OUTPUT"], "conv layers only"),
+        (["dump", "lenet", "-w", "none", "--taps", "flatten"], "conv layers only"),
+        (["dump", "lenet", "-w", "none", "--device", "foo"], "--device"),
+        (["dump", "lenet", "-w", "none", "--max-bytes", "1.2.3"], "not understood"),
+        (["dump", "lenet", "-w", "none", "--layers", "0-99999999999"], "no layer"),
+        (["dump", "lenet", "-w", "none", "--layers", ","], "nothing selected"),
+        (["dump", "googlenet", "-w", "none", "x.png", "--kernels", "aux1.conv.conv"],
+         "never run"),
     ],
 )
 def test_errors_are_one_line(args, words, tmp_path):

@@ -128,3 +128,11 @@ def test_sizes():
         parse_bytes("lots")
     assert format_bytes(35_831_808) == "35.8 MB"
     assert format_bytes(12) == "12 B"
+
+
+@pytest.mark.parametrize("header", [b"\xff" * 8, (2**40).to_bytes(8, "little") + b"{}",
+                                    (2).to_bytes(8, "little") + b"[]", b"abc"])
+def test_read_metadata_of_foreign_files_is_none(tmp_path, header):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(header)
+    assert read_metadata(path) is None
