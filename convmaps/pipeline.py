@@ -26,7 +26,7 @@ from torch import nn
 from convmaps import __version__
 from convmaps.capture import Kind, Layer, LayerRow, Trace, layer_table, select, trace
 from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
-from convmaps.images import ImageSource, decode, find_images, sha256_file
+from convmaps.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
 from convmaps.models import LoadedModel, bundled_lenet_path, load_model
 from convmaps.store import (
     TensorSpec,
@@ -289,12 +289,26 @@ class _Decoded(torch.utils.data.Dataset[dict[str, Any]]):
         src = self.sources[i]
         try:
             image = decode(src.path)  # first: it refuses FIFOs and devices, which would hang
+            _check_resized(image.size, self.preprocess)
             sha = sha256_file(src.path)
             tensor = self.preprocess(image)
             return {"index": i, "sha256": sha, "tensor": tensor, "reason": None}
         except (BadImageError, OSError) as e:
             reason = str(e) if isinstance(e, BadImageError) else f"unreadable: {e.strerror or e}"
             return {"index": i, "sha256": None, "tensor": None, "reason": reason}
+
+
+def _check_resized(size: tuple[int, int], preprocess: Callable[[Any], torch.Tensor]) -> None:
+    """ImageNet presets resize the short side first: a 20000x2 strip would become 2.5M x 256
+    pixels. Refuse what would pass the decoder's pixel limit only before resizing."""
+    short = getattr(preprocess, "resize_size", None)
+    if not short:
+        return
+    w, h = size
+    resized = short[0] * short[0] * max(w, h) / max(1, min(w, h))
+    if resized > MAX_PIXELS:
+        raise BadImageError(f"too large once resized: {w} x {h} pixels (aspect ratio) would "
+                            f"become {resized:,.0f} pixels > limit of {MAX_PIXELS:,}")
 
 
 def _batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:

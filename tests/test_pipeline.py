@@ -326,3 +326,13 @@ def test_changed_image_with_stale_png_is_redone(tmp_path, photos):
         pipeline.save_tensors = real  # type: ignore[assignment]
     assert png.read_bytes() != before  # the PNG was already redrawn
     assert plan_dump(o).complete == set()  # and the image is not taken as done
+
+
+def test_extreme_aspect_ratio_is_skipped_before_resizing(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20000, 2)).save(tmp_path / "strip.png")
+    o = DumpOptions(model="alexnet", weights="none", inputs=[str(tmp_path / "strip.png")],
+                    out=str(tmp_path / "o"), png=False, layers="0")
+    manifest = run_dump(plan_dump(o))
+    assert manifest["inputs"][0]["status"].startswith("skipped: too large once resized")
