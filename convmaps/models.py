@@ -317,7 +317,10 @@ def load_model(model: str, weights: str | None = None, arch: str | None = None) 
             net = _load_pretrained(arch, chosen)
             return _finish(net, arch, chosen.name, {"weights_url": chosen.url})
     arch = _check_arch(arch)
-    net = build(arch, _num_classes(state, build(arch)) if state else None)
+    net = build(arch)
+    classes = _num_classes(state, net) if state else None
+    if classes is not None and classes != _num_classes(net.state_dict(), net):
+        net = build(arch, classes)  # e.g. a LeNet trained for 4 classes
     if state:
         _apply_state(net, state, state_source)
     return _finish(net, arch, weights_label, meta)

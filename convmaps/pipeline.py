@@ -100,6 +100,7 @@ class Plan:
     image_bytes: int  # bytes of safetensors output per image
     complete: set[int]  # indices of sources whose outputs are already complete
     shard: tuple[int, int] = (0, 1)  # (index, count)
+    finished: dict[int, str] = field(default_factory=dict)  # complete index -> its sha256
     batches: list[list[int]] = field(default_factory=list)  # this shard's, at fixed positions
 
     @property
@@ -167,21 +168,22 @@ def _expected_files(plan: Plan) -> list[str]:
     return sorted(files)
 
 
-def _is_complete(plan: Plan, source: ImageSource) -> bool:
+def _finished_sha(plan: Plan, source: ImageSource, files: list[str]) -> str | None:
+    """The image's sha256 when all its `files` exist and were made by this run from this very
+    image (fingerprint and sha256 in every safetensors header); else None."""
     folder = plan.out / source.key
-    files = _expected_files(plan)
     if not all((folder / f).is_file() for f in files):
-        return False
+        return None
     sha = None
     for f in files:
         if f.endswith(".safetensors"):
             meta = read_metadata(folder / f)
             if meta is None or meta.get("run") != plan.fingerprint:
-                return False
+                return None
             sha = sha or sha256_file(source.path)
             if meta.get("sha256") != sha:
-                return False
-    return True
+                return None
+    return sha
 
 
 def plan_dump(o: DumpOptions) -> Plan:
@@ -223,7 +225,10 @@ def plan_dump(o: DumpOptions) -> Plan:
                 resolve_shard(o.shard))
     plan.batches = _batches(len(sources), o.batch_size, plan.shard)
     if o.resume:
-        plan.complete = {i for i in plan.mine if _is_complete(plan, sources[i])}
+        files = _expected_files(plan)
+        found = {i: _finished_sha(plan, sources[i], files) for i in plan.mine}
+        plan.finished = {i: sha for i, sha in found.items() if sha is not None}
+        plan.complete = set(plan.finished)
     _check_size(plan)
     return plan
 
@@ -486,9 +491,9 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     outputs = [x.name for x in plan.layers]
     inputs = [x.name for x in [*plan.pools, *plan.kernels, *plan.taps]]
     entries: dict[int, dict[str, Any]] = {}
+    files = _expected_files(plan)
     for i in sorted(plan.complete):
-        src = plan.sources[i]
-        entries[i] = _entry(src, sha256_file(src.path), "ok", _expected_files(plan))
+        entries[i] = _entry(plan.sources[i], plan.finished[i], "ok", files)
     if on_progress and plan.complete:
         on_progress(len(plan.complete))
     todo = [b for b in plan.batches if not set(b) <= plan.complete]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class _Running:
     lo: float = math.inf
     hi: float = -math.inf
     zeros: int = 0
-    _seen: set[tuple[int, ...]] = field(default_factory=set)
 
     def add(self, t: torch.Tensor) -> None:
         x = t.detach().to(torch.float64).reshape(-1)
