@@ -10,6 +10,8 @@
            `safetensors.torch.save_file` of all of them.
 - convmaps: `trace` + `decompose.kernel_map_chunks` streamed by `store.write_safetensors`,
            as `convmaps dump --kernels` does (chunks of DumpOptions.chunk_bytes).
+- recipe-compute / convmaps-compute: the maps alone, written nowhere (inputs captured
+           beforehand), to separate computing from writing.
 
 Work = time beyond the plain forward pass. Goals (issue 4): convmaps work <= 0.5x the
 recipe's, and convmaps total within 1.3x of the floor.
@@ -89,6 +91,17 @@ def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20
     write_safetensors(out, specs, chunks())
 
 
+def recipe_compute(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    for name, conv in _convs(model):
+        decompose.forum_kernel_maps(conv, inputs[name]).contiguous()
+
+
+def convmaps_compute(model: nn.Module, inputs: dict[str, torch.Tensor], chunk: int) -> None:
+    for name, conv in _convs(model):
+        for _ in decompose.kernel_map_chunks(conv, inputs[name], chunk):
+            pass
+
+
 def _time(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
@@ -114,11 +127,14 @@ def main() -> None:
                  for (n, c), v in zip(_convs(model), _inputs(model, images[0]).values(),
                                       strict=True))
     tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-"))
+    captured = {id(x): _inputs(model, x) for x in images}
     methods: dict[str, Callable[[torch.Tensor, Path], None]] = {
         "forward": lambda x, p: forward(model, x, p),
         "floor": lambda x, p: floor(model, x, p, nbytes),
         "recipe": lambda x, p: recipe(model, x, p),
         "convmaps": lambda x, p: convmaps(model, x, p, chunk),
+        "recipe-compute": lambda x, p: recipe_compute(model, captured[id(x)]),
+        "convmaps-compute": lambda x, p: convmaps_compute(model, captured[id(x)], chunk),
     }
     for fn in methods.values():  # warm-up: allocator, kernels, page cache
         fn(images[0], tmp / "warm")
@@ -136,11 +152,13 @@ def main() -> None:
           f"{args.images} images x {args.repeats} repeats on {args.device}, chunks of "
           f"{args.chunk}{', no fsync' if args.no_fsync else ''}; median s/image:")
     for k, v in med.items():
-        print(f"  {k:9s} {v:7.3f}")
+        print(f"  {k:16s} {v:7.3f}")
     work = {k: med[k] - med["forward"] for k in ("floor", "recipe", "convmaps")}
     print(f"convmaps work / recipe work = {work['convmaps'] / work['recipe']:.2f}  (goal <= 0.5)")
     print(f"convmaps / floor            = {med['convmaps'] / med['floor']:.2f}  (goal <= 1.3)")
     print(f"convmaps work / floor work  = {work['convmaps'] / work['floor']:.2f}")
+    ratio = med["convmaps-compute"] / med["recipe-compute"]
+    print(f"computing alone: convmaps / recipe = {ratio:.2f}")
 
 
 if __name__ == "__main__":
