@@ -3,19 +3,25 @@ script a user would write (and torchlens, when installed), in one run; medians a
 
     python benchmarks/bench_dump.py [--images 100] [--repeats 3] [--workers 2] [--photos DIR]
 
-- plain:    PIL decode + the weights' transforms, batched forward with a cloning hook on every
-            leaf module, `safetensors.torch.save_file` per image.
-- torchlens: `torchlens.trace(model, batch)` (torchlens 2.x; it saves every layer) per batch,
-            then `save_file` per image (skipped when torchlens is not installed).
+- plain:    `alexnet(weights=AlexNet_Weights.DEFAULT)`, PIL decode + `weights.transforms()`,
+            batched forward with a cloning hook on every leaf module, `safetensors.torch.
+            save_file` per image.
+- torchlens: the same model and decoding, `torchlens.trace(model, batch)` (torchlens 2.x; it
+            saves every layer) per batch, then `save_file` per image (skipped when torchlens
+            is not installed).
 - convmaps: `plan_dump` + `run_dump` with --no-switches --no-png (the same tensors), then
             with PNG grids on, to show what PNG adds.
 
-Without --photos it makes photo-sized JPEGs (500x375, varied content) in a temp folder.
+Every method loads the pretrained weights through torchvision's weights API and cache. When
+the real file is not in your TORCH_HOME cache, a seeded random state dict is put in a temporary
+cache under the same file name (speed does not depend on the values). Without --photos it makes
+photo-sized JPEGs (500x375, varied content) in a temp folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -24,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from convmaps.models import load_model
 from convmaps.pipeline import DumpOptions, plan_dump, run_dump
 
 BATCH = 8
@@ -48,9 +54,24 @@ def make_photos(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+WEIGHTS = torchvision.models.AlexNet_Weights.DEFAULT
+
+
+def cached_weights(tmp: Path) -> str:
+    """Use the real pretrained file if it is cached; else a seeded stand-in in a temp cache."""
+    name = os.path.basename(WEIGHTS.url)
+    if (Path(torch.hub.get_dir()) / "checkpoints" / name).is_file():
+        return "pretrained weights from the torch hub cache"
+    os.environ["TORCH_HOME"] = str(tmp / "torch")
+    (tmp / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), tmp / "torch/hub/checkpoints" / name)
+    return "seeded stand-in weights in a temporary torch hub cache"
+
+
 def plain(files: list[Path], out: Path) -> None:
-    lm = load_model("alexnet", "none")
-    model, tf = lm.model, lm.preprocess
+    model = torchvision.models.alexnet(weights=WEIGHTS).eval()
+    tf = WEIGHTS.transforms()
     leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
     acts: dict[str, torch.Tensor] = {}
 
@@ -76,11 +97,12 @@ def plain(files: list[Path], out: Path) -> None:
 def lens(files: list[Path], out: Path) -> None:
     import torchlens as tl
 
-    lm = load_model("alexnet", "none")
+    model = torchvision.models.alexnet(weights=WEIGHTS).eval()
+    tf = WEIGHTS.transforms()
     for start in range(0, len(files), BATCH):
         batch = files[start : start + BATCH]
-        x = torch.stack([lm.preprocess(Image.open(f).convert("RGB")) for f in batch])
-        log = tl.trace(lm.model, x)
+        x = torch.stack([tf(Image.open(f).convert("RGB")) for f in batch])
+        log = tl.trace(model, x)
         outs = {lay: log[lay].out for lay in log.layer_labels}
         for i, f in enumerate(batch):
             tensors = {lay: t[i].clone() for lay, t in outs.items()  # output aliases the last layer
@@ -88,8 +110,8 @@ def lens(files: list[Path], out: Path) -> None:
             save_file(tensors, out / f"{f.name}.safetensors")
 
 
-def convmaps(files: list[Path], out: Path, png: bool, workers: int) -> None:
-    o = DumpOptions(model="alexnet", weights="none", inputs=[str(files[0].parent)], out=str(out),
+def convmaps(files: list[Path], out: Path, png: bool, workers: int | None) -> None:
+    o = DumpOptions(model="alexnet", inputs=[str(files[0].parent)], out=str(out),
                     switches=False, png=png, batch_size=BATCH, workers=workers, resume=False)
     run_dump(plan_dump(o))
 
@@ -98,10 +120,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=DumpOptions.workers)
+    ap.add_argument("--workers", type=int, help="convmaps' --workers (default: its own)")
     ap.add_argument("--photos", type=Path)
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-"))
+    weights = cached_weights(tmp)
     if a.photos:
         files = sorted(p for p in a.photos.iterdir() if p.suffix.lower() in (".jpg", ".png"))
         files = files[: a.images]
@@ -128,8 +151,9 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             shutil.rmtree(out)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"AlexNet, every activation, {len(files)} photos, batch {BATCH}, "
-          f"workers {a.workers}, {a.repeats} repeats; median seconds (images/s):")
+    workers = "default" if a.workers is None else a.workers
+    print(f"AlexNet, every activation, {len(files)} photos, batch {BATCH}, workers {workers}, "
+          f"{a.repeats} repeats, {weights}; median seconds (images/s):")
     for k, v in med.items():
         print(f"  {k:13s} {v:7.2f}  ({len(files) / v:5.1f}/s)")
     print(f"convmaps / plain       = {med['convmaps'] / med['plain']:.2f}  (goal <= 0.9)")

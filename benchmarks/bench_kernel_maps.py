@@ -4,7 +4,7 @@
 
 - forward: the plain forward pass through `features` (the part every method pays).
 - floor:   the same forward pass plus writing as many bytes as the kernel maps take, raw,
-           to a file (fsync'd, as convmaps' atomic writes are).
+           to a file.
 - recipe:  the forum recipe: hooks keep each conv's input, a grouped conv with groups=C_in and
            the weight permuted to (C_in*C_out, 1, kh, kw), the result permuted back, and
            `safetensors.torch.save_file` of all of them.
@@ -20,7 +20,6 @@ recipe's, and convmaps total within 1.3x of the floor.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -61,8 +60,6 @@ def floor(model: nn.Module, x: torch.Tensor, out: Path, nbytes: int) -> None:
             n = min(left, len(block))
             f.write(memoryview(block)[:n])
             left -= n
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def recipe(model: nn.Module, x: torch.Tensor, out: Path) -> None:
@@ -88,7 +85,7 @@ def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20
             for _, t in it:
                 yield name, t
 
-    write_safetensors(out, specs, chunks())
+    write_safetensors(out, specs, chunks(), sync=False)  # as `dump` writes them
 
 
 def recipe_compute(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
@@ -114,11 +111,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunk", default=DumpOptions.chunk_bytes, help="convmaps' chunk size")
-    ap.add_argument("--no-fsync", action="store_true",
-                    help="skip fsync everywhere, to compare compute and copies alone")
     args = ap.parse_args()
-    if args.no_fsync:
-        os.fsync = lambda fd: None  # type: ignore[assignment]
     chunk = parse_bytes(args.chunk)
     torch.manual_seed(0)
     model = build("alexnet").eval().to(args.device)
@@ -150,7 +143,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"AlexNet, all 5 convs, {nbytes / 1e6:.1f} MB of kernel maps per image, "
           f"{args.images} images x {args.repeats} repeats on {args.device}, chunks of "
-          f"{args.chunk}{', no fsync' if args.no_fsync else ''}; median s/image:")
+          f"{args.chunk}; median s/image:")
     for k, v in med.items():
         print(f"  {k:16s} {v:7.3f}")
     work = {k: med[k] - med["forward"] for k in ("floor", "recipe", "convmaps")}

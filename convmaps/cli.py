@@ -171,15 +171,20 @@ def filters(
     arch: ArchOpt = None,
 ) -> None:
     """Write every conv weight to OUT/filters/filters.safetensors, and one PNG grid per conv."""
-    from convmaps.models import load_model
+    from convmaps.pipeline import FilterOptions
+
+    _filters(FilterOptions(model=model, layers=layers, out=str(out), weights=weights, arch=arch,
+                           png=png, png_cap=png_cap))
+
+
+def _filters(options: Any) -> None:
     from convmaps.pipeline import run_filters
 
-    loaded = load_model(model, weights, arch)
-    notes = run_filters(loaded, layers, out, png=png, png_cap=png_cap)
+    notes = run_filters(options)
     for name, note in notes:
         if note:
             err_console.print(f"{name}: {note}")
-    out_console.print(f"wrote {len(notes)} filters to {out / 'filters'}")
+    out_console.print(f"wrote {len(notes)} filters to {Path(options.out) / 'filters'}")
 
 
 InputsArg = Annotated[
@@ -215,8 +220,10 @@ def dump(
     arch: ArchOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
     workers: Annotated[
-        int, typer.Option("--workers", min=0, help="DataLoader worker processes for decoding.")
-    ] = 0,
+        int | None,
+        typer.Option("--workers", min=0, help="DataLoader worker processes for decoding. "
+                     "Default: a quarter of the CPU cores, at most 8 (none on 2 cores)."),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps …")] = "cpu",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")
@@ -268,12 +275,18 @@ def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> di
 
 
 def run(ctx: typer.Context, config: Path, **values: Any) -> None:
-    """Run a dump from a TOML config (see configs/); options given here override the file."""
+    """Run a dump (or, with `command = "filters"`, filters) from a TOML config; see configs/.
+    Options given here override the file's."""
     from convmaps.config import options_from
+    from convmaps.pipeline import FilterOptions
 
     if not config.is_file():
         raise ConvmapsError(f"config {config} does not exist")
-    _dump(options_from(config, _options(ctx, values, only_given=True)))
+    options = options_from(config, _options(ctx, values, only_given=True))
+    if isinstance(options, FilterOptions):
+        _filters(options)
+    else:
+        _dump(options)
 
 
 def _run_signature() -> None:

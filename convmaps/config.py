@@ -6,8 +6,9 @@
     kernels = "3"
     dtype = "float16"
 
-Keys are DumpOptions' field names (`batch_size` or `batch-size`). Relative paths are taken
-from the current folder, as on the command line.
+Keys are DumpOptions' field names (`batch_size` or `batch-size`). A file that says
+`command = "filters"` runs `convmaps filters` instead, with FilterOptions' fields. Relative
+paths are taken from the current folder, as on the command line.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from convmaps.errors import ConvmapsError
-from convmaps.pipeline import DumpOptions
+from convmaps.pipeline import DumpOptions, FilterOptions
 
-__all__ = ["load_config", "options_from"]
+__all__ = ["COMMANDS", "load_config", "options_from"]
 
-
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(DumpOptions)
+# The commands a config can run, by its `command` key (default: dump).
+COMMANDS: dict[str, type[DumpOptions] | type[FilterOptions]] = {
+    "dump": DumpOptions, "filters": FilterOptions,
+}
 
 
 def _allowed(hint: Any) -> tuple[tuple[type, ...], type | None, str]:
@@ -56,32 +58,49 @@ def _check(path: Path, key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """The options a TOML file sets, validated; unknown keys and wrong types are errors that
-    name the key and the file."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as e:
         raise ConvmapsError(f"cannot read config {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConvmapsError(f"{path} is not valid TOML: {e}") from e
-    hints = _field_types()
+
+
+def _parse(path: Path) -> tuple[str, dict[str, Any]]:
+    """(command, validated options) of a config file."""
+    data = _read(path)
+    command = data.pop("command", "dump")
+    if command not in COMMANDS:
+        raise ConvmapsError(f"{path}: command must be one of {', '.join(COMMANDS)}, "
+                            f"not {command!r}")
+    hints = typing.get_type_hints(COMMANDS[command])
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
-        if key not in hints:
-            known = ", ".join(sorted(hints))
+        if key not in hints or key == "config":
+            known = ", ".join(sorted(["command", *hints.keys() - {"config"}]))
             raise ConvmapsError(f"{path}: unknown key {raw_key!r}; known keys: {known}")
         out[key] = _check(path, raw_key, value, hints[key])
-    return out
+    return command, out
 
 
-def options_from(path: str | Path, overrides: dict[str, Any]) -> DumpOptions:
-    """DumpOptions from a config file, with command-line `overrides` on top."""
-    values = load_config(path)
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The options a TOML file sets, validated against its command's fields (without the
+    `command` key itself); unknown keys and wrong types are errors naming the key and file."""
+    return _parse(Path(path))[1]
+
+
+def options_from(path: str | Path, overrides: dict[str, Any]) -> DumpOptions | FilterOptions:
+    """The options of a config file's command, with command-line `overrides` on top."""
+    path = Path(path)
+    command, values = _parse(path)
+    kind = COMMANDS[command]
+    extra = [k for k in overrides if k not in typing.get_type_hints(kind)]
+    if extra:
+        flags = ", ".join("INPUT" if k == "inputs" else f"--{k.replace('_', '-')}" for k in extra)
+        raise ConvmapsError(f"{flags}: not an option of `convmaps {command}`, which {path} runs")
     values.update(overrides)
-    options = DumpOptions(**values)
+    options = kind(**values)
     options.config = str(path)
     return options
-

@@ -32,6 +32,7 @@ from convmaps.store import (
     TensorSpec,
     format_bytes,
     parse_bytes,
+    png_complete,
     read_metadata,
     save_tensors,
     write_bytes,
@@ -39,7 +40,8 @@ from convmaps.store import (
     write_safetensors,
 )
 
-__all__ = ["DType", "DumpOptions", "Plan", "plan_dump", "run_dump", "run_filters"]
+__all__ = ["DType", "DumpOptions", "FilterOptions", "Plan", "plan_dump", "run_dump",
+           "run_filters"]
 
 MANIFEST = "manifest.json"
 
@@ -72,7 +74,7 @@ class DumpOptions:
     weights: str | None = None
     arch: str | None = None
     batch_size: int = 8
-    workers: int = 0
+    workers: int | None = None  # None: default_workers()
     device: str = "cpu"
     dtype: DType = DType.float32
     max_bytes: str = "8GB"
@@ -81,6 +83,20 @@ class DumpOptions:
     png_cap: int = 16
     chunk_bytes: str = "16MB"  # below glibc's mmap threshold: chunk memory is reused
     shard: str | None = None  # "I/N": this process does shard I (0-based) of N
+    config: str | None = None  # the TOML file the options came from, if any
+
+
+@dataclass
+class FilterOptions:
+    """Every `filters` option; a config with `command = "filters"` fills the same fields."""
+
+    model: str = "lenet"
+    layers: str | None = None
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    png: bool = True
+    png_cap: int = 64
     config: str | None = None  # the TOML file the options came from, if any
 
 
@@ -172,7 +188,8 @@ def _finished_sha(plan: Plan, source: ImageSource, files: list[str]) -> str | No
     """The image's sha256 when all its `files` exist and were made by this run from this very
     image (fingerprint and sha256 in every safetensors header); else None."""
     folder = plan.out / source.key
-    if not all((folder / f).is_file() for f in files):
+    if not all(png_complete(folder / f) if f.endswith(".png") else (folder / f).is_file()
+               for f in files):
         return None
     sha = None
     for f in files:
@@ -236,7 +253,7 @@ def plan_dump(o: DumpOptions) -> Plan:
 def _check_options(o: DumpOptions) -> None:
     """What the CLI's own bounds check, for options that come from a config or Python."""
     for name, low in (("batch_size", 1), ("workers", 0), ("png_cap", 0)):
-        if getattr(o, name) < low:
+        if getattr(o, name) is not None and getattr(o, name) < low:
             raise ConvmapsError(f"{name} must be at least {low}, not {getattr(o, name)}")
     parse_bytes(o.max_bytes)
     parse_bytes(o.chunk_bytes)
@@ -246,6 +263,14 @@ def _check_options(o: DumpOptions) -> None:
         raise ConvmapsError(f"--device {o.device!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConvmapsError(f"--device {o.device}: no CUDA GPU is available here")
+
+
+def default_workers() -> int:
+    """Decoding processes when --workers is not given: a quarter of the CPU cores this process
+    may use, at most 8. On 2 cores that is none: the batched forward pass keeps both cores
+    busy, and a decoding process would only compete with it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, (cores or 1) // 4)
 
 
 def resolve_shard(spec: str | None) -> tuple[int, int]:
@@ -375,7 +400,7 @@ def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
                         else:
                             img, note = render.tap_mosaic(maps)
                         rel = f"png/{layer.name}.{kind}/{o}.png"
-                        write_bytes(folder / rel, render.png_bytes(img, note=note))
+                        write_bytes(folder / rel, render.png_bytes(img, note=note), sync=False)
                         written.append(rel)
                 yield layer.name, chunk.cpu()
             if conv.bias is not None:
@@ -396,7 +421,7 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int) -> 
     if plan.options.png:
         for k, v in got.outputs.items():
             img = render.render_activation(v[i].float().cpu())
-            write_bytes(folder / "png" / f"{k}.png", render.png_bytes(img))
+            write_bytes(folder / "png" / f"{k}.png", render.png_bytes(img), sync=False)
             written.append(f"png/{k}.png")
     if plan.pools:
         sw = {}
@@ -404,18 +429,20 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int) -> 
             assert isinstance(x.module, nn.MaxPool2d)
             for key in [k for k in got.inputs if k.split("@")[0] == x.name]:
                 sw[key] = pooling.switches(x.module, got.inputs[key][i]).cpu()
-        save_tensors(folder / "switches.safetensors", sw, _metadata(plan, src, sha, [*sw]))
+        save_tensors(folder / "switches.safetensors", sw, _metadata(plan, src, sha, [*sw]),
+                     sync=False)
         written.append("switches.safetensors")
     convs_in = {k: v[i] for k, v in got.inputs.items()}
     for kind, convs in (("kernels", plan.kernels), ("taps", plan.taps)):
         if convs:
             specs, stream = _decomposed(plan, kind, convs_in, folder, written)
             meta = _metadata(plan, src, sha, [x.name for x in convs])
-            write_safetensors(folder / f"{kind}.safetensors", specs, stream, meta)
+            write_safetensors(folder / f"{kind}.safetensors", specs, stream, meta, sync=False)
             written.append(f"{kind}.safetensors")
     acts = {k: v[i].to(dtype).cpu() for k, v in got.outputs.items()}
     if acts:
-        save_tensors(folder / "activations.safetensors", acts, _metadata(plan, src, sha, [*acts]))
+        save_tensors(folder / "activations.safetensors", acts, _metadata(plan, src, sha, [*acts]),
+                     sync=False)
         written.append("activations.safetensors")
     return sorted(written)
 
@@ -487,7 +514,10 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     """
     o = plan.options
     device = _device(o)
-    model = plan.loaded.model.to(device)
+    # oneDNN convolutions run 10-15% faster in channels-last layout (AlexNet, VGG16 on CPU);
+    # saved maps are made contiguous on the way to disk whatever the layout.
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    model = plan.loaded.model.to(device).to(memory_format=layout)
     outputs = [x.name for x in plan.layers]
     inputs = [x.name for x in [*plan.pools, *plan.kernels, *plan.taps]]
     entries: dict[int, dict[str, Any]] = {}
@@ -499,7 +529,8 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     todo = [b for b in plan.batches if not set(b) <= plan.complete]
     loader = torch.utils.data.DataLoader(
         _Decoded(plan.sources, plan.loaded.preprocess), batch_sampler=todo,
-        num_workers=o.workers, collate_fn=list, pin_memory=device.type == "cuda",
+        num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
+        pin_memory=device.type == "cuda",
     )
     in_flight: deque[tuple[Future[list[tuple[int, dict[str, Any]]]], int]] = deque()
 
@@ -516,7 +547,8 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
                 good = [it["tensor"] for it in items if it["tensor"] is not None]
                 got = None
                 if good:
-                    batch = torch.stack(good).to(device, non_blocking=True)
+                    batch = torch.stack(good).to(device, non_blocking=True,
+                                                 memory_format=layout)
                     got = trace(model, batch, outputs, inputs)
                 fresh = sum(1 for it in items if it["index"] not in plan.complete)
                 in_flight.append((writer.submit(_write_batch, plan, items, got), fresh))
@@ -581,25 +613,28 @@ def merge_manifests(plan: Plan, wait: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def run_filters(loaded: LoadedModel, spec: str | None, out: str | Path, png: bool = True,
-                png_cap: int = 64) -> list[tuple[str, str | None]]:
+def run_filters(o: FilterOptions) -> list[tuple[str, str | None]]:
     """`convmaps filters`: every selected conv weight into OUT/filters/filters.safetensors and
     one PNG grid per conv. Returns (module name, cap note or None) per conv."""
     from convmaps import render
 
-    convs = select(loaded.model, spec or "conv", conv_only=True)
-    folder = Path(out) / "filters"
+    if o.png_cap < 1:
+        raise ConvmapsError(f"png_cap must be at least 1, not {o.png_cap}")
+    loaded = load_model(o.model, o.weights, o.arch)
+    convs = select(loaded.model, o.layers or "conv", conv_only=True)
+    folder = Path(o.out) / "filters"
     weights = {x.name: x.module.weight.detach().cpu() for x in convs
                if isinstance(x.module, nn.Conv2d)}
+    options = {k: v for k, v in asdict(o).items() if k not in ("out", "config")}
     meta = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
-            "dtype": "float32"}
+            "dtype": "float32", "options": json.dumps(options, sort_keys=True)}
     meta.update({f"module.{x.name}": repr(x.module) for x in convs})
     save_tensors(folder / "filters.safetensors", weights, meta)
     notes = []
     for name, w in weights.items():
         note = None
-        if png:
-            img, note = render.filter_grid(w, max_filters=png_cap, max_kernels=png_cap)
+        if o.png:
+            img, note = render.filter_grid(w, max_filters=o.png_cap, max_kernels=o.png_cap)
             write_bytes(folder / "png" / f"{name}.png", render.png_bytes(img, note=note))
         notes.append((name, note))
     return notes

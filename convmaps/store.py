@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write",
     "format_bytes",
     "parse_bytes",
+    "png_complete",
     "read_metadata",
     "save_tensors",
     "write_bytes",
@@ -58,10 +59,14 @@ _DTYPES = {
 }
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write a file through `write(f)` into a temporary file in the same folder, fsync it, then
-    rename it over `path`: a reader (or a resumed run) sees the old file or the whole new one,
-    never a partial one.
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], sync: bool = True
+                 ) -> None:
+    """Write a file through `write(f)` into a temporary file in the same folder, then rename it
+    over `path`: a process that is killed leaves the old file or the whole new one, never a
+    partial one. `sync` also fsyncs it before the rename, so that a power cut cannot leave a
+    renamed but empty file either. A dump writes its per-image files without it (waiting for
+    the disk made it 15-30% slower than a script that writes to the page cache) and instead
+    checks every file's completeness when it resumes.
 
     Raises:
         WriteError: the disk is full or the folder is not writable; no temporary file remains.
@@ -73,7 +78,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         with suppress(OSError):
@@ -86,8 +92,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+def write_bytes(path: str | Path, data: bytes, sync: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(data), sync)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -141,7 +147,7 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 def write_safetensors(path: str | Path, specs: list[TensorSpec],
                       chunks: Iterable[tuple[str, torch.Tensor]],
-                      metadata: Mapping[str, str] | None = None) -> None:
+                      metadata: Mapping[str, str] | None = None, sync: bool = True) -> None:
     """Stream a safetensors file: header from `specs`, then data from `chunks`.
 
     `chunks` yields `(name, tensor)` in spec order; a tensor may arrive in several consecutive
@@ -176,14 +182,14 @@ def write_safetensors(path: str | Path, specs: list[TensorSpec],
         if left or rest:
             raise ValueError(f"missing data for {(spec.name if spec else '')} {rest}")
 
-    atomic_write(path, write)
+    atomic_write(path, write, sync)
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, sync: bool = True) -> None:
     """Write a whole dict of tensors (key order kept) atomically as safetensors."""
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    write_safetensors(path, specs, tensors.items(), metadata)
+    write_safetensors(path, specs, tensors.items(), metadata, sync)
 
 
 def read_metadata(path: str | Path) -> dict[str, str] | None:
@@ -203,6 +209,22 @@ def read_metadata(path: str | Path) -> dict[str, str] | None:
         return None
     meta = header.get("__metadata__", {})
     return meta if isinstance(meta, dict) else None
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+
+
+def png_complete(path: str | Path) -> bool:
+    """Whether a PNG file is there and ends with its IEND chunk (a file cut short does not)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(_PNG_END):
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return f.read() == _PNG_END
+    except OSError:
+        return False
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,

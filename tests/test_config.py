@@ -39,6 +39,9 @@ def test_types_are_converted_and_dashes_accepted(tmp_path):
         ('inputs = "photos"', "inputs must be a list of strings"),
         ("inputs = [1, 2]", "inputs must be a list of strings"),
         ("model = ", "is not valid TOML"),
+        ('command = "filters"\nkernels = "0"', "unknown key 'kernels'"),
+        ('command = "train"', "command must be one of dump, filters"),
+        ('config = "x.toml"', "unknown key 'config'"),
     ],
 )
 def test_bad_configs_name_key_and_file(tmp_path, text, words):
@@ -71,3 +74,31 @@ def test_run_command_line_overrides_file(tmp_path):
 def test_run_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "nope.toml")])
     assert result.exit_code == 1 and result.output.startswith("error: config")
+
+
+def test_filters_config_runs_filters_with_overrides(tmp_path):
+    """The shipped VGG19 config, end to end: `command = "filters"` runs `convmaps filters`."""
+    import json
+
+    from safetensors import safe_open
+
+    config = next(p for p in CONFIGS if p.name == "vgg19-filters.toml")
+    result = CliRunner().invoke(app, ["run", str(config), "--weights", "none", "--out",
+                                      str(tmp_path), "--png-cap", "4"])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "filters" / "filters.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == 16  # VGG19's sixteen convs
+        options = json.loads(f.metadata()["options"])
+    assert options["model"] == "vgg19" and options["png_cap"] == 4  # file, then command line
+    assert options["weights"] == "none"
+    assert len(list((tmp_path / "filters" / "png").glob("*.png"))) == 16
+
+
+def test_dump_only_options_on_a_filters_config_are_refused(tmp_path):
+    path = tmp_path / "f.toml"
+    path.write_text('command = "filters"\nmodel = "lenet"\n')
+    result = CliRunner().invoke(app, ["run", str(path), "--kernels", "C1", "--batch-size", "2"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: --kernels, --batch-size: not an option of "
+                                    "`convmaps filters`")
+    assert len(result.output.strip().splitlines()) == 1

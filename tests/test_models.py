@@ -75,6 +75,42 @@ def test_pretrained_weights_load_from_the_hub_cache(hub):
     assert not loaded.model.training
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "squeezenet1_1"])
+def test_pretrained_load_skips_init_yet_matches_a_plain_load(hub, arch):
+    """Built without random init, then loaded: parameters and buffers (BatchNorm statistics
+    included) equal the file's, and the forward pass equals torchvision's own init+load."""
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    torch.manual_seed(3)
+    state = {k: v + 0.01 if v.is_floating_point() else v
+             for k, v in torchvision.models.get_model(arch).state_dict().items()}
+    hub.mkdir(parents=True)
+    torch.save(state, hub / os.path.basename(weights.url))
+    model = load_model(arch).model
+    got = model.state_dict()
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+    reference = torchvision.models.get_model(arch)
+    reference.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model(x), reference.eval()(x))
+
+
+def test_skip_init_leaves_parameters_alone_and_other_tensors_not():
+    from convmaps.models import _SkipInit
+
+    p, t = torch.nn.Parameter(torch.zeros(4, 4)), torch.zeros(4, 4)
+    with _SkipInit():
+        torch.nn.init.kaiming_uniform_(p)
+        p.data.normal_()  # .data is a plain tensor: a real write, as everywhere else
+        torch.nn.init.kaiming_uniform_(t)
+    assert not torch.equal(p.detach(), torch.zeros(4, 4))  # only via .data
+    assert not torch.equal(t, torch.zeros(4, 4))
+    q = torch.nn.Parameter(torch.zeros(3))
+    with _SkipInit():
+        torch.nn.init.normal_(q)
+        q.uniform_()
+    assert torch.equal(q.detach(), torch.zeros(3))
+
+
 def test_missing_weights_fail_fast_with_what_to_do(hub):
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as e:

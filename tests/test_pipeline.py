@@ -143,6 +143,19 @@ def test_killed_run_resumes_to_identical_result(tmp_path, photos):
     assert resumed == _files(tmp_path / "clean")
 
 
+def test_files_cut_short_by_a_power_cut_are_redone(tmp_path, photos):
+    """Per-image files are not fsynced: a crash can leave a renamed file cut short. Resume
+    checks every file's completeness, so such an image is redone, not trusted."""
+    _dump(tmp_path, [photos / "c.bmp", photos / "d.webp"], kernels="C1")
+    o = DumpOptions(model=_lenet_ckpt(tmp_path), inputs=[str(photos / "c.bmp"),
+                    str(photos / "d.webp")], out=str(tmp_path / "out"), kernels="C1")
+    assert plan_dump(o).complete == {0, 1}
+    for rel in ("c.bmp/png/C3.png", "d.webp/kernels.safetensors"):
+        path = tmp_path / "out" / rel
+        path.write_bytes(path.read_bytes()[:-100])
+    assert plan_dump(o).complete == set()
+
+
 def test_resume_redoes_images_whose_options_changed(tmp_path, photos):
     _dump(tmp_path, [photos / "c.bmp"], png=False, layers="C1")
     o = DumpOptions(model=_lenet_ckpt(tmp_path), inputs=[str(photos / "c.bmp")],
@@ -336,3 +349,13 @@ def test_extreme_aspect_ratio_is_skipped_before_resizing(tmp_path):
                     out=str(tmp_path / "o"), png=False, layers="0")
     manifest = run_dump(plan_dump(o))
     assert manifest["inputs"][0]["status"].startswith("skipped: too large once resized")
+
+
+@pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (8, 2), (16, 4), (128, 8)])
+def test_default_workers_follow_the_usable_cores(monkeypatch, cores, workers):
+    import os
+
+    from convmaps.pipeline import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers() == workers

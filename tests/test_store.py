@@ -13,6 +13,7 @@ from convmaps.store import (
     TensorSpec,
     format_bytes,
     parse_bytes,
+    png_complete,
     read_metadata,
     save_tensors,
     write_bytes,
@@ -136,3 +137,30 @@ def test_read_metadata_of_foreign_files_is_none(tmp_path, header):
     path = tmp_path / "x.safetensors"
     path.write_bytes(header)
     assert read_metadata(path) is None
+
+
+def test_png_complete_needs_the_end_chunk(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (5, 5)).save(buf, "PNG")
+    path = tmp_path / "a.png"
+    write_bytes(path, buf.getvalue(), sync=False)
+    assert png_complete(path)
+    path.write_bytes(buf.getvalue()[:-1])
+    assert not png_complete(path)
+    path.write_bytes(b"")
+    assert not png_complete(path)
+    assert not png_complete(tmp_path / "missing.png")
+
+
+def test_sync_is_one_fsync_per_file_only_when_asked(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    save_tensors(tmp_path / "a.safetensors", {"x": torch.ones(2)}, sync=False)
+    assert calls == []
+    save_tensors(tmp_path / "b.safetensors", {"x": torch.ones(2)})
+    assert len(calls) == 1
