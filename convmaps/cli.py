@@ -20,6 +20,9 @@ from rich.text import Text
 from convmaps import __version__
 from convmaps.errors import ConvmapsError
 
+if typing.TYPE_CHECKING:  # torch is imported only inside the commands
+    from convmaps.pipeline import DumpOptions, FilterOptions
+
 app = typer.Typer(
     name="convmaps",
     help="Open up convolutional networks: filters, feature maps, kernel maps and max-pool "
@@ -177,7 +180,7 @@ def filters(
                            png=png, png_cap=png_cap))
 
 
-def _filters(options: Any) -> None:
+def _filters(options: FilterOptions) -> None:
     from convmaps.pipeline import run_filters
 
     notes = run_filters(options)
@@ -297,7 +300,9 @@ def _run_signature() -> None:
     params = inspect.signature(dump.__wrapped__).parameters  # type: ignore[attr-defined]
     config = inspect.Parameter(
         "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[Path, typer.Argument(help="A TOML file of dump options.")],
+        annotation=Annotated[Path, typer.Argument(
+            help="A TOML file of dump options (or filters options, with command = \"filters\")."
+        )],
     )
     inputs = params["inputs"].replace(annotation=Annotated[
         list[Path] | None,
@@ -314,7 +319,7 @@ _run_signature()
 app.command("run")(reports_errors(run))
 
 
-def _dump(options: Any) -> None:
+def _dump(options: DumpOptions) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

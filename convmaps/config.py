@@ -1,4 +1,4 @@
-"""Config files for `convmaps run`: every `dump` option from TOML, checked against DumpOptions.
+"""Config files for `convmaps run`: every `dump` (or `filters`) option from TOML, checked.
 
     model = "alexnet"
     inputs = ["photos/"]
@@ -71,7 +71,7 @@ def _parse(path: Path) -> tuple[str, dict[str, Any]]:
     """(command, validated options) of a config file."""
     data = _read(path)
     command = data.pop("command", "dump")
-    if command not in COMMANDS:
+    if not isinstance(command, str) or command not in COMMANDS:
         raise ConvmapsError(f"{path}: command must be one of {', '.join(COMMANDS)}, "
                             f"not {command!r}")
     hints = typing.get_type_hints(COMMANDS[command])

@@ -162,6 +162,7 @@ def _fingerprint(o: DumpOptions, loaded: LoadedModel, layers: list[Layer], pools
         "preprocess": repr(loaded.preprocess), "layers": [x.name for x in layers],
         "switches": [x.name for x in pools], "kernels": [x.name for x in kernels],
         "taps": [x.name for x in taps], "png": o.png, "png_cap": o.png_cap, "dtype": o.dtype,
+        "layout": str(_layout(torch.device(o.device))),  # a layout has its own low bits
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -185,8 +186,9 @@ def _expected_files(plan: Plan) -> list[str]:
 
 
 def _finished_sha(plan: Plan, source: ImageSource, files: list[str]) -> str | None:
-    """The image's sha256 when all its `files` exist and were made by this run from this very
-    image (fingerprint and sha256 in every safetensors header); else None."""
+    """The image's sha256 when all its `files` exist whole (safetensors length matches its
+    header, PNGs end with their end chunk) and were made by this run from this very image
+    (fingerprint and sha256 in every safetensors header); else None."""
     folder = plan.out / source.key
     if not all(png_complete(folder / f) if f.endswith(".png") else (folder / f).is_file()
                for f in files):
@@ -273,11 +275,23 @@ def default_workers() -> int:
     return min(8, (cores or 1) // 4)
 
 
+def _env_int(name: str, default: int) -> int:
+    """A torch.distributed variable (WORLD_SIZE, RANK, LOCAL_RANK) as an integer."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConvmapsError(f"environment variable {name}={value!r} is not an integer") from None
+
+
 def resolve_shard(spec: str | None) -> tuple[int, int]:
     """`--shard I/N`, else torchrun's RANK/WORLD_SIZE, else the whole input (0, 1)."""
     if spec is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+        world = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        if world > 1 and not 0 <= rank < world:
+            raise ConvmapsError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return (rank, world) if world > 1 else (0, 1)
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
     if not m or not int(m[1]) < int(m[2]):
         raise ConvmapsError(f"--shard {spec!r}: write I/N with 0 <= I < N, e.g. 0/4 … 3/4")
@@ -497,16 +511,24 @@ def _write_batch(plan: Plan, items: list[dict[str, Any]], got: Trace | None
     return done
 
 
+def _layout(device: torch.device) -> torch.memory_format:
+    # oneDNN convolutions run 10-15% faster in channels-last layout (AlexNet and VGG16 on the
+    # CPU); saved maps are made contiguous on the way to disk whatever the layout.
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 def _device(o: DumpOptions) -> torch.device:
     device = torch.device(o.device)
-    local = os.environ.get("LOCAL_RANK")
-    if device.type == "cuda" and device.index is None and local is not None:
-        device = torch.device("cuda", int(local))  # one GPU per torchrun process
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))  # one GPU per torchrun process
     return device
 
 
 def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the planned dump; returns the manifest (also written to OUT/manifest.json).
+
+    The plan's model is moved to the device (and, on the CPU, to channels-last layout) and
+    left there.
 
     Decoding runs in DataLoader workers, the forward pass in this thread, and writing on a
     writer thread with at most two batches in flight, so memory stays bounded when the disk
@@ -514,9 +536,7 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     """
     o = plan.options
     device = _device(o)
-    # oneDNN convolutions run 10-15% faster in channels-last layout (AlexNet, VGG16 on CPU);
-    # saved maps are made contiguous on the way to disk whatever the layout.
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    layout = _layout(device)
     model = plan.loaded.model.to(device).to(memory_format=layout)
     outputs = [x.name for x in plan.layers]
     inputs = [x.name for x in [*plan.pools, *plan.kernels, *plan.taps]]
@@ -572,7 +592,7 @@ def _finish(plan: Plan, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
     index, count = plan.shard
     if count == 1:
         return manifest
-    if int(os.environ.get("WORLD_SIZE", "1")) == count and plan.options.shard is None:
+    if _env_int("WORLD_SIZE", 1) == count and plan.options.shard is None:
         from datetime import timedelta
 
         import torch.distributed as dist

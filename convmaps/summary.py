@@ -98,10 +98,18 @@ def file_stats(path: str | Path) -> list[Stats]:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "manifest.json"
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-        return manifest
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConvmapsError(f"{folder} has no readable manifest.json ({e})") from e
+    inputs = manifest.get("inputs", []) if isinstance(manifest, dict) else None
+    if not isinstance(inputs, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("status"), str)
+        and isinstance(e.get("files", []), list) for e in inputs
+    ):
+        raise ConvmapsError(f"{path} is not a convmaps manifest (no list of inputs with key and "
+                            "status)")
+    checked: dict[str, Any] = manifest
+    return checked
 
 
 def dump_stats(folder: str | Path) -> dict[str, list[Stats]]:

@@ -122,3 +122,21 @@ def test_errors_are_one_line(args, words, tmp_path):
     assert words in result.output.replace("\n", " ")
     assert "Traceback" not in result.output
     assert result.output.startswith("error: ")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"inputs": {"a": 1}}', '{"inputs": [{"key": 3}]}'])
+def test_show_refuses_a_foreign_manifest_in_one_line(tmp_path, text):
+    (tmp_path / "manifest.json").write_text(text)
+    result = run("show", tmp_path)
+    assert result.exit_code == 1 and result.output.startswith("error: ")
+    assert "is not a convmaps manifest" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("env,words", [({"WORLD_SIZE": "x"}, "WORLD_SIZE='x'"),
+                                      ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5")])
+def test_broken_torchrun_environment_is_one_line(tmp_path, monkeypatch, env, words):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    result = run("dump", "lenet", "-w", "none", "--out", tmp_path)
+    assert result.exit_code == 1 and result.output.startswith("error: ")
+    assert words in result.output

@@ -41,6 +41,7 @@ def test_types_are_converted_and_dashes_accepted(tmp_path):
         ("model = ", "is not valid TOML"),
         ('command = "filters"\nkernels = "0"', "unknown key 'kernels'"),
         ('command = "train"', "command must be one of dump, filters"),
+        ("command = [1]", "command must be one of dump, filters"),
         ('config = "x.toml"', "unknown key 'config'"),
     ],
 )

@@ -85,7 +85,11 @@ def test_pretrained_load_skips_init_yet_matches_a_plain_load(hub, arch):
              for k, v in torchvision.models.get_model(arch).state_dict().items()}
     hub.mkdir(parents=True)
     torch.save(state, hub / os.path.basename(weights.url))
+    torch.manual_seed(11)
+    expected_next = torch.rand(1)
+    torch.manual_seed(11)
     model = load_model(arch).model
+    assert torch.equal(torch.rand(1), expected_next)  # no random init drew from the RNG
     got = model.state_dict()
     assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
     reference = torchvision.models.get_model(arch)

@@ -27,6 +27,7 @@ def _lenet_ckpt(tmp_path: Path) -> str:
 
 
 def _dump(tmp_path: Path, inputs: list[Path], out: str = "out", **kw) -> dict:
+    kw.setdefault("workers", 0)  # not one process per core of whatever machine runs the tests
     o = DumpOptions(model=_lenet_ckpt(tmp_path), inputs=[str(p) for p in inputs],
                     out=str(tmp_path / out), **kw)
     return run_dump(plan_dump(o))
@@ -114,6 +115,13 @@ def test_same_inputs_give_byte_identical_outputs(tmp_path, photos):
     _dump(tmp_path, [photos], out="two", batch_size=3)
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert one == two and "manifest.json" in one and any(k.endswith(".png") for k in one)
+
+
+def test_decoding_workers_give_the_same_files(tmp_path, photos):
+    one = _dump(tmp_path, [photos], out="w0", batch_size=2, kernels="C1")
+    two = _dump(tmp_path, [photos], out="w2", batch_size=2, kernels="C1", workers=2)
+    assert one == two
+    assert _files(tmp_path / "w0") == _files(tmp_path / "w2")
 
 
 def test_killed_run_resumes_to_identical_result(tmp_path, photos):
