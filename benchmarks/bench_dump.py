@@ -57,15 +57,17 @@ def make_photos(folder: Path, n: int) -> list[Path]:
 WEIGHTS = torchvision.models.AlexNet_Weights.DEFAULT
 
 
-def cached_weights(tmp: Path) -> str:
+def cached_weights(tmp: Path, arch: str = "alexnet") -> str:
     """Use the real pretrained file if it is cached; else a seeded stand-in in a temp cache."""
-    name = os.path.basename(WEIGHTS.url)
+    name = os.path.basename(torchvision.models.get_model_weights(arch).DEFAULT.url)
     if (Path(torch.hub.get_dir()) / "checkpoints" / name).is_file():
         return "pretrained weights from the torch hub cache"
-    os.environ["TORCH_HOME"] = str(tmp / "torch")
-    (tmp / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    if "CONVMAPS_BENCH_HUB" not in os.environ:  # one temporary cache for every model
+        os.environ["CONVMAPS_BENCH_HUB"] = os.environ["TORCH_HOME"] = str(tmp / "torch")
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    torch.save(torchvision.models.alexnet().state_dict(), tmp / "torch/hub/checkpoints" / name)
+    torch.save(torchvision.models.get_model(arch).state_dict(), folder / name)
     return "seeded stand-in weights in a temporary torch hub cache"
 
 
