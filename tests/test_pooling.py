@@ -54,3 +54,16 @@ def test_dilated_pool_cannot_be_unpooled():
     x = torch.rand(1, 1, 8, 8)
     with pytest.raises(ValueError, match="dilation"):
         unpool(pool(x), switches(pool, x), pool, x.shape)
+
+
+def test_switches_of_a_channels_last_slice_are_the_contiguous_ones():
+    """A dump on the CPU runs in channels-last layout and takes one image's slice of the
+    batch: the switches must still be logical h*W+w positions, as for a contiguous map."""
+    torch.manual_seed(1)
+    x = torch.rand(2, 6, 13, 13)
+    strided = x.contiguous(memory_format=torch.channels_last)[1]
+    assert not strided.is_contiguous()
+    pool = nn.MaxPool2d(3, 2)
+    idx = switches(pool, strided)
+    assert torch.equal(idx, F.max_pool2d_with_indices(x[1:2].clone(), 3, 2)[1][0])
+    assert torch.equal(pool(unpool(pool(strided), idx, pool, strided.shape)), pool(x[1]))
