@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from convmaps.errors import ConvmapsError
-from convmaps.pipeline import DumpOptions, FilterOptions
+from convmaps.options import DumpOptions, FilterOptions
 
 __all__ = ["COMMANDS", "load_config", "options_from"]
 

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from convmaps.errors import ConvmapsError, WriteError
 from convmaps.store import (
     TensorSpec,
-    format_bytes,
     parse_bytes,
     png_complete,
     read_metadata,
@@ -127,8 +126,6 @@ def test_sizes():
     assert parse_bytes("500 mb") == 500 * 10**6
     with pytest.raises(ConvmapsError, match="not understood"):
         parse_bytes("lots")
-    assert format_bytes(35_831_808) == "35.8 MB"
-    assert format_bytes(12) == "12 B"
 
 
 @pytest.mark.parametrize("header", [b"\xff" * 8, (2**40).to_bytes(8, "little") + b"{}",
