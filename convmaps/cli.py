@@ -416,6 +416,17 @@ def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table
     return table
 
 
+def _print_predictions(entries: list[dict[str, Any]], limit: int = 20) -> None:
+    """Each image's top-5 classes, as the manifest records them."""
+    with_top = [e for e in entries if isinstance(e.get("top5"), list)]
+    for e in with_top[:limit]:
+        guesses = ", ".join(f"{t.get('class')} {float(t.get('probability', 0)):.1%}"
+                            for t in e["top5"] if isinstance(t, dict))
+        out_console.print(Text(f"  {e['key']}: {guesses}"))
+    if len(with_top) > limit:
+        out_console.print(f"  … and {len(with_top) - limit} more (see manifest.json)")
+
+
 @app.command()
 @reports_errors
 def show(
@@ -430,7 +441,8 @@ def show(
         entries = manifest.get("inputs", [])
         ok = sum(1 for e in entries if e["status"] == "ok")
         out_console.print(f"{path}: {manifest.get('model')} ({manifest.get('weights')}), "
-                          f"{ok} image(s) ok, {len(entries) - ok} skipped")
+                          f"{ok} image(s) ok, {len(entries) - ok} skipped", highlight=False)
+        _print_predictions(entries)
         for rel, stats in dump_stats(path).items():
             out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
         return

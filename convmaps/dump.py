@@ -718,8 +718,8 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     device = _device(o)
     memory = _memory_format(device)
     model = plan.loaded.model.to(device).to(memory_format=memory)
-    outputs = ["", *plan.layout.activations]  # "": the model's own output, for predictions
-    inputs = [*plan.layout.switches, *(x.name for x in [*plan.kernels, *plan.taps])]
+    outputs = ["", *(x.name for x in plan.layers)]  # "": the model's output, for predictions
+    inputs = [x.name for x in [*plan.pools, *plan.kernels, *plan.taps]]
     entries: dict[int, dict[str, Any]] = {}
     for i in sorted(plan.complete):
         entries[i] = plan.finished[i]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from convmaps.errors import ConvmapsError
@@ -54,7 +54,7 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
     if not isinstance(inputs, list):
         raise bad("no list of inputs")
     for e in inputs:
-        ok = (isinstance(e, dict) and isinstance(e.get("key"), str) and e["key"]
+        ok = (isinstance(e, dict) and isinstance(e.get("key"), str) and _relative(e["key"])
               and isinstance(e.get("status"), str) and isinstance(e.get("source", ""), str)
               and isinstance(e.get("sha256"), str | None)
               and isinstance(e.get("files", []), list)
@@ -65,6 +65,12 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(name, ""), str):
             raise bad(f"{name} is not a string")
     return manifest
+
+
+def _relative(key: str) -> bool:
+    # A key names a folder under OUT that convmaps may clear: never outside it.
+    parts = PurePosixPath(key).parts
+    return bool(parts) and not key.startswith("/") and ".." not in parts and "\\" not in key
 
 
 def read(folder: str | Path, name: str = MANIFEST) -> dict[str, Any] | None:
@@ -115,7 +121,9 @@ def merge(folder: Path, header: dict[str, Any], count: int, order: Iterable[str]
         if part is None:  # not started yet, or merged a moment ago by another shard
             merged = not any((folder / n).exists() for n in names)
             return read(folder) if merged else None
-        if part.get("run") != header["run"] or not part.get("finished"):
+        # a shard of another input set (a leftover of an earlier job) is never merged
+        same = all(part.get(k) == header.get(k) for k in ("run", "inputs_id"))
+        if not same or not part.get("finished"):
             return None
         parts.append(part)
     by_key = {e["key"]: e for e in earlier}
