@@ -470,6 +470,14 @@ def train_lenet(
     ),
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    # The defaults repeat convmaps.train's DEFAULT_BATCH_SIZE/DEFAULT_LR (a test checks), as
+    # importing it here would import torch for `convmaps --help`.
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Training batch size.")
+    ] = 128,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Adam's initial learning rate (cosine-annealed).")
+    ] = 1e-3,
     samples: Annotated[
         Path | None, typer.Option("--samples", help="Also export test images as PNG here.")
     ] = None,
@@ -477,8 +485,8 @@ def train_lenet(
     """Train the LeNet-5 checkpoint on (Fashion-)MNIST IDX files, as the bundled one was."""
     from convmaps import train
 
-    metrics = train.train_lenet(data, out, epochs=epochs, seed=seed,
-                                log=lambda s: err_console.print(s))
+    metrics = train.train_lenet(data, out, epochs=epochs, seed=seed, batch_size=batch_size,
+                                lr=lr, log=lambda s: err_console.print(s))
     out_console.print(f"wrote {out}: test accuracy {float(metrics['test_accuracy']):.2%}")
     if samples is not None:
         train.export_samples(data, samples)
