@@ -50,8 +50,10 @@ from convmaps.store import (
     write_safetensors,
 )
 
-__all__ = ["Plan", "bundled_samples", "default_threads", "default_workers", "plan_dump",
-           "resolve_shard", "run_dump"]
+__all__ = ["Decoded", "Plan", "batches", "bundled_samples", "check_device", "check_room",
+           "claim", "clear_folder", "default_threads", "default_workers", "input_sources",
+           "inputs_id", "layer_rows", "memory_format", "model_identity", "plan_dump",
+           "resolve_shard", "run_device", "run_dump", "threads"]
 
 _PREDICTIONS = "top5"  # metadata key of activations.safetensors: the image's top-5 classes
 
@@ -132,7 +134,7 @@ def plan_dump(o: DumpOptions) -> Plan:
     itemsize = DType(o.dtype).torch.itemsize
     fingerprint = _fingerprint(o, loaded, lay)
     out = Path(o.out)
-    earlier = _claim(out, fingerprint, o.resume)
+    earlier = claim(out, fingerprint, o.resume)
     sources, skips = _sources(o, loaded, out, earlier)
     categories = class_names(loaded)
     plan = Plan(
@@ -141,7 +143,7 @@ def plan_dump(o: DumpOptions) -> Plan:
         categories, _image_bytes(lay, shapes, kernels, taps, table, itemsize),
         skips=skips, earlier=earlier, shard=resolve_shard(o.shard),
     )
-    plan.batches = _batches(len(sources), o.batch_size, plan.shard)
+    plan.batches = batches(len(sources), o.batch_size, plan.shard)
     if o.resume:
         plan.finished = {i: e for i in plan.mine if i not in skips
                          and (e := _finished_entry(plan, sources[i])) is not None}
@@ -200,16 +202,24 @@ def _conv(layer: Layer) -> nn.Conv2d:
 
 def _fingerprint(o: DumpOptions, loaded: LoadedModel, lay: ImageLayout) -> str:
     """Everything that changes the bytes of an image's outputs (not batch size or workers)."""
-    weights_file = bundled_lenet_path() if loaded.weights == "bundled" else Path(loaded.weights)
     what = {
-        "convmaps": __version__, "arch": loaded.arch, "weights": loaded.weights,
-        # a checkpoint's contents, not just its path: new weights in the same file redo images
-        "weights_sha256": sha256_file(weights_file) if weights_file.is_file() else None,
-        "preprocess": repr(loaded.preprocess), "layout": asdict(lay),
+        **model_identity(loaded), "layout": asdict(lay),
         "png_cap": o.png_cap, "dtype": o.dtype,
-        "memory": str(_memory_format(torch.device(o.device))),  # a layout has its own low bits
+        "memory": str(memory_format(torch.device(o.device))),  # a layout has its own low bits
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_identity(loaded: LoadedModel) -> dict[str, Any]:
+    """What a run's fingerprint knows of its model: version, architecture, weights (a
+    checkpoint's contents, not just its path: new weights in the same file redo the work) and
+    preprocessing."""
+    weights_file = bundled_lenet_path() if loaded.weights == "bundled" else Path(loaded.weights)
+    return {
+        "convmaps": __version__, "arch": loaded.arch, "weights": loaded.weights,
+        "weights_sha256": sha256_file(weights_file) if weights_file.is_file() else None,
+        "preprocess": repr(loaded.preprocess),
+    }
 
 
 def _reprs(model: nn.Module) -> dict[str, str]:
@@ -236,7 +246,6 @@ def class_names(loaded: LoadedModel) -> list[str] | None:
 
 def _header(o: DumpOptions, loaded: LoadedModel, table: list[LayerRow], lay: ImageLayout,
             fingerprint: str, sources: list[ImageSource]) -> dict[str, Any]:
-    keys = "\n".join(f"{s.key}\t{s.path}" for s in sources)
     return {
         "convmaps": __version__,
         "model": loaded.arch,
@@ -249,16 +258,25 @@ def _header(o: DumpOptions, loaded: LoadedModel, table: list[LayerRow], lay: Ima
         "run": fingerprint,
         # which inputs this run was given: a leftover shard manifest of another input set is
         # never merged with this run's
-        "inputs_id": hashlib.sha256(keys.encode()).hexdigest()[:16],
-        "layers": [
-            {"index": r.index, "name": r.name, "type": r.type,
-             "in_shape": list(r.in_shape) if r.in_shape else None,
-             "out_shape": list(r.out_shape) if r.out_shape else None, "params": r.params}
-            for r in table
-        ],
+        "inputs_id": inputs_id(sources),
+        "layers": layer_rows(table),
         "selected": {"activations": list(lay.activations), "switches": list(lay.switches),
                      "kernels": [n for n, _ in lay.kernels], "taps": [n for n, _ in lay.taps]},
     }
+
+
+def inputs_id(sources: list[ImageSource]) -> str:
+    """A short hash of which inputs a run was given (keys and paths, in order)."""
+    keys = "\n".join(f"{s.key}\t{s.path}" for s in sources)
+    return hashlib.sha256(keys.encode()).hexdigest()[:16]
+
+
+def layer_rows(table: list[LayerRow]) -> list[dict[str, Any]]:
+    """The layer table as a manifest records it."""
+    return [{"index": r.index, "name": r.name, "type": r.type,
+             "in_shape": list(r.in_shape) if r.in_shape else None,
+             "out_shape": list(r.out_shape) if r.out_shape else None, "params": r.params}
+            for r in table]
 
 
 def _existing(out: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -278,7 +296,9 @@ def _existing(out: Path) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def _claim(out: Path, fingerprint: str, resume: bool) -> list[dict[str, Any]]:
+def claim(out: Path, fingerprint: str, resume: bool,
+          remove: Callable[[Path, dict[str, Any]], None] | None = None, what: str = "a dump"
+          ) -> list[dict[str, Any]]:
     """Make `out` this run's: returns the entries of earlier runs of the same configuration.
 
     Another configuration's dump there is refused, or with `--overwrite` (resume off) removed
@@ -288,13 +308,13 @@ def _claim(out: Path, fingerprint: str, resume: bool) -> list[dict[str, Any]]:
     if other and resume:
         m = other[0]
         raise ConvmapsError(
-            f"{out} holds a dump made with other options ({m.get('model')}, weights "
+            f"{out} holds {what} made with other options ({m.get('model')}, weights "
             f"{m.get('weights')}, run {m['run']}); add --overwrite to replace it, or choose "
             "another --out"
         )
     if not resume:
         for name, m in found:
-            _remove_dump(out, m)
+            (remove or _remove_dump)(out, m)
             (out / name).unlink(missing_ok=True)
         return []
     by_key: dict[str, dict[str, Any]] = {}
@@ -310,7 +330,8 @@ def _remove_dump(out: Path, m: dict[str, Any]) -> None:
         clear_folder(out / e["key"], keep=set())
 
 
-def clear_folder(folder: Path, keep: set[str]) -> None:
+def clear_folder(folder: Path, keep: set[str],
+                 ours: Callable[[str], bool] = layout.is_image_output) -> None:
     """Remove convmaps' own files in an image folder except `keep` (relative paths), then the
     folders left empty; a user's own files there stay."""
     if not folder.is_dir():
@@ -318,7 +339,7 @@ def clear_folder(folder: Path, keep: set[str]) -> None:
     for path in sorted(folder.rglob("*"), reverse=True):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and not path.is_symlink() and rel not in keep \
-                and layout.is_image_output(rel):
+                and ours(rel):
             path.unlink(missing_ok=True)
         elif path.is_dir() and not path.is_symlink():
             with suppress(OSError):
@@ -332,13 +353,31 @@ def _sources(o: DumpOptions, loaded: LoadedModel, out: Path, earlier: list[dict[
              ) -> tuple[list[ImageSource], dict[int, str]]:
     """The inputs, without convmaps' own outputs under OUT; and those refused before decoding
     (their output folder would clash with another output), with the reason."""
-    inputs = list(o.inputs)
+    sources = input_sources(o.inputs, loaded, out, {e["key"] for e in earlier}, "dump")
+    keys = {s.key for s in sources}
+    skips = {}
+    for i, s in enumerate(sources):
+        reason = layout.collision(s.key, keys)
+        target = out / s.key
+        if reason is None and (target.is_symlink() or (target.exists() and not target.is_dir())):
+            reason = f"its output folder would replace the file {target}"
+        if reason is not None:
+            skips[i] = f"output clash: {reason}"
+    return sources, skips
+
+
+def input_sources(inputs: list[str], loaded: LoadedModel, out: Path, ours: set[str],
+                  command: str) -> list[ImageSource]:
+    """The images under `inputs` (the bundled samples for lenet when none), sorted, without
+    convmaps' own outputs under `out` (its reserved folders, and the files of the image folders
+    `ours`)."""
+    inputs = list(inputs)
     if not inputs:
         if loaded.arch != "lenet":
-            raise ConvmapsError("give INPUT images or folders (only `dump lenet` has samples)")
+            raise ConvmapsError(f"give INPUT images or folders (only `{command} lenet` has "
+                                "samples)")
         inputs = [str(bundled_samples())]
     root = out.resolve()
-    ours = {e["key"] for e in earlier}
     found = find_images(inputs)
 
     def own_output(src: ImageSource) -> bool:
@@ -356,16 +395,7 @@ def _sources(o: DumpOptions, loaded: LoadedModel, out: Path, earlier: list[dict[
     sources = [s for s in found if not own_output(s)]
     if not sources:
         raise ConvmapsError(f"no images found in {', '.join(inputs)}")
-    keys = {s.key for s in sources}
-    skips = {}
-    for i, s in enumerate(sources):
-        reason = layout.collision(s.key, keys)
-        target = out / s.key
-        if reason is None and (target.is_symlink() or (target.exists() and not target.is_dir())):
-            reason = f"its output folder would replace the file {target}"
-        if reason is not None:
-            skips[i] = f"output clash: {reason}"
-    return sources, skips
+    return sources
 
 
 def _image_bytes(lay: ImageLayout, shapes: Trace, kernels: list[Layer], taps: list[Layer],
@@ -470,16 +500,22 @@ def resolve_shard(spec: str | None) -> tuple[int, int]:
 
 
 def _check_size(plan: Plan) -> None:
-    need = plan.image_bytes * plan.pending
-    limit = parse_bytes(plan.options.max_bytes)
-    what = f"{plan.pending} image(s) x at most {decimal(plan.image_bytes)}"
+    check_room(plan.image_bytes * plan.pending,
+               f"{plan.pending} image(s) x at most {decimal(plan.image_bytes)}",
+               plan.options.max_bytes, plan.out,
+               "pick fewer --layers/--kernels/--taps, use --no-png or --dtype float16")
+
+
+def check_room(need: int, what: str, max_bytes: str, out: Path, hint: str) -> None:
+    """Refuse a run that would write `need` bytes (`what` says of what) over `max_bytes`, or
+    more than the disk under `out` has free; `hint` says what else makes it smaller."""
+    limit = parse_bytes(max_bytes)
     if need > limit:
         raise TooLargeError(
             f"this run would write up to {decimal(need)} ({what}), over --max-bytes "
-            f"{decimal(limit)}; raise --max-bytes, pick fewer --layers/--kernels/--taps, "
-            "use --no-png or --dtype float16"
+            f"{decimal(limit)}; raise --max-bytes, {hint}"
         )
-    probe = plan.out
+    probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
@@ -490,7 +526,7 @@ def _check_size(plan: Plan) -> None:
         )
 
 
-def _batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
+def batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
     """This shard's batches, at fixed positions in the sorted inputs: an image is always
     computed with the same neighbours (CPU kernels give batch-dependent low bits), so a resumed
     or sharded run is byte-identical to one uninterrupted process. Shard I of N takes every
@@ -503,7 +539,7 @@ def _batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
 # --- running ---------------------------------------------------------------------------------
 
 
-class _Decoded(torch.utils.data.Dataset[dict[str, Any]]):
+class Decoded(torch.utils.data.Dataset[dict[str, Any]]):
     """Decode + preprocess in DataLoader workers; a broken image becomes a reason, not a crash."""
 
     def __init__(self, sources: list[ImageSource], preprocess: Callable[[Any], torch.Tensor],
@@ -679,14 +715,15 @@ def _write_batch(plan: Plan, items: list[dict[str, Any]], got: Trace | None,
     return done
 
 
-def _memory_format(device: torch.device) -> torch.memory_format:
+def memory_format(device: torch.device) -> torch.memory_format:
     # oneDNN convolutions run 10-15% faster in channels-last layout (AlexNet and VGG16 on the
     # CPU); saved maps are made contiguous on the way to disk whatever the layout.
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
-def _device(o: DumpOptions) -> torch.device:
-    device = torch.device(o.device)
+def run_device(name: str) -> torch.device:
+    """The device a run computes on: `name`, with torchrun's LOCAL_RANK for a bare `cuda`."""
+    device = torch.device(name)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", _env_int("LOCAL_RANK", 0))  # one GPU per torchrun process
     return device
@@ -715,8 +752,8 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     is slower than the model. `on_progress(n)` is called as each batch's files are written.
     """
     o = plan.options
-    device = _device(o)
-    memory = _memory_format(device)
+    device = run_device(o.device)
+    memory = memory_format(device)
     model = plan.loaded.model.to(device).to(memory_format=memory)
     outputs = ["", *(x.name for x in plan.layers)]  # "": the model's output, for predictions
     inputs = [x.name for x in [*plan.pools, *plan.kernels, *plan.taps]]
@@ -729,7 +766,7 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
         on_progress(len(plan.complete))
     todo = [b for b in plan.batches if not set(b) <= plan.complete]
     loader = torch.utils.data.DataLoader(
-        _Decoded(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
+        Decoded(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
         num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
         pin_memory=device.type == "cuda",
     )
