@@ -25,11 +25,14 @@ __all__ = [
     "RESERVED",
     "SWITCHES",
     "TAPS",
+    "TOPK",
     "ImageLayout",
+    "TopkLayout",
     "collision",
     "is_image_output",
     "is_shard_manifest",
     "is_temp",
+    "is_topk_output",
     "shard_manifest",
     "temp_name",
 ]
@@ -40,9 +43,10 @@ SWITCHES = "switches.safetensors"
 KERNELS = "kernels.safetensors"
 TAPS = "taps.safetensors"
 PROJECTIONS = "projections.safetensors"
+TOPK = "topk"  # the folder under OUT that `convmaps topk` owns
 _IMAGE_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS, PROJECTIONS})
 # Top-level names of an output folder that belong to convmaps, besides image folders.
-RESERVED = frozenset({MANIFEST, "filters", "topk", "report"})
+RESERVED = frozenset({MANIFEST, "filters", TOPK, "report"})
 _SHARD = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.json")
 _TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
@@ -131,3 +135,58 @@ def collision(key: str, keys: set[str]) -> str | None:
         if outer in keys:
             return f"it lies inside the output folder of {outer}"
     return None
+
+
+@dataclass(frozen=True)
+class TopkLayout:
+    """What `OUT/topk/` holds for a run's options: one file per module key, its partial top-k
+    while shards run, and PNG figures for the first `png_caps` channels of each module.
+
+    >>> TopkLayout(modules=("C1",), png_caps=(2,), png=True).files()
+    ['C1.safetensors', 'manifest.json', 'png/C1.png', 'png/C1/0.png', 'png/C1/1.png']
+    """
+
+    modules: tuple[str, ...] = ()
+    png_caps: tuple[int, ...] = ()  # per module: how many channels get a figure
+    png: bool = False
+
+    def module_file(self, key: str) -> str:
+        return f"{key}.safetensors"
+
+    def state_file(self, index: int, count: int) -> str:
+        """A shard's partial top-k and checkpoint (a folder of its own: no module name clashes)."""
+        return f"partial/shard-{index}-of-{count}.safetensors"
+
+    def channel_png(self, key: str, channel: int) -> str:
+        return f"png/{key}/{channel}.png"
+
+    def module_png(self, key: str) -> str:
+        return f"png/{key}.png"
+
+    def png_files(self) -> list[str]:
+        if not self.png:
+            return []
+        files = [self.module_png(k) for k in self.modules]
+        return files + [self.channel_png(k, c) for k, n in zip(self.modules, self.png_caps,
+                                                               strict=True) for c in range(n)]
+
+    def files(self) -> list[str]:
+        """Every final file of a finished run, sorted (partial top-k files are gone by then)."""
+        return sorted([MANIFEST, *(self.module_file(k) for k in self.modules),
+                       *self.png_files()])
+
+
+def is_topk_output(rel: str) -> bool:
+    """Whether a path inside `OUT/topk/` is a name convmaps writes there: only such files are
+    removed by `--overwrite`."""
+    parts = PurePosixPath(rel).parts
+    if not parts:
+        return False
+    name = parts[-1]
+    if is_temp(name):
+        return True
+    if len(parts) == 1:
+        return name == MANIFEST or is_shard_manifest(name) or name.endswith(".safetensors")
+    if parts[0] == "partial":
+        return len(parts) == 2 and name.endswith(".safetensors")
+    return parts[0] == "png" and name.endswith(".png")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DType", "DumpOptions", "FilterOptions"]
+__all__ = ["DType", "DumpOptions", "FilterOptions", "TopkOptions"]
 
 
 class DType(StrEnum):
@@ -74,3 +74,27 @@ class FilterOptions:
     png: bool = True
     png_cap: int = 64
     config: str | None = None  # the TOML file the options came from, if any
+
+
+@dataclass
+class TopkOptions:
+    """Every `topk` option: per module and channel, the k images with the largest maximum."""
+
+    model: str = "lenet"
+    inputs: list[str] = field(default_factory=list)
+    layers: str | None = None  # None: every conv layer
+    k: int = 9
+    project: str = "deconvnet"  # a projection mode (deconvnet, guided, gradient) or "none"
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    batch_size: int = 8
+    workers: int | None = None  # None: dump.default_workers()
+    threads: int | None = None  # None: dump.default_threads()
+    device: str = "cpu"
+    shard: str | None = None  # "I/N": this process does shard I (0-based) of N
+    resume: bool = True
+    png: bool = True
+    png_cap: int = 16  # channels per module that get a figure
+    max_bytes: str = "8GB"
+    checkpoint_seconds: float = 60.0  # how often the partial top-k is saved while running

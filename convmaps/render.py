@@ -475,3 +475,89 @@ def png_bound(kind: str, shape: tuple[int, ...]) -> int:
     w, h = image_size(kind, shape)
     raw = h * (3 * w + 1)
     return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096
+
+
+# --- top-k figures (convmaps topk) -----------------------------------------------------------
+# Self-contained: the Zeiler-Fergus figure of one unit and the overview of a module.
+
+__all__ += ["shrink", "topk_figure", "topk_overview", "topk_png_bound"]
+
+_TOPK_TARGET_PX = 64  # small patches (LeNet's 5x5 fields) are upscaled to about this size
+_TOPK_TEXT_PX = 14  # the strip under each column that holds its value
+_TOPK_BACKGROUND = (255, 255, 255)
+
+
+def shrink(x: Tensor, max_px: int) -> Tensor:
+    """A `(C, H, W)` picture scaled down (area average) so that its longer side is at most
+    `max_px`; smaller pictures are returned as they are."""
+    h, w = x.shape[-2:]
+    if max(h, w) <= max_px:
+        return x
+    f = max_px / max(h, w)
+    size = (max(1, round(h * f)), max(1, round(w * f)))
+    return torch.nn.functional.interpolate(_as_float(x)[None], size=size, mode="area")[0]
+
+
+def _topk_rgb(pictures: Tensor) -> Tensor:
+    """`(N, C, h, w)` values in [0, 1] (1 or 3 channels) -> `(N, 3, h, w)` uint8."""
+    if pictures.shape[1] != 3:
+        pictures = pictures[:, :1].expand(-1, 3, -1, -1)
+    return _rgb_bytes(_as_float(pictures))
+
+
+def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float]) -> Image.Image:
+    """One unit's top-k: the input patches (de-normalised, in [0, 1]) in the top row, their
+    projections under them (signed, one symmetric robust scale, zero is mid grey), and each
+    entry's value under its column.
+
+    >>> topk_figure(torch.rand(3, 3, 5, 5), torch.randn(3, 3, 5, 5), [3.0, 2.0, 1.0]).size
+    (212, 154)
+    """
+    k, _, h, w = patches.shape
+    f = upscale_factor(h, w, target=_TOPK_TARGET_PX)
+    rows = [_upscale(_topk_rgb(patches), f)]
+    lo = hi = 0.0
+    if projections is not None:
+        lo, hi = robust_limit(projections, Scale.DIVERGING)
+        rows.append(_upscale(_topk_rgb(_to_unit(_as_float(projections), lo, hi)), f))
+    grids = [_tile(r, ncol=k, gutter=_GUTTER_PX * 2, pad=255) if k > 1 else r[0] for r in rows]
+    width = grids[0].shape[2]
+    height = sum(g.shape[1] for g in grids) + _GUTTER_PX * 2 * (len(grids) - 1) + _TOPK_TEXT_PX
+    img = Image.new("RGB", (width, height), _TOPK_BACKGROUND)
+    y = 0
+    for g in grids:
+        img.paste(Image.fromarray(g.permute(1, 2, 0).contiguous().numpy()), (0, y))
+        y += g.shape[1] + _GUTTER_PX * 2
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    col = w * f + _GUTTER_PX * 2
+    for i, v in enumerate(values[:k]):
+        text = f"{v:.4g}"
+        left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+        draw.text((i * col + (w * f - (right - left)) // 2, height - _TOPK_TEXT_PX + 1), text,
+                  fill=(0, 0, 0), font=font)
+    if projections is not None:
+        img.info["convmaps-scale"] = str(Scale.DIVERGING)
+        img.info["convmaps-range"] = f"{lo:.6g},{hi:.6g}"
+    return img
+
+
+def topk_overview(tiles: Tensor) -> Image.Image:
+    """A module at a glance: each channel's top-1 patch `(C, 1|3, h, w)` in [0, 1], one tile per
+    channel in a near-square grid (channel order, row by row)."""
+    if tiles.shape[0] == 0:
+        return _empty_image(Scale.SEQUENTIAL, 0.0, 1.0)
+    h, w = tiles.shape[-2:]
+    rgb = _upscale(_topk_rgb(tiles), upscale_factor(h, w, target=_TOPK_TARGET_PX // 2))
+    grid = _tile(rgb, ncol=math.ceil(math.sqrt(tiles.shape[0])), gutter=_GUTTER_PX, pad=255)
+    return Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+
+
+def topk_png_bound(n: int, h: int, w: int) -> int:
+    """An upper bound of the PNG bytes of a `topk_figure` of `n` patches of `h` x `w` (or of a
+    `topk_overview` of n tiles): raw RGB rows, deflate's worst case and the chunks around."""
+    f = upscale_factor(h, w, target=_TOPK_TARGET_PX)
+    raw = n * (2 * h * f + _TOPK_TEXT_PX + 4) * (3 * (w * f + 2) + 1)
+    return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096
