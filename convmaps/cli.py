@@ -19,7 +19,7 @@ from rich.text import Text
 
 from convmaps import __version__
 from convmaps.errors import ConvmapsError
-from convmaps.options import DType, DumpOptions, FilterOptions
+from convmaps.options import DType, DumpOptions, FilterOptions, Mode
 
 app = typer.Typer(
     name="convmaps",
@@ -404,6 +404,53 @@ def _dump(options: DumpOptions) -> None:
                       f"{len(skipped)} skipped; manifest: {plan.out / name}", highlight=False)
     if skipped and options.strict:
         raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def project(
+    model: ModelArg,
+    inputs: InputsArg = None,
+    unit: Annotated[
+        list[str] | None,
+        typer.Option("--unit", "-u", help="MODULE:C (channel C at its strongest position), "
+                     "MODULE:C@Y,X, or MODULE:I for a 1-D output; MODULE is a name or an index "
+                     "into the feature extractor. Repeat for more units."),
+    ] = None,
+    mode: Annotated[
+        Mode, typer.Option("--mode", help="How ReLUs pass the signal down: deconvnet (Zeiler & "
+                           "Fergus), guided (Springenberg et al.) or gradient (autograd's).")
+    ] = Mode.deconvnet,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 …")] = "cpu",
+    png: Annotated[bool, typer.Option("--png/--no-png", help="A figure per unit.")] = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Units projected together in one "
+                          "backward pass (memory grows with it).")
+    ] = 32,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="--overwrite replaces another model's "
+                           "projections in OUT.")
+    ] = True,
+) -> None:
+    """Project units down to the input pixels (DeconvNet, guided backprop or the gradient),
+    into OUT/<image key>/projections.safetensors and a PNG per unit."""
+    from convmaps.options import ProjectOptions
+    from convmaps.projections import run_project
+
+    o = ProjectOptions(model=model, inputs=[str(p) for p in inputs or []], units=unit or [],
+                       mode=mode, out=str(out), weights=weights, arch=arch, device=device,
+                       png=png, batch_size=batch_size, resume=resume)
+    m = run_project(o)
+    ok = sum(1 for e in m["inputs"] if e["status"] == "ok")
+    for e in m["inputs"]:
+        if e["status"] != "ok":
+            err_console.print(Text(f"skipped {e['source']}: "
+                                   f"{e['status'].removeprefix('skipped: ')}", style="yellow"))
+    out_console.print(f"{len(o.units)} unit(s) of {ok} image(s) projected ({mode}) into {out}; "
+                      f"list: {out / 'projections.json'}", highlight=False)
 
 
 def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:

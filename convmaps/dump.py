@@ -50,8 +50,8 @@ from convmaps.store import (
     write_safetensors,
 )
 
-__all__ = ["Decoded", "Plan", "batches", "bundled_samples", "check_device", "check_room",
-           "claim", "clear_folder", "default_threads", "default_workers", "input_sources",
+__all__ = ["DecodedImages", "Plan", "batches", "bundled_samples", "check_device", "check_room",
+           "claim", "clear_folder", "default_threads", "default_workers", "find_sources",
            "inputs_id", "layer_rows", "memory_format", "model_identity", "plan_dump",
            "resolve_shard", "run_device", "run_dump", "threads"]
 
@@ -135,7 +135,7 @@ def plan_dump(o: DumpOptions) -> Plan:
     fingerprint = _fingerprint(o, loaded, lay)
     out = Path(o.out)
     earlier = claim(out, fingerprint, o.resume)
-    sources, skips = _sources(o, loaded, out, earlier)
+    sources, skips = find_sources(o.inputs, loaded.arch, out, {e["key"] for e in earlier})
     categories = class_names(loaded)
     plan = Plan(
         o, loaded, layers, pools, kernels, taps, sources, table, lay, fingerprint,
@@ -331,15 +331,16 @@ def _remove_dump(out: Path, m: dict[str, Any]) -> None:
 
 
 def clear_folder(folder: Path, keep: set[str],
-                 ours: Callable[[str], bool] = layout.is_image_output) -> None:
-    """Remove convmaps' own files in an image folder except `keep` (relative paths), then the
-    folders left empty; a user's own files there stay."""
+                 owned: Callable[[str], bool] = layout.is_dump_output) -> None:
+    """Remove the files of one kind of run (`owned`: by default a dump's) in an image folder,
+    except `keep` (relative paths), then the folders left empty; a user's own files, and
+    another command's (a `project` run's projections), stay."""
     if not folder.is_dir():
         return
     for path in sorted(folder.rglob("*"), reverse=True):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and not path.is_symlink() and rel not in keep \
-                and ours(rel):
+                and owned(rel):
             path.unlink(missing_ok=True)
         elif path.is_dir() and not path.is_symlink():
             with suppress(OSError):
@@ -349,33 +350,15 @@ def clear_folder(folder: Path, keep: set[str],
             folder.rmdir()
 
 
-def _sources(o: DumpOptions, loaded: LoadedModel, out: Path, earlier: list[dict[str, Any]]
-             ) -> tuple[list[ImageSource], dict[int, str]]:
-    """The inputs, without convmaps' own outputs under OUT; and those refused before decoding
-    (their output folder would clash with another output), with the reason."""
-    sources = input_sources(o.inputs, loaded, out, {e["key"] for e in earlier}, "dump")
-    keys = {s.key for s in sources}
-    skips = {}
-    for i, s in enumerate(sources):
-        reason = layout.collision(s.key, keys)
-        target = out / s.key
-        if reason is None and (target.is_symlink() or (target.exists() and not target.is_dir())):
-            reason = f"its output folder would replace the file {target}"
-        if reason is not None:
-            skips[i] = f"output clash: {reason}"
-    return sources, skips
-
-
-def input_sources(inputs: list[str], loaded: LoadedModel, out: Path, ours: set[str],
-                  command: str) -> list[ImageSource]:
-    """The images under `inputs` (the bundled samples for lenet when none), sorted, without
-    convmaps' own outputs under `out` (its reserved folders, and the files of the image folders
-    `ours`)."""
+def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
+                 ) -> tuple[list[ImageSource], dict[int, str]]:
+    """The images under `inputs` (the bundled samples for lenet when none), without convmaps'
+    own outputs in the folders of `ours` (image keys) under `out`; and those refused before
+    decoding (their output folder would clash with another output), with the reason."""
     inputs = list(inputs)
     if not inputs:
-        if loaded.arch != "lenet":
-            raise ConvmapsError(f"give INPUT images or folders (only `{command} lenet` has "
-                                "samples)")
+        if arch != "lenet":
+            raise ConvmapsError("give INPUT images or folders (only lenet has bundled samples)")
         inputs = [str(bundled_samples())]
     root = out.resolve()
     found = find_images(inputs)
@@ -395,7 +378,16 @@ def input_sources(inputs: list[str], loaded: LoadedModel, out: Path, ours: set[s
     sources = [s for s in found if not own_output(s)]
     if not sources:
         raise ConvmapsError(f"no images found in {', '.join(inputs)}")
-    return sources
+    keys = {s.key for s in sources}
+    skips = {}
+    for i, s in enumerate(sources):
+        reason = layout.collision(s.key, keys)
+        target = out / s.key
+        if reason is None and (target.is_symlink() or (target.exists() and not target.is_dir())):
+            reason = f"its output folder would replace the file {target}"
+        if reason is not None:
+            skips[i] = f"output clash: {reason}"
+    return sources, skips
 
 
 def _image_bytes(lay: ImageLayout, shapes: Trace, kernels: list[Layer], taps: list[Layer],
@@ -539,7 +531,7 @@ def batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
 # --- running ---------------------------------------------------------------------------------
 
 
-class Decoded(torch.utils.data.Dataset[dict[str, Any]]):
+class DecodedImages(torch.utils.data.Dataset[dict[str, Any]]):
     """Decode + preprocess in DataLoader workers; a broken image becomes a reason, not a crash."""
 
     def __init__(self, sources: list[ImageSource], preprocess: Callable[[Any], torch.Tensor],
@@ -766,7 +758,7 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
         on_progress(len(plan.complete))
     todo = [b for b in plan.batches if not set(b) <= plan.complete]
     loader = torch.utils.data.DataLoader(
-        Decoded(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
+        DecodedImages(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
         num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
         pin_memory=device.type == "cuda",
     )

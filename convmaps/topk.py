@@ -36,14 +36,14 @@ from convmaps import __version__, layout
 from convmaps import manifest as manifests
 from convmaps.capture import Kind, layer_table, meta_trace, select, trace
 from convmaps.dump import (
-    Decoded,
+    DecodedImages,
     batches,
     check_device,
     check_room,
     claim,
     clear_folder,
     default_workers,
-    input_sources,
+    find_sources,
     inputs_id,
     layer_rows,
     memory_format,
@@ -56,7 +56,7 @@ from convmaps.errors import ConvmapsError
 from convmaps.images import ImageSource
 from convmaps.layout import TopkLayout
 from convmaps.models import LoadedModel, load_model, normalisation
-from convmaps.options import TopkOptions
+from convmaps.options import Mode, TopkOptions
 from convmaps.store import (
     TensorSpec,
     fsync_dir,
@@ -75,6 +75,7 @@ __all__ = [
     "TopkPlan",
     "combine",
     "crop",
+    "describe",
     "empty",
     "maxima",
     "merge",
@@ -216,8 +217,6 @@ class TopkPlan:
 
 
 def _check_options(o: TopkOptions) -> None:
-    from convmaps.project import Mode
-
     for name, low in (("k", 1), ("batch_size", 1), ("workers", 0), ("png_cap", 0),
                       ("threads", 1)):
         if getattr(o, name) is not None and getattr(o, name) < low:
@@ -264,7 +263,8 @@ def plan_topk(o: TopkOptions) -> TopkPlan:
     out = Path(o.out)
     folder = out / layout.TOPK
     claim(folder, fingerprint, o.resume, remove=_remove_topk, what="a top-k")
-    sources = input_sources(o.inputs, loaded, out, _dump_keys(out), "topk")
+    # output clashes concern image folders, which topk does not write
+    sources, _ = find_sources(o.inputs, loaded.arch, out, _dump_keys(out))
     header = {
         "convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
         "preprocessing": repr(loaded.preprocess), "input_size": list(loaded.input_size),
@@ -295,7 +295,7 @@ def _dump_keys(out: Path) -> set[str]:
 
 
 def _remove_topk(folder: Path, m: dict[str, Any]) -> None:
-    clear_folder(folder, keep=set(), ours=layout.is_topk_output)
+    clear_folder(folder, keep=set(), owned=layout.is_topk_output)
 
 
 def _result_bytes(plan: TopkPlan) -> int:
@@ -422,7 +422,7 @@ def run_topk(plan: TopkPlan, on_progress: Callable[[int], None] | None = None
     if on_progress and state.done:
         on_progress(sum(len(b) for b in plan.batches[:state.done]))
     loader = torch.utils.data.DataLoader(
-        Decoded(plan.sources, plan.loaded.preprocess, {}), batch_sampler=plan.batches[state.done:],
+        DecodedImages(plan.sources, plan.loaded.preprocess, {}), batch_sampler=plan.batches[state.done:],
         num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
         pin_memory=device.type == "cuda",
     )
@@ -520,7 +520,7 @@ class _Winners:
 
     def __init__(self, plan: TopkPlan, manifest: dict[str, Any]):
         self.plan = plan
-        self.data = Decoded(plan.sources, plan.loaded.preprocess, {})
+        self.data = DecodedImages(plan.sources, plan.loaded.preprocess, {})
         self.sha = {i: e.get("sha256") for i, e in enumerate(manifest["inputs"])}
         c, (h, w) = plan.loaded.in_channels, plan.loaded.input_size
         self.cache: OrderedDict[int, Tensor] = OrderedDict()
@@ -553,12 +553,11 @@ def _chunks(plan: TopkPlan, key: str, top: TopK, pos: Tensor | None, boxes: Tens
     channels, k = top.values.shape
     if not plan.mode and not plan.layout.png:
         return
-    mean, std = normalisation(plan.loaded.preprocess, plan.loaded.in_channels)
-    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    mean, std = normalisation(plan.loaded.preprocess)
 
     def patch(c: int, r: int) -> Tensor:
-        seen = (images[int(top.images[c, r])] * s + m).clamp(0, 1)
-        return crop(seen, boxes[c, r].tolist(), size, 0.5)  # grey outside the image
+        seen = render.picture(images[int(top.images[c, r])], mean, std)
+        return crop(seen, boxes[c, r].tolist(), size, 128)  # grey outside the image
 
     tiles = []
     step = max(1, _PROJECT_ENTRIES // max(k, 1))
@@ -588,7 +587,7 @@ def _projections(plan: TopkPlan, key: str, top: TopK, pos: Tensor | None, boxes:
                  rows: range) -> Tensor:
     """Projections of channels `rows`' entries, cropped to their boxes: (len(rows), k, C_in,
     bh, bw). Each winner's value is computed again and must match the recorded one."""
-    from convmaps.project import Mode, Unit, project_each
+    from convmaps.project import Unit, project_each
 
     k = top.k
     pairs = [(c, r) for c in rows for r in range(k)]
