@@ -320,11 +320,11 @@ class _PlainProgress:
     """Progress for a log file (SLURM, CI): one plain line every `every` seconds and at the end,
     instead of a bar that only a terminal can redraw."""
 
-    def __init__(self, label: str, total: int, every: float = 10.0) -> None:
+    def __init__(self, label: str, total: int, every: float = 10.0, what: str = "dump") -> None:
         import time
 
         self.clock = time.monotonic
-        self.label, self.total, self.every = label, total, every
+        self.label, self.total, self.every, self.what = label, total, every, what
         self.done = self.base = 0
         self.start = self.last = self.clock()
 
@@ -341,7 +341,7 @@ class _PlainProgress:
         rate = (self.done - self.base) / max(now - self.start, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else None
         eta = f", about {_duration(left)} left" if left is not None and left > 0 else ""
-        return f"{self.label}dump: {self.done}/{self.total} images, {rate:.1f} images/s{eta}"
+        return f"{self.label}{self.what}: {self.done}/{self.total} images, {rate:.1f} images/s{eta}"
 
 
 def _duration(seconds: float) -> str:
@@ -349,8 +349,12 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def _dump(options: DumpOptions) -> None:
-    from rich.filesize import decimal
+R = TypeVar("R")
+
+
+def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[int], None]], R]
+                   ) -> R:
+    """`run(on_progress)` with a progress bar on a terminal, plain lines in a log file."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -359,6 +363,24 @@ def _dump(options: DumpOptions) -> None:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    if not err_console.is_terminal:
+        return run(_PlainProgress(label, total, what=what))
+    speed = TextColumn("{task.fields[rate]}")
+    with Progress(TextColumn(f"{label}{what}"), BarColumn(), MofNCompleteColumn(), speed,
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task(what, total=total, rate="")
+
+        def step(n: int) -> None:
+            bar.advance(task, n)
+            rate = bar.tasks[0].speed
+            bar.update(task, rate=f"{rate:.1f} images/s" if rate else "")
+
+        return run(step)
+
+
+def _dump(options: DumpOptions) -> None:
+    from rich.filesize import decimal
 
     from convmaps.dump import plan_dump, run_dump
 
@@ -371,20 +393,8 @@ def _dump(options: DumpOptions) -> None:
         f"{len(plan.complete)} already done · {len(plan.layers)} layer(s) · at most "
         f"{decimal(plan.image_bytes * (plan.pending + refused))} to write", highlight=False,
     )
-    if err_console.is_terminal:
-        speed = TextColumn("{task.fields[rate]}")
-        with Progress(TextColumn(f"{label}dump"), BarColumn(), MofNCompleteColumn(), speed,
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-            task = bar.add_task("dump", total=len(plan.mine), rate="")
-
-            def step(n: int) -> None:
-                bar.advance(task, n)
-                rate = bar.tasks[0].speed
-                bar.update(task, rate=f"{rate:.1f} images/s" if rate else "")
-
-            manifest = run_dump(plan, on_progress=step)
-    else:
-        manifest = run_dump(plan, on_progress=_PlainProgress(label, len(plan.mine)))
+    manifest = _with_progress(label, "dump", len(plan.mine),
+                              lambda step: run_dump(plan, on_progress=step))
     mine = {plan.sources[i].key for i in plan.mine}
     entries = [e for e in manifest["inputs"] if e["key"] in mine]
     skipped = [e for e in entries if e["status"] != "ok"]
@@ -451,6 +461,89 @@ def project(
                                    f"{e['status'].removeprefix('skipped: ')}", style="yellow"))
     out_console.print(f"{len(o.units)} unit(s) of {ok} image(s) projected ({mode}) into {out}; "
                       f"list: {out / 'projections.json'}", highlight=False)
+
+
+@app.command()
+@reports_errors
+def topk(
+    model: ModelArg,
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Image files and/or folders (walked recursively). `topk lenet` "
+                       "with none uses the bundled samples.", show_default=False),
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", "-l", help="SPEC of the modules to rank (default: "
+                                 "conv); 1-D outputs (linear) rank their values.")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Images per channel.")] = 9,
+    project: Annotated[
+        str, typer.Option("--project", help="Project every entry (deconvnet, guided, gradient) "
+                          "and crop it to its receptive field, or none.")
+    ] = "deconvnet",
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=0, help="DataLoader worker processes for "
+                                 "decoding. Default: as for dump.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Compute threads (as for dump).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps …")] = "cpu",
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="I/N: do shard I (0-based) of N; the last to finish "
+                     "merges the partial top-k."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="Go on from the last checkpoint; "
+                           "--overwrite replaces a top-k of other options in OUT/topk.")
+    ] = True,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="Figures.")] = True,
+    png_cap: Annotated[
+        int, typer.Option("--png-cap", min=0, help="A figure for the first N channels of "
+                          "each module.")
+    ] = 16,
+    max_bytes: Annotated[
+        str, typer.Option("--max-bytes", help="Refuse runs that would write more (e.g. 20GB).")
+    ] = "8GB",
+) -> None:
+    """Per module and channel, the k images whose maximum over space is largest, with where,
+    their receptive-field boxes and projections, into OUT/topk/.
+
+    Under `torchrun --nproc-per-node K -m convmaps topk …` each process takes its shard.
+    """
+    from convmaps.options import TopkOptions
+    from convmaps.topk import describe, plan_topk, run_topk
+
+    o = TopkOptions(model=model, inputs=[str(p) for p in inputs or []], layers=layers, k=k,
+                    project=project, out=str(out), weights=weights, arch=arch,
+                    batch_size=batch_size, workers=workers, threads=threads, device=device,
+                    shard=shard, resume=resume, png=png, png_cap=png_cap, max_bytes=max_bytes)
+    plan = plan_topk(o)
+    index, count = plan.shard
+    label = f"shard {index}/{count}: " if count > 1 else ""
+    err_console.print(describe(plan), highlight=False)
+    manifest = _with_progress(label, "topk", len(plan.mine),
+                              lambda step: run_topk(plan, on_progress=step))
+    mine = {plan.sources[i].key for i in plan.mine}
+    skipped = [e for e in manifest["inputs"] if e["key"] in mine and e["status"] != "ok"]
+    for e in skipped[:20]:
+        err_console.print(Text(f"skipped {e['source']}: {e['status'].removeprefix('skipped: ')}",
+                               style="yellow"))
+    if len(skipped) > 20:
+        err_console.print(f"… and {len(skipped) - 20} more skipped (see the manifest)")
+    if (plan.folder / "manifest.json").is_file() and manifest.get("finished") and \
+            len(manifest["inputs"]) == len(plan.sources):
+        out_console.print(f"{label}top-{o.k} of {len(plan.keys)} module(s) over "
+                          f"{len(plan.sources) - len(skipped)} image(s) in {plan.folder}",
+                          highlight=False)
+    else:
+        out_console.print(f"{label}{len(mine)} image(s) ranked; the last shard to finish "
+                          f"writes {plan.folder}", highlight=False)
 
 
 def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:

@@ -422,7 +422,8 @@ def run_topk(plan: TopkPlan, on_progress: Callable[[int], None] | None = None
     if on_progress and state.done:
         on_progress(sum(len(b) for b in plan.batches[:state.done]))
     loader = torch.utils.data.DataLoader(
-        DecodedImages(plan.sources, plan.loaded.preprocess, {}), batch_sampler=plan.batches[state.done:],
+        DecodedImages(plan.sources, plan.loaded.preprocess, {}),
+        batch_sampler=plan.batches[state.done:],
         num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
         pin_memory=device.type == "cuda",
     )

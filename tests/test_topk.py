@@ -1,0 +1,370 @@
+"""Top-k: the streaming merge against brute force, the job against `dump`'s activations, rf's
+boxes and autograd's projections; shards, resume, broken and changed images, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from convmaps.cli import app
+from convmaps.dump import plan_dump, run_dump
+from convmaps.errors import ConvmapsError
+from convmaps.images import decode
+from convmaps.models import build, load_model
+from convmaps.options import DumpOptions, TopkOptions
+from convmaps.topk import (
+    combine,
+    crop,
+    empty,
+    maxima,
+    merge,
+    plan_topk,
+    positions,
+    run_topk,
+    update,
+)
+
+from .conftest import FASHION, write_image
+
+
+def _brute(values: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """Per channel, the k best of (N, C) values: value descending, then index ascending, by
+    Python's own sort."""
+    vals, idx = [], []
+    for c in range(values.shape[1]):
+        order = sorted(range(values.shape[0]), key=lambda i: (-float(values[i, c]), i))[:k]
+        vals.append([float(values[i, c]) for i in order])
+        idx.append(order)
+    return vals, idx
+
+
+def _first_max(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, H, W) -> each channel's max and the first flat index holding it, by comparison."""
+    flat = a.flatten(1)
+    v = flat.max(1).values
+    first = [next(j for j in range(flat.shape[1]) if flat[c, j] == v[c]) for c in range(len(v))]
+    return v, torch.tensor(first)
+
+
+# --- the streaming merge ----------------------------------------------------------------------
+
+
+def test_merge_is_the_total_order_whatever_the_batches():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (50, 6), generator=g).float()  # ties everywhere
+    values[:, 5] = 0  # a dead channel: all zeros
+    for split in ([50], [1] * 50, [7, 13, 30], [49, 1]):
+        running, start = empty(6), 0
+        for n in split:
+            rows = slice(start, start + n)
+            running = merge(running, values[rows], torch.zeros(n, 6, dtype=torch.int64),
+                            torch.arange(start, start + n), k=5)
+            assert running.values.shape == (6, min(5, start + n))  # O(C x k) whatever N
+            start += n
+        want_v, want_i = _brute(values, 5)
+        assert running.values.tolist() == want_v and running.images.tolist() == want_i
+    assert running.images[5].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_combine_of_shards_equals_one_pass():
+    values = torch.randint(0, 3, (30, 4)).float()
+    flat = torch.randint(0, 9, (30, 4))
+    one = merge(empty(4), values, flat, torch.arange(30), k=7)
+    parts = [merge(empty(4), values[i::3], flat[i::3], torch.arange(30)[i::3], k=7)
+             for i in range(3)]
+    both = combine(parts, 7)
+    for a, b in zip((one.values, one.images, one.flat), (both.values, both.images, both.flat),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_maxima_first_position_and_1d():
+    out = torch.zeros(2, 3, 4, 5)
+    out[0, 0, 1, 2] = out[0, 0, 3, 0] = 5.0  # tie: (1, 2) comes first
+    out[1, 1] = -1.0  # constant map: position 0
+    v, flat = maxima(out)
+    for n in range(2):
+        want_v, want_f = _first_max(out[n])
+        assert torch.equal(v[n], want_v) and torch.equal(flat[n], want_f)
+    assert positions(flat, 5)[0, 0].tolist() == [1, 2]
+    lin = torch.tensor([[1.0, -2.0]])
+    v, flat = maxima(lin)
+    assert torch.equal(v, lin) and flat.tolist() == [[0, 0]]
+
+
+def test_crop_fills_outside():
+    x = torch.arange(16.0).reshape(1, 4, 4)
+    got = crop(x, (-1, 2, 2, 5), (3, 3), -9.0)
+    want = F.pad(x, (1, 1, 1, 1), value=-9.0)[:, 0:3, 3:6]
+    assert torch.equal(got, want)
+
+
+@pytest.fixture
+def fashion_test() -> torch.Tensor:
+    if not FASHION.is_dir():
+        pytest.skip(f"Debian package dataset-fashion-mnist not installed: no {FASHION}")
+    from convmaps.train import load_split
+
+    return load_split(FASHION, "test")[0]
+
+
+def test_streaming_over_thousands_of_images_stays_c_by_k(fashion_test):
+    from convmaps.train import normalise
+
+    model = load_model("lenet").model
+    x = normalise(fashion_test[:3000])
+    k, running, seen = 9, empty(16), []
+    with torch.no_grad():
+        for start in range(0, len(x), 250):
+            out = model[:5](x[start:start + 250])  # C1 ... relu3: post-ReLU, ties at zero
+            running = update(running, out, torch.arange(start, start + len(out)), k)
+            assert running.values.shape == running.images.shape == (16, k)
+            seen.append(maxima(out)[0])
+    want_v, want_i = _brute(torch.cat(seen), k)
+    assert running.values.tolist() == want_v and running.images.tolist() == want_i
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def _topk(tmp_path: Path, inputs: list[Path], out: str = "out", **kw) -> dict:
+    kw.setdefault("workers", 0)
+    return run_topk(plan_topk(TopkOptions(inputs=[str(p) for p in inputs],
+                                          out=str(tmp_path / out), **kw)))
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def fashion_pngs(tmp_path, fashion_test) -> Path:
+    """A few hundred test images as PNGs, with exact duplicates and blank images (ties)."""
+    from PIL import Image
+
+    root = tmp_path / "fashion"
+    root.mkdir()
+    for i in range(240):
+        Image.fromarray(fashion_test[i].numpy(), "L").save(root / f"{i:03d}.png")
+    for i in range(0, 40, 4):
+        shutil.copy(root / f"{i:03d}.png", root / f"{i:03d}-copy.png")
+    for name in ("blank-a.png", "blank-b.png"):
+        Image.new("L", (28, 28)).save(root / name)
+    return root
+
+
+def test_lenet_equals_brute_force_from_dump(tmp_path, fashion_pngs):
+    layers = "C1,relu3,S4,F6"
+    o = DumpOptions(model="lenet", inputs=[str(fashion_pngs)], out=str(tmp_path / "out"),
+                    layers=layers, switches=False, png=False, workers=0, batch_size=16)
+    dumped = run_dump(plan_dump(o))
+    manifest = _topk(tmp_path, [fashion_pngs], layers=layers, k=6, project="none", png=False,
+                     batch_size=16)
+    keys = [e["key"] for e in manifest["inputs"]]
+    assert keys == [e["key"] for e in dumped["inputs"]] == sorted(keys)
+    acts = [_read(tmp_path / "out" / key / "activations.safetensors") for key in keys]
+    for name in layers.split(","):
+        got = _read(tmp_path / "out" / "topk" / f"{name}.safetensors")
+        per_image = [_first_max(a[name]) if a[name].dim() == 3 else (a[name], None)
+                     for a in acts]
+        values = torch.stack([v for v, _ in per_image])
+        want_v, want_i = _brute(values, 6)
+        assert got["values"].tolist() == want_v, name
+        assert got["images"].tolist() == want_i, name
+        if per_image[0][1] is None:
+            assert "positions" not in got
+            assert (got["boxes"] == torch.tensor([0, 0, 28, 28])).all()
+            continue
+        w = acts[0][name].shape[-1]
+        for c in range(values.shape[1]):
+            for r, i in enumerate(want_i[c]):
+                flat = int(per_image[i][1][c])
+                assert got["positions"][c, r].tolist() == [flat // w, flat % w]
+    ties = _read(tmp_path / "out" / "topk" / "relu3.safetensors")
+    assert (ties["values"][:, :-1] == ties["values"][:, 1:]).any()  # ties were ranked
+
+
+def test_alexnet_equals_dump_and_boxes_are_rfs(tmp_path):
+    from convmaps.rf import fields
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_image(photos / f"p{i}.png", size=(48 + 8 * i, 40), seed=i)
+    common = {"model": "alexnet", "weights": "none", "inputs": [str(photos)], "workers": 0,
+              "batch_size": 2, "out": str(tmp_path / "out")}
+    dumped = run_dump(plan_dump(DumpOptions(**common, layers="conv", switches=False, png=False)))
+    run_topk(plan_topk(TopkOptions(**common, k=2, project="none", png=False)))
+    model = build("alexnet")
+    geometry = fields(model, (3, 224, 224))
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    acts = [_read(tmp_path / "out" / e["key"] / "activations.safetensors")
+            for e in dumped["inputs"]]
+    for name in convs:
+        got = _read(tmp_path / "out" / "topk" / f"{name}.safetensors")
+        values = torch.stack([_first_max(a[name])[0] for a in acts])
+        want_v, want_i = _brute(values, 2)
+        assert got["values"].tolist() == want_v and got["images"].tolist() == want_i
+        for c in range(0, values.shape[1], 17):
+            for r in range(2):
+                y, x = got["positions"][c, r].tolist()
+                assert tuple(got["boxes"][c, r].tolist()) == geometry[name].box(y, x)
+
+
+def test_projections_are_autograd_gradients_cropped_to_boxes(tmp_path):
+
+    manifest = _topk(tmp_path, [], layers="C3,F6", k=3, project="gradient", png=False)
+    sources = [e["source"] for e in manifest["inputs"]]
+    loaded = load_model("lenet")
+    model = loaded.model
+    for name in ("C3", "F6"):
+        got = _read(tmp_path / "out" / "topk" / f"{name}.safetensors")
+        bh, bw = got["projections"].shape[-2:]
+        for c in (0, 5, 11):
+            for r in range(3):
+                x = loaded.preprocess(decode(sources[int(got["images"][c, r])]))[None]
+                x.requires_grad_(True)
+                out = dict(model.named_children())
+                h = x
+                for child, module in out.items():
+                    h = module(h)
+                    if child == name:
+                        break
+                if h.dim() == 4:
+                    y, xx = got["positions"][c, r].tolist()
+                    unit = h[0, c, y, xx]
+                else:
+                    unit = h[0, c]
+                torch.testing.assert_close(float(unit.detach()), float(got["values"][c, r]),
+                                           rtol=1e-5, atol=1e-5)
+                (grad,) = torch.autograd.grad(unit, x)
+                top, left, bottom, right = got["boxes"][c, r].tolist()
+                pad = max(0, -top, -left, bottom - 28, right - 28)
+                padded = F.pad(grad[0], (pad, pad, pad, pad))
+                want = padded[:, top + pad:top + pad + bh, left + pad:left + pad + bw]
+                torch.testing.assert_close(got["projections"][c, r], want, rtol=1e-4,
+                                           atol=1e-6)
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    root = tmp_path / "photos"
+    for i in range(9):
+        write_image(root / f"{'ab'[i % 2]}/img{i}.png", size=(20, 24), seed=i)
+    return root
+
+
+def test_shards_are_byte_identical_to_one_process(tmp_path, photos):
+    opts = {"layers": "C1,C5,F6", "k": 4, "batch_size": 2, "png_cap": 2}
+    _topk(tmp_path, [photos], out="one", **opts)
+    one = _files(tmp_path / "one")
+    assert "topk/C1.safetensors" in one and "topk/png/C1/1.png" in one
+    assert "topk/png/C1.png" in one and not any("partial" in k for k in one)
+    for n in (2, 3):
+        results = [_topk(tmp_path, [photos], out=f"s{n}", shard=f"{i}/{n}", **opts)
+                   for i in range(n)]
+        assert not any(r["finished"] and len(r["inputs"]) == 9 for r in results[:-1])
+        assert _files(tmp_path / f"s{n}") == one
+
+
+def test_resume_goes_on_from_the_last_checkpoint(tmp_path, photos):
+    opts = {"layers": "C1,C3", "k": 3, "batch_size": 2, "png": False}
+    _topk(tmp_path, [photos], out="whole", **opts)
+
+    class Killed(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def die_after_two(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 2:
+            raise Killed
+
+    plan = plan_topk(TopkOptions(inputs=[str(photos)], out=str(tmp_path / "cut"), workers=0,
+                                 checkpoint_seconds=0, **opts))
+    with pytest.raises(Killed):
+        run_topk(plan, on_progress=die_after_two)
+    assert not (tmp_path / "cut" / "topk" / "C1.safetensors").exists()
+    resumed: list[int] = []
+    plan = plan_topk(TopkOptions(inputs=[str(photos)], out=str(tmp_path / "cut"), workers=0,
+                                 checkpoint_seconds=0, **opts))
+    run_topk(plan, on_progress=resumed.append)
+    assert resumed[0] == 4  # the two batches done before the kill are not redone
+    assert sum(resumed) == 9
+    assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
+
+
+def test_fewer_images_than_k_and_broken_images(tmp_path, photos):
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "text.png").write_text("hello")
+    manifest = _topk(tmp_path, [photos], layers="C1,F6", k=20, png_cap=1)
+    status = {e["key"]: e["status"] for e in manifest["inputs"]}
+    assert status["empty.jpg"].startswith("skipped: empty")
+    assert status["text.png"].startswith("skipped: not an image")
+    ok = [i for i, e in enumerate(manifest["inputs"]) if e["status"] == "ok"]
+    assert len(ok) == 9
+    got = _read(tmp_path / "out" / "topk" / "C1.safetensors")
+    assert got["values"].shape == (6, 9) and got["projections"].shape == (6, 9, 1, 5, 5)
+    assert sorted(got["images"][0].tolist()) == ok
+    with safe_open(str(tmp_path / "out" / "topk" / "C1.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["k"] == "9" and meta["mode"] == "deconvnet" and meta["model"] == "lenet"
+
+
+def test_other_options_refused_unless_overwrite(tmp_path, photos):
+    _topk(tmp_path, [photos], layers="C1", k=2, png=False)
+    with pytest.raises(ConvmapsError, match="--overwrite"):
+        _topk(tmp_path, [photos], layers="C1", k=3, png=False)
+    (tmp_path / "out" / "topk" / "mine.txt").write_text("a user's file")
+    _topk(tmp_path, [photos], layers="C3", k=3, png=False, resume=False)
+    left = sorted(p.name for p in (tmp_path / "out" / "topk").iterdir())
+    assert left == ["C3.safetensors", "manifest.json", "mine.txt"]
+
+
+def test_changed_winner_is_one_line_error(tmp_path, photos):
+    opts = {"layers": "C1", "k": 9, "batch_size": 2, "png": False}
+    _topk(tmp_path, [photos], shard="0/2", **opts)
+    write_image(photos / "a/img0.png", size=(20, 24), seed=99)  # in shard 0's first batch
+    with pytest.raises(ConvmapsError, match="img0.png changed"):
+        _topk(tmp_path, [photos], shard="1/2", **opts)
+
+
+def test_recorded_value_that_does_not_reproduce_is_refused(tmp_path, photos):
+    opts = {"layers": "C1", "k": 2, "batch_size": 2, "png": False}
+    _topk(tmp_path, [photos], shard="0/2", **opts)
+    state = tmp_path / "out" / "topk" / "partial" / "shard-0-of-2.safetensors"
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["C1/values"] = tensors["C1/values"] + 1.0
+    save_file(tensors, state, meta)
+    with pytest.raises(ConvmapsError, match="when ranked"):
+        _topk(tmp_path, [photos], shard="1/2", **opts)
+
+
+def test_cli_topk_lenet_on_the_bundled_samples(tmp_path):
+    result = CliRunner().invoke(app, ["topk", "lenet", "--out", str(tmp_path / "o"), "-k", "2",
+                                      "--png-cap", "1", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "o" / "topk"
+    m = json.loads((folder / "manifest.json").read_text())
+    assert len(m["inputs"]) == 8 and m["finished"] and m["selected"] == ["C1", "C3", "C5"]
+    assert {p.name for p in folder.glob("*.safetensors")} == {
+        "C1.safetensors", "C3.safetensors", "C5.safetensors"}
+    assert (folder / "png" / "C3" / "0.png").is_file() and (folder / "png" / "C3.png").is_file()
+    bad = CliRunner().invoke(app, ["topk", "lenet", "--out", str(tmp_path / "o"),
+                                   "--project", "bogus"])
+    assert bad.exit_code == 1 and "--project 'bogus'" in bad.output
