@@ -57,6 +57,27 @@ ArchOpt = Annotated[
     str | None, typer.Option("--arch", help="Architecture of a checkpoint MODEL, e.g. vgg16.")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+# Options of the commands that run a folder of images (dump, topk).
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, help="DataLoader worker processes for decoding. "
+                 "Default: a quarter of the CPU cores, at most 8 (none on 2 cores)."),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="Compute threads. Default: every usable core "
+                 "but one, so a shared machine does not stall the run."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps …")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option("--shard", help="I/N: do shard I (0-based) of N, e.g. a SLURM array task; "
+                 "under torchrun, each process's RANK of WORLD_SIZE."),
+]
+MaxBytesOpt = Annotated[
+    str, typer.Option("--max-bytes", help="Refuse runs that would write more (e.g. 20GB).")
+]
 
 
 def _fail(message: str) -> None:
@@ -218,24 +239,14 @@ def dump(
     out: OutOpt = Path("convmaps_out"),
     weights: WeightsOpt = None,
     arch: ArchOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", min=0, help="DataLoader worker processes for decoding. "
-                     "Default: a quarter of the CPU cores, at most 8 (none on 2 cores)."),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option("--threads", min=1, help="Compute threads. Default: every usable core "
-                     "but one, so a shared machine does not stall the run."),
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps …")] = "cpu",
+    batch_size: BatchOpt = 8,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")
     ] = "float32",
-    max_bytes: Annotated[
-        str, typer.Option("--max-bytes", help="Refuse runs that would write more (e.g. 20GB).")
-    ] = "8GB",
+    max_bytes: MaxBytesOpt = "8GB",
     resume: Annotated[
         bool, typer.Option("--resume/--overwrite", help="Skip inputs whose outputs are complete.")
     ] = True,
@@ -245,10 +256,7 @@ def dump(
     png_cap: Annotated[
         int, typer.Option("--png-cap", min=0, help="Kernel/tap-map PNGs for at most N filters.")
     ] = 16,
-    shard: Annotated[
-        str | None,
-        typer.Option("--shard", help="I/N: do shard I (0-based) of N, e.g. a SLURM array task."),
-    ] = None,
+    shard: ShardOpt = None,
 ) -> None:
     """Run images through MODEL and write activations, switches, kernel and tap maps.
 
@@ -352,6 +360,17 @@ def _duration(seconds: float) -> str:
 R = TypeVar("R")
 
 
+def _print_skipped(entries: list[dict[str, Any]], limit: int = 20) -> list[dict[str, Any]]:
+    """Print the entries that were skipped, with their reasons (at most `limit`); returns them."""
+    skipped = [e for e in entries if e["status"] != "ok"]
+    for e in skipped[:limit]:
+        err_console.print(Text(f"skipped {e['source']}: {e['status'].removeprefix('skipped: ')}",
+                               style="yellow"))
+    if len(skipped) > limit:
+        err_console.print(f"… and {len(skipped) - limit} more skipped (see the manifest)")
+    return skipped
+
+
 def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[int], None]], R]
                    ) -> R:
     """`run(on_progress)` with a progress bar on a terminal, plain lines in a log file."""
@@ -397,12 +416,7 @@ def _dump(options: DumpOptions) -> None:
                               lambda step: run_dump(plan, on_progress=step))
     mine = {plan.sources[i].key for i in plan.mine}
     entries = [e for e in manifest["inputs"] if e["key"] in mine]
-    skipped = [e for e in entries if e["status"] != "ok"]
-    for e in skipped[:20]:
-        err_console.print(Text(f"skipped {e['source']}: {e['status'].removeprefix('skipped: ')}",
-                               style="yellow"))
-    if len(skipped) > 20:
-        err_console.print(f"… and {len(skipped) - 20} more skipped (see the manifest)")
+    skipped = _print_skipped(entries)
     done_before = len(plan.complete)
     written = len(entries) - len(skipped) - done_before
     merged = manifest.get("finished") and len(manifest["inputs"]) >= len(plan.sources) \
@@ -454,11 +468,7 @@ def project(
                        mode=mode, out=str(out), weights=weights, arch=arch, device=device,
                        png=png, batch_size=batch_size, resume=resume)
     m = run_project(o)
-    ok = sum(1 for e in m["inputs"] if e["status"] == "ok")
-    for e in m["inputs"]:
-        if e["status"] != "ok":
-            err_console.print(Text(f"skipped {e['source']}: "
-                                   f"{e['status'].removeprefix('skipped: ')}", style="yellow"))
+    ok = len(m["inputs"]) - len(_print_skipped(m["inputs"]))
     out_console.print(f"{len(o.units)} unit(s) of {ok} image(s) projected ({mode}) into {out}; "
                       f"list: {out / 'projections.json'}", highlight=False)
 
@@ -484,20 +494,11 @@ def topk(
     out: OutOpt = Path("convmaps_out"),
     weights: WeightsOpt = None,
     arch: ArchOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 8,
-    workers: Annotated[
-        int | None, typer.Option("--workers", min=0, help="DataLoader worker processes for "
-                                 "decoding. Default: as for dump.")
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="Compute threads (as for dump).")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps …")] = "cpu",
-    shard: Annotated[
-        str | None,
-        typer.Option("--shard", help="I/N: do shard I (0-based) of N; the last to finish "
-                     "merges the partial top-k."),
-    ] = None,
+    batch_size: BatchOpt = 8,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
+    shard: ShardOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume/--overwrite", help="Go on from the last checkpoint; "
                            "--overwrite replaces a top-k of other options in OUT/topk.")
@@ -507,9 +508,7 @@ def topk(
         int, typer.Option("--png-cap", min=0, help="A figure for the first N channels of "
                           "each module.")
     ] = 16,
-    max_bytes: Annotated[
-        str, typer.Option("--max-bytes", help="Refuse runs that would write more (e.g. 20GB).")
-    ] = "8GB",
+    max_bytes: MaxBytesOpt = "8GB",
 ) -> None:
     """Per module and channel, the k images whose maximum over space is largest, with where,
     their receptive-field boxes and projections, into OUT/topk/.
@@ -530,12 +529,7 @@ def topk(
     manifest = _with_progress(label, "topk", len(plan.mine),
                               lambda step: run_topk(plan, on_progress=step))
     mine = {plan.sources[i].key for i in plan.mine}
-    skipped = [e for e in manifest["inputs"] if e["key"] in mine and e["status"] != "ok"]
-    for e in skipped[:20]:
-        err_console.print(Text(f"skipped {e['source']}: {e['status'].removeprefix('skipped: ')}",
-                               style="yellow"))
-    if len(skipped) > 20:
-        err_console.print(f"… and {len(skipped) - 20} more skipped (see the manifest)")
+    skipped = _print_skipped([e for e in manifest["inputs"] if e["key"] in mine])
     if (plan.folder / "manifest.json").is_file() and manifest.get("finished") and \
             len(manifest["inputs"]) == len(plan.sources):
         out_console.print(f"{label}top-{o.k} of {len(plan.keys)} module(s) over "

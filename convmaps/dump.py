@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -50,10 +50,10 @@ from convmaps.store import (
     write_safetensors,
 )
 
-__all__ = ["DecodedImages", "Plan", "batches", "bundled_samples", "check_device", "check_room",
-           "claim", "clear_folder", "default_threads", "default_workers", "find_sources",
-           "inputs_id", "layer_rows", "memory_format", "model_identity", "plan_dump",
-           "resolve_shard", "run_device", "run_dump", "threads"]
+__all__ = ["DecodedImages", "Plan", "batches", "bundled_samples", "check_bounds", "check_device",
+           "check_room", "claim", "clear_folder", "default_threads", "default_workers",
+           "find_sources", "image_loader", "inputs_id", "layer_rows", "memory_format",
+           "model_identity", "plan_dump", "resolve_shard", "run_device", "run_dump", "threads"]
 
 _PREDICTIONS = "top5"  # metadata key of activations.safetensors: the image's top-5 classes
 
@@ -154,12 +154,18 @@ def plan_dump(o: DumpOptions) -> Plan:
 
 def _check_options(o: DumpOptions) -> None:
     """What the CLI's own bounds check, for options that come from a config or Python."""
-    for name, low in (("batch_size", 1), ("workers", 0), ("png_cap", 0), ("threads", 1)):
-        if getattr(o, name) is not None and getattr(o, name) < low:
-            raise ConvmapsError(f"{name} must be at least {low}, not {getattr(o, name)}")
+    check_bounds(o, (("batch_size", 1), ("workers", 0), ("png_cap", 0), ("threads", 1)))
     parse_bytes(o.max_bytes)
     parse_bytes(o.chunk_bytes)
     check_device(o.device)
+
+
+def check_bounds(o: object, bounds: Iterable[tuple[str, int]]) -> None:
+    """Each option `name` of `o` that is set is at least `low` (for options that come from a
+    config or Python rather than the CLI, which checks its own)."""
+    for name, low in bounds:
+        if getattr(o, name) is not None and getattr(o, name) < low:
+            raise ConvmapsError(f"{name} must be at least {low}, not {getattr(o, name)}")
 
 
 def check_device(name: str) -> torch.device:
@@ -558,6 +564,17 @@ class DecodedImages(torch.utils.data.Dataset[dict[str, Any]]):
             return {"index": i, "sha256": None, "tensor": None, "reason": reason}
 
 
+def image_loader(images: DecodedImages, batches: list[list[int]], workers: int | None,
+                 device: torch.device) -> torch.utils.data.DataLoader[dict[str, Any]]:
+    """The `batches` (lists of indices) of `images`, decoded in `workers` processes (default:
+    `default_workers()`), each batch a list of `DecodedImages` items."""
+    return torch.utils.data.DataLoader(
+        images, batch_sampler=batches, collate_fn=list,
+        num_workers=default_workers() if workers is None else workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
 def _check_resized(size: tuple[int, int], preprocess: Callable[[Any], torch.Tensor]) -> None:
     """ImageNet presets resize the short side first: a 20000x2 strip would become 2.5M x 256
     pixels. Refuse what would pass the decoder's pixel limit only before resizing."""
@@ -757,11 +774,8 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     if on_progress and plan.complete:
         on_progress(len(plan.complete))
     todo = [b for b in plan.batches if not set(b) <= plan.complete]
-    loader = torch.utils.data.DataLoader(
-        DecodedImages(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
-        num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
-        pin_memory=device.type == "cuda",
-    )
+    loader = image_loader(DecodedImages(plan.sources, plan.loaded.preprocess, plan.skips), todo,
+                          o.workers, device)
     in_flight: deque[tuple[Future[list[tuple[int, dict[str, Any]]]], int]] = deque()
 
     def settle(limit: int) -> None:
@@ -800,13 +814,8 @@ def _write_manifest(plan: Plan, entries: dict[int, dict[str, Any]], pending: boo
     by_key = {e["key"]: e for e in plan.earlier}
     if plan.shard[1] > 1:  # each shard lists its own images; the merge adds the earlier ones
         by_key = {}
-    for i in plan.mine:
-        src = plan.sources[i]
-        if i in entries:
-            by_key[src.key] = entries[i]
-        elif pending:
-            by_key[src.key] = manifests.entry(src.key, str(src.path), None, "pending",
-                                              plan.layout.files())
+    by_key.update(manifests.listed(plan.sources, plan.mine, entries,
+                                   plan.layout.files() if pending else None))
     m = manifests.build(plan.header, manifests.ordered(by_key, (s.key for s in plan.sources)))
     write_json(plan.out / layout.shard_manifest(*plan.shard), m)
     return m

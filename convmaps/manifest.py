@@ -13,14 +13,14 @@ finish merges them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from convmaps.errors import ConvmapsError
 from convmaps.layout import MANIFEST, shard_manifest
 
-__all__ = ["build", "entry", "merge", "ordered", "read", "read_manifest"]
+__all__ = ["build", "entry", "listed", "merge", "ordered", "read", "read_manifest"]
 
 _MAX_BYTES = 1 << 30  # a manifest of a million images is ~300 MB; refuse absurd files unread
 
@@ -33,6 +33,21 @@ def entry(key: str, source: str, sha: str | None, status: str, files: list[str],
     if top5 is not None:
         e["top5"] = top5
     return e
+
+
+def listed(sources: Sequence[Any], mine: Iterable[int], entries: dict[int, dict[str, Any]],
+           pending_files: list[str] | None) -> dict[str, dict[str, Any]]:
+    """The entries of the images `mine` (indices into `sources`, which have `.key` and
+    `.path`), by key: each one's entry when it is done, else, when `pending_files` is given,
+    a pending entry that will get those files."""
+    by_key = {}
+    for i in mine:
+        src = sources[i]
+        if i in entries:
+            by_key[src.key] = entries[i]
+        elif pending_files is not None:
+            by_key[src.key] = entry(src.key, str(src.path), None, "pending", pending_files)
+    return by_key
 
 
 def build(header: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:

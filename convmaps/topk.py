@@ -38,12 +38,13 @@ from convmaps.capture import Kind, layer_table, meta_trace, select, trace
 from convmaps.dump import (
     DecodedImages,
     batches,
+    check_bounds,
     check_device,
     check_room,
     claim,
     clear_folder,
-    default_workers,
     find_sources,
+    image_loader,
     inputs_id,
     layer_rows,
     memory_format,
@@ -217,10 +218,8 @@ class TopkPlan:
 
 
 def _check_options(o: TopkOptions) -> None:
-    for name, low in (("k", 1), ("batch_size", 1), ("workers", 0), ("png_cap", 0),
-                      ("threads", 1)):
-        if getattr(o, name) is not None and getattr(o, name) < low:
-            raise ConvmapsError(f"{name} must be at least {low}, not {getattr(o, name)}")
+    check_bounds(o, (("k", 1), ("batch_size", 1), ("workers", 0), ("png_cap", 0),
+                     ("threads", 1)))
     if o.project != NO_PROJECTION and o.project not in Mode.__members__:
         raise ConvmapsError(f"--project {o.project!r}: choose "
                             f"{', '.join(Mode.__members__)} or {NO_PROJECTION}")
@@ -381,13 +380,7 @@ def _load_state(plan: TopkPlan, shard: tuple[int, int]) -> _State | None:
 
 def _write_manifest(plan: TopkPlan, entries: dict[int, dict[str, Any]], pending: bool
                     ) -> dict[str, Any]:
-    by_key = {}
-    for i in plan.mine:
-        src = plan.sources[i]
-        if i in entries:
-            by_key[src.key] = entries[i]
-        elif pending:
-            by_key[src.key] = manifests.entry(src.key, str(src.path), None, "pending", [])
+    by_key = manifests.listed(plan.sources, plan.mine, entries, [] if pending else None)
     m = manifests.build(plan.header, manifests.ordered(by_key, (s.key for s in plan.sources)))
     write_json(plan.folder / layout.shard_manifest(*plan.shard), m)
     return m
@@ -421,12 +414,8 @@ def run_topk(plan: TopkPlan, on_progress: Callable[[int], None] | None = None
     _write_manifest(plan, state.entries, pending=True)  # claims OUT/topk before any result
     if on_progress and state.done:
         on_progress(sum(len(b) for b in plan.batches[:state.done]))
-    loader = torch.utils.data.DataLoader(
-        DecodedImages(plan.sources, plan.loaded.preprocess, {}),
-        batch_sampler=plan.batches[state.done:],
-        num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
-        pin_memory=device.type == "cuda",
-    )
+    loader = image_loader(DecodedImages(plan.sources, plan.loaded.preprocess, {}),
+                          plan.batches[state.done:], o.workers, device)
     saved = time.monotonic()
     with threads(o.threads):
         for items in loader:
