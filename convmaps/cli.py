@@ -134,6 +134,21 @@ def _shape(shape: tuple[int, ...] | None) -> str:
     return "—" if shape is None else "×".join(str(s) for s in shape)
 
 
+def _pair_text(pair: tuple[int, int]) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}×{pair[1]}"
+
+
+def _field_cells(field: Any) -> tuple[str, str]:
+    """The layer table's field and jump cells for a convmaps.rf.Field (None: not known)."""
+    if field is None:
+        return "?", "?"
+    varies = not field.affine and any(
+        len({b - a for a, b in table}) > 1 for table in (field.rows, field.cols) if table
+    )
+    size = ("≤" if varies else "") + _pair_text(field.size)
+    return size, "—" if field.dims is None else _pair_text(field.jump)
+
+
 @app.command()
 @reports_errors
 def layers(
@@ -145,28 +160,34 @@ def layers(
     ] = None,
     arch: ArchOpt = None,
 ) -> None:
-    """Print the layer table: index, name, type, shapes, parameters, kernel-map bytes.
+    """Print the layer table: index, name, type, shapes, receptive field, jump, parameters,
+    kernel-map bytes.
 
-    Shapes come from a forward pass on the meta device (no compute, no weights needed).
+    Shapes and receptive fields come from a forward pass on the meta device (no compute, no
+    weights needed). Field: the size in input pixels of the box one output position sees (≤ where
+    positions differ); jump: input pixels between neighbouring positions.
     """
     from rich.filesize import decimal
 
     from convmaps.capture import layer_table
     from convmaps.models import load_model
+    from convmaps.rf import fields
 
     # Shapes do not depend on weight values, so no pretrained file is needed to list layers.
     loaded = load_model(model, weights or "none", arch)
     size = _size(input_size) or loaded.input_size
     rows = layer_table(loaded.model, (loaded.in_channels, *size))
+    rf = fields(loaded.model, (loaded.in_channels, *size), strict=False)
     table = Table(title=f"{loaded.arch} · input {loaded.in_channels}×{size[0]}×{size[1]}")
     for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("input", "right"),
-                      ("output", "right"), ("params", "right"), ("kernel maps", "right"),
-                      ("tap maps", "right")):
+                      ("output", "right"), ("field", "right"), ("jump", "right"),
+                      ("params", "right"), ("kernel maps", "right"), ("tap maps", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
+        field, jump = _field_cells(rf.get(r.name))
         table.add_row(
             "" if r.index is None else str(r.index), r.name, r.type, _shape(r.in_shape),
-            _shape(r.out_shape), f"{r.params:,}",
+            _shape(r.out_shape), field, jump, f"{r.params:,}",
             decimal(r.kernel_map_bytes) if r.kernel_map_bytes else "",
             decimal(r.tap_map_bytes) if r.tap_map_bytes else "",
         )
