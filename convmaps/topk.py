@@ -17,11 +17,11 @@ files. Files go under `OUT/topk/`, names from `layout.TopkLayout`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -505,31 +505,33 @@ def _then(first: Any, rest: Iterator[tuple[str, Tensor]]) -> Iterator[tuple[str,
 
 
 class _Winners:
-    """The winners' input tensors, decoded again on demand (a bounded cache: images recur
-    across channels) and checked against the manifest's sha256."""
+    """The winners' input tensors and pictures, decoded again on demand (bounded caches: images
+    recur across channels) and checked against the manifest's sha256."""
 
     def __init__(self, plan: TopkPlan, manifest: dict[str, Any]):
         self.plan = plan
         self.data = DecodedImages(plan.sources, plan.loaded.preprocess, {})
         self.sha = {i: e.get("sha256") for i, e in enumerate(manifest["inputs"])}
+        self.mean, self.std = normalisation(plan.loaded.preprocess)
         c, (h, w) = plan.loaded.in_channels, plan.loaded.input_size
-        self.cache: OrderedDict[int, Tensor] = OrderedDict()
-        self.room = max(1, _CACHE_BYTES // (4 * c * h * w))
+        room = max(1, _CACHE_BYTES // (4 * c * h * w))
+        self.tensor = functools.lru_cache(maxsize=room)(self._decode)
+        self.picture = functools.lru_cache(maxsize=room)(self._picture)
 
-    def __getitem__(self, i: int) -> Tensor:
-        if i in self.cache:
-            self.cache.move_to_end(i)
-            return self.cache[i]
+    def _decode(self, i: int) -> Tensor:
         item = self.data[i]
         if item["tensor"] is None or item["sha256"] != self.sha.get(i):
             raise ConvmapsError(
                 f"{self.plan.sources[i].path} changed since it was ranked (sha256 differs); "
                 "run the same command with --overwrite"
             )
-        self.cache[i] = item["tensor"]
-        if len(self.cache) > self.room:
-            self.cache.popitem(last=False)
-        return item["tensor"]
+        tensor: Tensor = item["tensor"]
+        return tensor
+
+    def _picture(self, i: int) -> Tensor:
+        from convmaps import render
+
+        return render.picture(self.tensor(i), self.mean, self.std)
 
 
 def _chunks(plan: TopkPlan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
@@ -543,10 +545,8 @@ def _chunks(plan: TopkPlan, key: str, top: TopK, pos: Tensor | None, boxes: Tens
     channels, k = top.values.shape
     if not plan.mode and not plan.layout.png:
         return
-    mean, std = normalisation(plan.loaded.preprocess)
-
     def patch(c: int, r: int) -> Tensor:
-        seen = render.picture(images[int(top.images[c, r])], mean, std)
+        seen = images.picture(int(top.images[c, r]))
         return crop(seen, boxes[c, r].tolist(), size, 128)  # grey outside the image
 
     tiles = []
@@ -584,7 +584,7 @@ def _projections(plan: TopkPlan, key: str, top: TopK, pos: Tensor | None, boxes:
     units = [Unit(key, c, None if pos is None else (int(pos[c, r, 0]), int(pos[c, r, 1])))
              for c, r in pairs]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batch = torch.stack([images[int(top.images[c, r])] for c, r in pairs]).to(device)
+    batch = torch.stack([images.tensor(int(top.images[c, r])) for c, r in pairs]).to(device)
     got = project_each(model, batch, units, Mode(plan.options.project), plan.options.batch_size)
     values = top.values[rows.start:rows.stop]
     scale = float(values.abs().max()) if values.numel() else 0.0

@@ -60,3 +60,19 @@ def test_temp_names_round_trip():
 def test_collisions(key, keys, clash):
     reason = collision(key, keys)
     assert (reason is None) if clash is None else (clash in reason)
+
+
+def test_topk_layout_names_and_ownership():
+    from convmaps.layout import TopkLayout, is_topk_output
+
+    lay = TopkLayout(modules=("features.0", "classifier.1"), png_caps=(1, 0), png=True)
+    assert lay.files() == ["classifier.1.safetensors", "features.0.safetensors",
+                           "manifest.json", "png/classifier.1.png", "png/features.0.png",
+                           "png/features.0/0.png"]
+    assert TopkLayout(modules=("C1",), png_caps=(3,)).files() == ["C1.safetensors",
+                                                                   "manifest.json"]
+    for rel in [*lay.files(), lay.state_file(1, 2), "manifest.shard-0-of-2.json",
+                "png/C1/.3.png.99.tmp"]:
+        assert is_topk_output(rel), rel
+    for rel in ("notes.txt", "partial/notes.txt", "png/readme.md", "sub/C1.safetensors"):
+        assert not is_topk_output(rel), rel

@@ -409,3 +409,27 @@ def test_png_bound_is_the_drawn_size_and_an_upper_bound(kind, shape):
         img = render_activation(t)
     assert img.size == image_size(kind, shape)
     assert len(png_bytes(img)) <= png_bound(kind, shape)
+
+
+def test_topk_figure_rows_are_the_patches_and_their_projections():
+    from convmaps.render import topk_figure, topk_overview
+
+    patches = torch.randint(0, 256, (3, 3, 4, 5), dtype=torch.uint8)
+    proj = torch.zeros(3, 1, 4, 5)
+    proj[1, 0, 2, 3] = -2.0
+    proj[2, 0, 0, 0] = 1.0
+    img = topk_figure(patches, proj, [3.5, 2.0, -1.0])
+    f = 13  # ceil(64 / 5): patches are upscaled to about 64 px
+    arr = torch.tensor(list(img.getdata()), dtype=torch.uint8).view(img.height, img.width, 3)
+    arr = arr.permute(2, 0, 1)
+    col = 5 * f + 2
+    for i in range(3):  # top row: each patch, upscaled by nearest neighbour, in order
+        tile = arr[:, :4 * f, i * col:i * col + 5 * f]
+        assert torch.equal(tile[:, ::f, ::f], patches[i])
+    below = arr[:, 4 * f + 2:8 * f + 2]
+    assert below[:, 0, 0].tolist() == [128] * 3  # zero is mid grey
+    assert below[:, 2 * f, col + 3 * f].tolist() == [1, 1, 1]  # -limit: 128 - 127
+    assert below[:, 0, 2 * col].tolist() == [192] * 3  # +limit / 2: 128 + 63.5
+    assert img.info["convmaps-range"] == "-2,2"
+    assert img.height == 8 * f + 4 + 14
+    assert topk_overview(patches).size == (2 * 5 * 7 + 2, 2 * 4 * 7 + 2)
