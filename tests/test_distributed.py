@@ -40,3 +40,25 @@ def test_torchrun_two_processes_match_one(tmp_path):
     two: Path = tmp_path / "two"
     assert not list(two.glob("manifest.shard-*"))
     assert _files(tmp_path / "one") == _files(two)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_topk_two_processes_match_one(tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(7):
+        write_image(photos / f"img{i}.png", seed=i)
+    args = ["lenet", str(photos), "--batch-size", "2", "-k", "3", "--layers", "C1,F6",
+            "--png-cap", "1", "--workers", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    single = subprocess.run([sys.executable, "-m", "convmaps", "topk", *args, "--out",
+                             str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "convmaps", "topk", *args,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = _files(tmp_path / "one")
+    assert "topk/C1.safetensors" in one and not any("partial" in k for k in one)
+    assert _files(tmp_path / "two") == one
