@@ -243,7 +243,8 @@ def plan_topk(o: TopkOptions) -> TopkPlan:
         raise ConvmapsError("--layers: nothing selected that runs in eval mode")
     keys = [x.name for x in chosen]
     # a module called twice per pass ranks its first call, the one its name means
-    shapes = {k: tuple(meta_trace(model, input_shape, keys).outputs[k].shape[1:]) for k in keys}
+    traced = meta_trace(model, input_shape, keys).outputs
+    shapes = {k: tuple(traced[k].shape[1:]) for k in keys}
     for key, shape in shapes.items():
         if len(shape) not in (1, 3):
             raise ConvmapsError(f"--layers: {key} gives {tuple(shape)} per image; topk ranks "
