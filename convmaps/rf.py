@@ -2,27 +2,31 @@
 
 A position's **box** is the half-open rectangle `(top, left, bottom, right)` of input-tensor
 pixels that can influence it (the bounding box of that set), in the preprocessed input's own
-coordinates. It reaches past the edges (negative, or beyond H/W) where padding lies: a padded
-position counts as the virtual pixel it would be if the input went on.
+coordinates. It reaches past the edges (negative, or beyond H/W) where padding lies: padding
+counts as virtual pixels that continue the map by its jump, as in the usual receptive-field
+arithmetic. Inside the image the box's edges are those of the real pixels, so a window partly in
+padding never claims image pixels it cannot see.
 
-Product path (this module): interval composition along the traced graph. One forward pass on
-the meta device (real module code, no compute) runs under a `TorchFunctionMode` that gives every
+Product path (this module): interval composition along the traced graph. One forward pass on the
+meta device (real module code, no compute) runs under a `TorchFunctionMode` that gives every
 tensor a geometry: which of its dims are the rows and columns, and for each row (column) the
-interval of input rows (columns) behind it. Each function maps its inputs' geometry to its
-output's: convolutions and pools (stride, padding incl. asymmetric `'same'`, dilation,
-`ceil_mode`) take the union over their window's taps; adaptive pools over their exact windows
-`[floor(i*n/m), ceil((i+1)*n/m))`; `F.pad` shifts (negative pads crop); elementwise functions
-(add, mul, activations, eval-mode norms) take the union of their operands, broadcasting included
-(a squeeze-excitation scale reaches every position); `cat`, `chunk`, views, permutes and
-indexing move or slice the row/column tables. The row and column intervals are exact tables
-per position; a module's :class:`Field` is their affine summary `(size, jump, offset)`, with the
-tables kept where they are not affine.
+interval of input rows (columns) behind it, twice: the geometric interval, where padding counts
+as virtual pixels, and the real one, the pixels that can influence it. Each function maps its
+inputs' geometry to its output's: convolutions and pools (stride, padding incl. asymmetric
+`'same'`, dilation, `ceil_mode`) take the union over their window's taps; adaptive pools over
+their exact windows `[floor(i*n/m), ceil((i+1)*n/m))`; `F.pad` shifts (negative pads crop);
+elementwise functions (add, mul, activations, eval-mode norms) take the union of their operands,
+broadcasting included (a squeeze-excitation scale reaches every position); `cat`, `chunk`,
+views, permutes and indexing move or slice the row/column tables. The row and column intervals
+are exact tables per position; a module's :class:`Field` is their affine summary `(size, jump,
+offset)`, with the tables kept where they are not affine.
 
 Independent check (tests/test_rf.py): the support of a one-hot backward pass through a positive
 surrogate of the same network (uniform positive conv/linear weights, no bias, max pools replaced
 by average pools, nonlinearities and norms replaced by the identity), in float64; its bounding
-box must equal the product box clipped to the image. Perturbation tests on tiny models check
-that pixels outside a box never change the unit and that every edge of a box is reached.
+box must lie in the product box and meet each of the box's edges that lies in the image.
+Perturbation tests on tiny models check that pixels outside a box never change the unit and that
+every edge of a box inside the image is reached.
 
 Conventions:
 - Boxes are the union over a position's channels (a concatenation's channels may differ).
@@ -32,8 +36,12 @@ Conventions:
 - Uneven adaptive windows, or maps with different fields meeting, make a field non-affine: the
   tables stay exact for every position, and padding positions beyond the map's ends are
   extrapolated from the edge position by the jump.
-- The box is geometric: reflect/replicate padding and windows that see only padding still count
-  the virtual pixels of their window.
+- A box is a rectangle: where a dilated window has a tap in the padding, its edge beyond the
+  image is the virtual one, and the image pixels between it and the first real tap lie inside the
+  box without influencing the unit. A position that sees only padding (a pad's own border, a
+  window wholly in padding) depends on no pixel and keeps its geometric box. Reflect and
+  replicate padding count as virtual pixels too (for the usual symmetric windows the pixels they
+  copy lie in the window anyway); circular padding is not followed.
 - Norms are taken in eval mode (fields() runs the model in eval mode); instance/group norms and
   a layer norm over a spatial axis make that axis global.
 
@@ -565,6 +573,8 @@ def _rule(name: str, args: Any, kwargs: dict[str, Any], out: Any,
         g = _adaptive(_as_geo(first), args, out)
         return [g, g] if isinstance(out, (tuple, list)) else g
     if name in ("pad", "constant_pad_nd"):
+        if _arg(args, kwargs, 2, "mode", "constant") == "circular":
+            raise _Unsupported("circular padding")  # it wraps the far edge's pixels around
         return _padded(_as_geo(first), x, _arg(args, kwargs, 1, "pad", None), out)
     if name == "batch_norm":
         training = _arg(args, kwargs, 5, "training", False)

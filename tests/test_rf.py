@@ -291,6 +291,12 @@ def test_unknown_functions_are_reported_or_left_out():
     with pytest.raises(ConvmapsError, match="receptive field of 1: cannot follow roll"):
         fields(net, (1, 9, 9))
     assert sorted(fields(net, (1, 9, 9), strict=False)) == ["0"]
+    wrap = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"))
+    with pytest.raises(ConvmapsError, match="cannot follow pad \\(circular padding\\)"):
+        fields(wrap, (1, 9, 9))
+    # reflect padding counts as virtual pixels, like zeros
+    reflect = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
+    assert fields(reflect, (1, 9, 9))["0"].box(0, 0) == (-1, -1, 2, 2)
 
 
 def test_box_errors():
