@@ -536,6 +536,7 @@ def topk(
 
     Under `torchrun --nproc-per-node K -m convmaps topk …` each process takes its shard.
     """
+    from convmaps.layout import MANIFEST
     from convmaps.options import TopkOptions
     from convmaps.topk import describe, plan_topk, run_topk
 
@@ -551,7 +552,7 @@ def topk(
                               lambda step: run_topk(plan, on_progress=step))
     mine = {plan.sources[i].key for i in plan.mine}
     skipped = _print_skipped([e for e in manifest["inputs"] if e["key"] in mine])
-    if (plan.folder / "manifest.json").is_file() and manifest.get("finished") and \
+    if (plan.folder / MANIFEST).is_file() and manifest.get("finished") and \
             len(manifest["inputs"]) == len(plan.sources):
         out_console.print(f"{label}top-{o.k} of {len(plan.keys)} module(s) over "
                           f"{len(plan.sources) - len(skipped)} image(s) in {plan.folder}",

@@ -184,13 +184,14 @@ class TopkLayout:
     modules: tuple[str, ...] = ()
     png_caps: tuple[int, ...] = ()  # per module: how many channels get a figure
     png: bool = False
+    partial: str = "partial"  # the folder of the shards' partial top-k (a module name has no /)
 
     def module_file(self, key: str) -> str:
         return f"{key}.safetensors"
 
     def state_file(self, index: int, count: int) -> str:
         """A shard's partial top-k and checkpoint (a folder of its own: no module name clashes)."""
-        return f"partial/shard-{index}-of-{count}.safetensors"
+        return f"{self.partial}/shard-{index}-of-{count}.safetensors"
 
     def channel_png(self, key: str, channel: int) -> str:
         return f"png/{key}/{channel}.png"
@@ -222,6 +223,6 @@ def is_topk_output(rel: str) -> bool:
         return True
     if len(parts) == 1:
         return name == MANIFEST or is_shard_manifest(name) or name.endswith(".safetensors")
-    if parts[0] == "partial":
+    if parts[0] == TopkLayout.partial:
         return len(parts) == 2 and name.endswith(".safetensors")
     return parts[0] == "png" and name.endswith(".png")

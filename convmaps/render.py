@@ -604,7 +604,7 @@ def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float]
     >>> img = topk_figure(torch.zeros(3, 3, 5, 5, dtype=torch.uint8), torch.randn(3, 3, 5, 5),
     ...                   [3.0, 2.0, 1.0])
     >>> img.size, img.info["convmaps-scale"]
-    ((109, 90), 'signed')
+    ((199, 148), 'signed')
     """
     from PIL import ImageDraw, ImageFont
 

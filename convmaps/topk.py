@@ -460,7 +460,7 @@ def _finish(plan: TopkPlan, state: _State, model: torch.nn.Module) -> dict[str, 
     for i in range(count):
         (plan.folder / plan.layout.state_file(i, count)).unlink(missing_ok=True)
     with suppress(OSError):
-        (plan.folder / "partial").rmdir()
+        (plan.folder / plan.layout.partial).rmdir()
     fsync_dir(plan.folder)
     return manifest
 
