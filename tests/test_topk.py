@@ -258,6 +258,28 @@ def test_projections_are_autograd_gradients_cropped_to_boxes(tmp_path):
                                            atol=1e-6)
 
 
+def test_deconvnet_crops_are_project_of_that_unit(tmp_path):
+    from convmaps.project import Unit, project
+
+    manifest = _topk(tmp_path, [], layers="C1,S4", k=2, project="deconvnet", png=False)
+    sources = [e["source"] for e in manifest["inputs"]]
+    loaded = load_model("lenet")
+    for name in ("C1", "S4"):
+        got = _read(tmp_path / "out" / "topk" / f"{name}.safetensors")
+        bh, bw = got["projections"].shape[-2:]
+        for c in range(got["values"].shape[0]):
+            for r in range(2):
+                x = loaded.preprocess(decode(sources[int(got["images"][c, r])]))
+                y, xx = got["positions"][c, r].tolist()
+                (p,) = project(loaded.model, x, [Unit(name, c, (y, xx))])
+                top, left, bottom, right = got["boxes"][c, r].tolist()
+                pad = max(0, -top, -left, bottom - 28, right - 28)
+                padded = F.pad(p.map, (pad, pad, pad, pad))
+                want = padded[:, top + pad:top + pad + bh, left + pad:left + pad + bw]
+                torch.testing.assert_close(got["projections"][c, r], want, rtol=1e-4,
+                                           atol=1e-6)
+
+
 @pytest.fixture
 def photos(tmp_path) -> Path:
     root = tmp_path / "photos"
