@@ -368,11 +368,15 @@ def _dump(options: DumpOptions) -> None:
 
 def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "zeros"):
+    # min/max/mean/std leave NaN out; the NaN column counts them, shown only when there are.
+    nan_column = any(s.nans for s in stats)
+    for col in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "zeros",
+                *(["NaN"] if nan_column else [])):
         table.add_column(col, justify="left" if col in ("tensor", "dtype") else "right")
     for s in stats:
         table.add_row(s.name, _shape(s.shape), s.dtype, f"{s.min:.4g}", f"{s.max:.4g}",
-                      f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.zeros:.1%}")
+                      f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.zeros:.1%}",
+                      *([f"{s.nans:,}"] if nan_column else []))
     return table
 
 
