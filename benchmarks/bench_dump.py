@@ -35,7 +35,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from convmaps.pipeline import DumpOptions, plan_dump, run_dump
+from convmaps.dump import plan_dump, run_dump
+from convmaps.options import DumpOptions
 
 BATCH = 8
 

@@ -30,7 +30,8 @@ import torchvision
 from bench_dump import cached_weights, make_photos
 from PIL import Image
 
-from convmaps.pipeline import DType, DumpOptions, default_workers, plan_dump, run_dump
+from convmaps.dump import default_workers, plan_dump, run_dump
+from convmaps.options import DType, DumpOptions
 
 
 class _Photos(torch.utils.data.Dataset[Any]):

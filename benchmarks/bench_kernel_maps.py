@@ -34,7 +34,7 @@ from torch import nn
 from convmaps import decompose
 from convmaps.capture import trace
 from convmaps.models import build
-from convmaps.pipeline import DumpOptions
+from convmaps.options import DumpOptions
 from convmaps.store import TensorSpec, parse_bytes, write_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/

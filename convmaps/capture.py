@@ -33,6 +33,7 @@ __all__ = [
     "kind_of",
     "layer_table",
     "list_layers",
+    "meta_trace",
     "select",
     "trace",
 ]
@@ -397,3 +398,10 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow
             )
         )
     return rows
+
+
+def meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: Collection[str]) -> Trace:
+    """The outputs and inputs of `names` for one image of `input_shape` (C, H, W), computed on
+    the meta device: every call of a reused module (`name@1` …), shapes only, no values."""
+    return _meta_shapes(model, input_shape, names)
+

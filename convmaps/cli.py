@@ -19,9 +19,7 @@ from rich.text import Text
 
 from convmaps import __version__
 from convmaps.errors import ConvmapsError
-
-if typing.TYPE_CHECKING:  # torch is imported only inside the commands
-    from convmaps.pipeline import DumpOptions, FilterOptions
+from convmaps.options import DType, DumpOptions, FilterOptions
 
 app = typer.Typer(
     name="convmaps",
@@ -130,9 +128,10 @@ def layers(
 
     Shapes come from a forward pass on the meta device (no compute, no weights needed).
     """
+    from rich.filesize import decimal
+
     from convmaps.capture import layer_table
     from convmaps.models import load_model
-    from convmaps.store import format_bytes
 
     # Shapes do not depend on weight values, so no pretrained file is needed to list layers.
     loaded = load_model(model, weights or "none", arch)
@@ -147,14 +146,14 @@ def layers(
         table.add_row(
             "" if r.index is None else str(r.index), r.name, r.type, _shape(r.in_shape),
             _shape(r.out_shape), f"{r.params:,}",
-            format_bytes(r.kernel_map_bytes) if r.kernel_map_bytes else "",
-            format_bytes(r.tap_map_bytes) if r.tap_map_bytes else "",
+            decimal(r.kernel_map_bytes) if r.kernel_map_bytes else "",
+            decimal(r.tap_map_bytes) if r.tap_map_bytes else "",
         )
     out_console.print(table)
     total = sum(p.numel() for p in loaded.model.parameters())
     km = sum(r.kernel_map_bytes or 0 for r in rows)
     out_console.print(
-        f"{total:,} parameters; kernel maps of every conv: {format_bytes(km)} per image (float32)"
+        f"{total:,} parameters; kernel maps of every conv: {decimal(km)} per image (float32)"
     )
 
 
@@ -174,14 +173,12 @@ def filters(
     arch: ArchOpt = None,
 ) -> None:
     """Write every conv weight to OUT/filters/filters.safetensors, and one PNG grid per conv."""
-    from convmaps.pipeline import FilterOptions
-
     _filters(FilterOptions(model=model, layers=layers, out=str(out), weights=weights, arch=arch,
                            png=png, png_cap=png_cap))
 
 
 def _filters(options: FilterOptions) -> None:
-    from convmaps.pipeline import run_filters
+    from convmaps.filters import run_filters
 
     notes = run_filters(options)
     for name, note in notes:
@@ -227,6 +224,11 @@ def dump(
         typer.Option("--workers", min=0, help="DataLoader worker processes for decoding. "
                      "Default: a quarter of the CPU cores, at most 8 (none on 2 cores)."),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="Compute threads. Default: every usable core "
+                     "but one, so a shared machine does not stall the run."),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps …")] = "cpu",
     dtype: Annotated[
         str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")
@@ -253,15 +255,11 @@ def dump(
     Under `torchrun --nproc-per-node K -m convmaps dump …` each process takes its shard.
     """
     values = dict(locals())
-    from convmaps.pipeline import DumpOptions
-
     _dump(DumpOptions(**_options(ctx, values, only_given=False)))
 
 
 def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> dict[str, Any]:
     """Command-line values as DumpOptions fields (only those typed, with `only_given`)."""
-    from convmaps.pipeline import DType
-
     out: dict[str, Any] = {}
     for name, value in values.items():
         if name in ("ctx", "config") or (
@@ -281,7 +279,6 @@ def run(ctx: typer.Context, config: Path, **values: Any) -> None:
     """Run a dump (or, with `command = "filters"`, filters) from a TOML config; see configs/.
     Options given here override the file's."""
     from convmaps.config import options_from
-    from convmaps.pipeline import FilterOptions
 
     if not config.is_file():
         raise ConvmapsError(f"config {config} does not exist")
@@ -319,49 +316,92 @@ _run_signature()
 app.command("run")(reports_errors(run))
 
 
+class _PlainProgress:
+    """Progress for a log file (SLURM, CI): one plain line every `every` seconds and at the end,
+    instead of a bar that only a terminal can redraw."""
+
+    def __init__(self, label: str, total: int, every: float = 10.0) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.label, self.total, self.every = label, total, every
+        self.done = self.base = 0
+        self.start = self.last = self.clock()
+
+    def __call__(self, n: int) -> None:
+        if self.done == 0 and self.clock() == self.start:
+            self.base = n  # images already done before this run
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            err_console.print(self.line(now), highlight=False)
+
+    def line(self, now: float) -> str:
+        rate = (self.done - self.base) / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else None
+        eta = f", about {_duration(left)} left" if left is not None and left > 0 else ""
+        return f"{self.label}dump: {self.done}/{self.total} images, {rate:.1f} images/s{eta}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _dump(options: DumpOptions) -> None:
+    from rich.filesize import decimal
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
-    from convmaps.pipeline import plan_dump, run_dump
-    from convmaps.store import format_bytes
+    from convmaps.dump import plan_dump, run_dump
 
     plan = plan_dump(options)
     index, count = plan.shard
     label = f"shard {index}/{count}: " if count > 1 else ""
+    refused = sum(1 for i in plan.mine if i in plan.skips)
     err_console.print(
         f"{label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} image(s), "
-        f"{len(plan.complete)} already done · {len(plan.layers)} layer(s) · about "
-        f"{format_bytes(plan.image_bytes * plan.pending)} to write"
+        f"{len(plan.complete)} already done · {len(plan.layers)} layer(s) · at most "
+        f"{decimal(plan.image_bytes * (plan.pending + refused))} to write", highlight=False,
     )
-    speed = TextColumn("{task.fields[rate]}")
-    with Progress(TextColumn(f"{label}dump"), BarColumn(), MofNCompleteColumn(), speed,
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        task = bar.add_task("dump", total=len(plan.mine), rate="")
+    if err_console.is_terminal:
+        speed = TextColumn("{task.fields[rate]}")
+        with Progress(TextColumn(f"{label}dump"), BarColumn(), MofNCompleteColumn(), speed,
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
+            task = bar.add_task("dump", total=len(plan.mine), rate="")
 
-        def step(n: int) -> None:
-            bar.advance(task, n)
-            rate = bar.tasks[0].speed
-            bar.update(task, rate=f"{rate:.1f} images/s" if rate else "")
+            def step(n: int) -> None:
+                bar.advance(task, n)
+                rate = bar.tasks[0].speed
+                bar.update(task, rate=f"{rate:.1f} images/s" if rate else "")
 
-        manifest = run_dump(plan, on_progress=step)
-    skipped = [e for e in manifest["inputs"] if e["status"] != "ok"]
+            manifest = run_dump(plan, on_progress=step)
+    else:
+        manifest = run_dump(plan, on_progress=_PlainProgress(label, len(plan.mine)))
+    mine = {plan.sources[i].key for i in plan.mine}
+    entries = [e for e in manifest["inputs"] if e["key"] in mine]
+    skipped = [e for e in entries if e["status"] != "ok"]
     for e in skipped[:20]:
         err_console.print(Text(f"skipped {e['source']}: {e['status'].removeprefix('skipped: ')}",
                                style="yellow"))
     if len(skipped) > 20:
-        err_console.print(f"… and {len(skipped) - 20} more skipped (see manifest.json)")
-    done = len(manifest["inputs"]) - len(skipped)
-    merged = (plan.out / "manifest.json").is_file() and len(manifest["inputs"]) > len(plan.mine)
-    name = "manifest.json" if plan.shard[1] == 1 or merged else (
-        f"manifest.shard-{plan.shard[0]}-of-{plan.shard[1]}.json")
-    out_console.print(f"{done} image(s) written to {plan.out}, {len(skipped)} skipped; "
-                      f"manifest: {plan.out / name}")
+        err_console.print(f"… and {len(skipped) - 20} more skipped (see the manifest)")
+    done_before = len(plan.complete)
+    written = len(entries) - len(skipped) - done_before
+    merged = manifest.get("finished") and len(manifest["inputs"]) >= len(plan.sources) \
+        and count > 1 and (plan.out / "manifest.json").is_file()
+    from convmaps.layout import shard_manifest
+
+    name = "manifest.json" if count == 1 or merged else shard_manifest(index, count)
+    out_console.print(f"{label}{written} image(s) written, {done_before} already done, "
+                      f"{len(skipped)} skipped; manifest: {plan.out / name}", highlight=False)
     if skipped and options.strict:
         raise typer.Exit(1)
 
@@ -380,20 +420,33 @@ def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table
     return table
 
 
+def _print_predictions(entries: list[dict[str, Any]], limit: int = 20) -> None:
+    """Each image's top-5 classes, as the manifest records them."""
+    with_top = [e for e in entries if isinstance(e.get("top5"), list)]
+    for e in with_top[:limit]:
+        guesses = ", ".join(f"{t.get('class')} {float(t.get('probability', 0)):.1%}"
+                            for t in e["top5"] if isinstance(t, dict))
+        out_console.print(Text(f"  {e['key']}: {guesses}"))
+    if len(with_top) > limit:
+        out_console.print(f"  … and {len(with_top) - limit} more (see manifest.json)")
+
+
 @app.command()
 @reports_errors
 def show(
     path: Annotated[Path, typer.Argument(help="A .safetensors file or a dump folder.")],
 ) -> None:
     """Summary statistics (shape, dtype, min/max, mean/std, zeros) of a file or a whole dump."""
-    from convmaps.summary import dump_stats, file_stats, read_manifest
+    from convmaps.manifest import read_manifest
+    from convmaps.summary import dump_stats, file_stats
 
     if path.is_dir():
         manifest = read_manifest(path)
         entries = manifest.get("inputs", [])
         ok = sum(1 for e in entries if e["status"] == "ok")
         out_console.print(f"{path}: {manifest.get('model')} ({manifest.get('weights')}), "
-                          f"{ok} image(s) ok, {len(entries) - ok} skipped")
+                          f"{ok} image(s) ok, {len(entries) - ok} skipped", highlight=False)
+        _print_predictions(entries)
         for rel, stats in dump_stats(path).items():
             out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
         return
@@ -421,6 +474,14 @@ def train_lenet(
     ),
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    # The defaults repeat convmaps.train's DEFAULT_BATCH_SIZE/DEFAULT_LR (a test checks), as
+    # importing it here would import torch for `convmaps --help`.
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Training batch size.")
+    ] = 128,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Adam's initial learning rate (cosine-annealed).")
+    ] = 1e-3,
     samples: Annotated[
         Path | None, typer.Option("--samples", help="Also export test images as PNG here.")
     ] = None,
@@ -428,8 +489,8 @@ def train_lenet(
     """Train the LeNet-5 checkpoint on (Fashion-)MNIST IDX files, as the bundled one was."""
     from convmaps import train
 
-    metrics = train.train_lenet(data, out, epochs=epochs, seed=seed,
-                                log=lambda s: err_console.print(s))
+    metrics = train.train_lenet(data, out, epochs=epochs, seed=seed, batch_size=batch_size,
+                                lr=lr, log=lambda s: err_console.print(s))
     out_console.print(f"wrote {out}: test accuracy {float(metrics['test_accuracy']):.2%}")
     if samples is not None:
         train.export_samples(data, samples)

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from convmaps.errors import ConvmapsError
-from convmaps.pipeline import DumpOptions, FilterOptions
-from convmaps.store import parse_bytes
+from convmaps.options import DumpOptions, FilterOptions
 
 __all__ = ["COMMANDS", "load_config", "options_from"]
 
@@ -50,6 +49,8 @@ def _allowed(hint: Any) -> tuple[tuple[type, ...], type | None, str]:
 def _check_size(path: Path, key: str, value: Any) -> str:
     """A size option (`max_bytes = "8GB"` or a whole number of bytes), checked now so that the
     error names the file; kept as the string the option's field holds."""
+    from convmaps.store import parse_bytes  # here: store imports torch, this module does not
+
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ConvmapsError(f"{path}: {key} must be a size such as \"8GB\" or a whole number "
                             f"of bytes, not {value!r}")

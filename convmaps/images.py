@@ -56,6 +56,7 @@ always gives the same RGB values whatever viewer or library made it."""
 MAX_PIXELS = 64_000_000
 """Default limit on width x height, checked from the header before any pixel is decoded."""
 
+
 @dataclass(frozen=True)
 class ImageSource:
     """One image to process.
@@ -73,8 +74,7 @@ class ImageSource:
 # --- finding -----------------------------------------------------------------------------
 
 
-def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None
-                ) -> list[ImageSource]:
+def find_images(inputs: Sequence[str | Path]) -> list[ImageSource]:
     """All images under `inputs` (files and folders), in a deterministic order.
 
     Rules:
@@ -87,9 +87,9 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None
         it), so symlink loops terminate;
       * a file symlink that loops (`ln -s a b; ln -s b a`) counts like a dangling one: `decode`
         and `sha256_file` report it as "unreadable: symlink loop";
-      * one real file appears once, under the first key that reaches it;
-      * files whose real path lies under `exclude` (a run's own output folder, so its PNGs are
-        never read back as inputs) are left out;
+      * one real file appears once, under the first key that reaches it (compared by
+        `os.path.realpath`, which, unlike `Path.resolve` before Python 3.13, never raises on a
+        symlink loop);
       * keys are unique, compared case-insensitively (so outputs cannot clash on macOS or
         Windows either): a key already taken becomes `<root folder name>/<key>`, and if that
         is taken too `<root folder name>~2/<key>`, `~3`, ... .
@@ -100,12 +100,10 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None
     sources: list[ImageSource] = []
     taken_keys: set[str] = set()
     seen_files: set[str] = set()
-    # os.path.realpath, never Path.resolve: before Python 3.13 resolve raises on a symlink loop.
-    skip = os.path.join(os.path.realpath(exclude), "") if exclude is not None else None
     for item in inputs:
         for root, path, key in _expand(Path(item)):
             real = os.path.realpath(path)
-            if real in seen_files or (skip is not None and real.startswith(skip)):
+            if real in seen_files:
                 continue
             seen_files.add(real)
             unique = _unique_key(key, root, taken_keys)

@@ -8,11 +8,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import os
 import pickle
+import re
+import sys
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +31,7 @@ from torchvision.transforms import v2 as T
 
 from convmaps.errors import (
     CheckpointError,
+    ConvmapsError,
     UnknownModelError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
@@ -189,29 +195,139 @@ def _cached_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's text on one line (torch's messages span several)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _refusal_reason(message: str) -> str:
+    """What a weights_only load refused: the global it would have called, or torch's reason."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it would call {found.group(1)}"
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if not ln.startswith(skip)), "it holds more than tensors")
+    return reason.removeprefix("WeightsUnpickler error:").strip()
+
+
+_RESAVE = "re-save it as a plain state dict or as .safetensors"
+
+
+def _load_error(path: str | Path, e: Exception, remedy: str = _RESAVE) -> CheckpointError:
+    """The one-line error for a pickle checkpoint that torch.load(weights_only=True) rejected."""
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+        return UnsafeCheckpointError(
+            f"{path} is refused: {_refusal_reason(str(e))}. convmaps loads .pt/.pth only with "
+            f"weights_only=True (tensors and containers); {remedy}."
+        )
+    return CheckpointError(
+        f"{path} is not a readable checkpoint ({type(e).__name__}: {_one_line(e)}); {remedy}."
+    )
+
+
+def _check_state(state: object, source: str | Path) -> dict[str, torch.Tensor]:
+    """`state` if it is a state dict of ordinary (dense, CPU or GPU, not meta) tensors."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{source} does not hold a state dict (name -> tensor) but a {type(state).__name__}"
+        )
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(
+                f"{source} does not hold a state dict (name -> tensor): key {key!r} is not a name"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{source} does not hold a state dict (name -> tensor): {key!r} is of type "
+                f"{type(value).__name__}, not a tensor"
+            )
+        if value.layout != torch.strided or value.is_meta:
+            kind = "a meta tensor (no data)" if value.is_meta else f"a {value.layout} tensor"
+            raise CheckpointError(
+                f"{source}: {key} is {kind}; a checkpoint needs dense tensors with data"
+            )
+    return state
+
+
+# Held while torchvision's loader is patched, so that two loads never interleave their patch
+# and restore (which could leave the patch in place, or restore the wrong function).
+_HUB_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_hub(cached: Path) -> Iterator[None]:
+    """While active, torchvision's pretrained weights load with torch.load(weights_only=True).
+
+    Every torchvision builder fetches its weights with the documented
+    `weights.get_state_dict(progress=..., check_hash=True)`, which forwards its keyword
+    arguments to `torch.hub.load_state_dict_from_url` (whose `weights_only` defaults to False).
+    Wrapping that one method to force `weights_only=True` keeps everything else torchvision
+    does: its cache under TORCH_HOME, the download and its hash check, and each builder's own
+    post-processing (densenet's key renames, googlenet/inception dropping their aux heads,
+    num_classes and transform_input from the weights' metadata). The alternatives are worse:
+    calling get_state_dict ourselves and building with weights=None loses that
+    post-processing; setting TORCH_FORCE_WEIGHTS_ONLY_LOAD mutates os.environ, which child
+    processes inherit and which clashes with a user's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; patching
+    torch.load changes every load in the process, not just torchvision's weights.
+    tests/test_models.py checks that no classification builder loads weights another way.
+
+    The patch is process-wide while it lasts: another thread that builds a pretrained
+    torchvision model meanwhile also loads with weights_only=True (the safe direction). Hub
+    prints "Downloading: ..." on stdout; that line (with anything other threads print
+    meanwhile) is captured and re-emitted on stderr, and dropped when the load fails, so a
+    failed offline load prints only its error.
+    """
+    enum = torchvision.models.WeightsEnum
+    with _HUB_LOCK:
+        original = enum.__dict__["get_state_dict"]
+
+        def get_state_dict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            kwargs["weights_only"] = True  # even if a builder ever passes False
+            kwargs.setdefault("map_location", "cpu")  # convmaps builds on the CPU
+            try:
+                state = original(self, *args, **kwargs)
+            except Exception as e:  # a damaged pickle raises nearly anything
+                if not cached.exists():
+                    raise  # not cached and not downloaded: _load_pretrained says what to do
+                raise _load_error(cached, e, f"delete it, or replace it with {self.url}") from e
+            return _check_state(state, f"cached weights {cached}")
+
+        captured = io.StringIO()
+        failed = True
+        enum.get_state_dict = get_state_dict
+        try:
+            with contextlib.redirect_stdout(captured):
+                yield
+            failed = False
+        finally:
+            enum.get_state_dict = original
+            lines = captured.getvalue().splitlines(keepends=True)
+            sys.stderr.write("".join(
+                ln for ln in lines if not (failed and ln.startswith("Downloading: "))
+            ))
+
+
 def _load_pretrained(arch: str, weights: Any) -> nn.Module:
-    """Through torchvision's own weights API, so its cache (TORCH_HOME) and checks apply."""
+    """Through torchvision's own weights API, so its cache (TORCH_HOME) and checks apply, but
+    with weights_only=True (see _weights_only_hub)."""
     cached = _cached_file(weights.url)
     try:
-        with _SkipInit():  # the builder loads the weights strictly: every parameter is replaced
+        # the builder loads the weights strictly: every parameter is replaced
+        with _weights_only_hub(cached), _SkipInit():
             return torchvision.models.get_model(arch, weights=weights)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        # URLError is an OSError; a damaged cached file raises the others
+    except ConvmapsError:
+        raise
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        # URLError is an OSError; a state dict that does not fit raises a RuntimeError
         if cached.exists():
-            raise CheckpointError(f"cached weights {cached} do not load: {e}") from e
+            raise CheckpointError(f"cached weights {cached} do not load: {_one_line(e)}") from e
         raise WeightsUnavailableError(
             f"weights {arch} {weights.name} are not cached and could not be downloaded "
             f"({type(e).__name__}). Use --weights none, pass --weights PATH to a state dict, or "
             f"place {os.path.basename(weights.url)} in {cached.parent}"
         ) from e
-
-
-def _refused_globals(e: Exception) -> str:
-    msg = str(e)
-    for line in msg.splitlines():
-        if "GLOBAL" in line or "Unsupported global" in line:
-            return line.strip()
-    return msg.splitlines()[0] if msg else type(e).__name__
 
 
 def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -229,28 +345,23 @@ def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file: {_one_line(e)}"
+            ) from e
+        return _check_state(state, path), meta
     if path.suffix not in (".pt", ".pth"):
         raise CheckpointError(
             f"{path}: checkpoints must end in {', '.join(_CHECKPOINT_SUFFIXES)}"
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path} is refused: it is not a plain state dict ({_refused_globals(e)}). "
-            "convmaps loads .pt/.pth only with weights_only=True; re-save it as a state dict "
-            "or as .safetensors."
-        ) from e
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {e}") from e
+    except Exception as e:  # a damaged pickle raises nearly anything (KeyError for text)
+        raise _load_error(path, e) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict (name -> tensor)")
-    return obj, {}
+    return _check_state(obj, path), {}
 
 
 def _apply_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -452,3 +452,36 @@ def _to_image(rgb: Tensor, scale: Scale | str, lo: float, hi: float) -> Image.Im
 def _empty_image(scale: Scale, lo: float, hi: float) -> Image.Image:
     # Nothing to draw (a zero-size tensor): one gutter-coloured pixel, still a valid PNG.
     return _to_image(torch.full((3, 1, 1), _GUTTER, dtype=torch.uint8), scale, lo, hi)
+
+
+def image_size(kind: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(width, height) in pixels of the picture drawn for a tensor of `shape`, without drawing
+    it: `activation` (render_activation), `kernels` (map_grid of one filter's (C_in, H, W)
+    kernel maps) or `taps` (tap_mosaic of one filter's (H, W, kh, kw) tap maps)."""
+    if kind == "taps":
+        h_out, w_out, kh, kw = shape
+        gutter = _GUTTER_PX if kh * kw > 1 else 0
+        rows = _windows_that_fit(h_out, kh, gutter, 4096)
+        cols = _windows_that_fit(w_out, kw, gutter, 4096)
+        return cols * kw + (cols - 1) * gutter, rows * kh + (rows - 1) * gutter
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        n = math.prod(shape)
+        return max(n * max(1, math.ceil(_MIN_STRIP_PX / max(n, 1))), 1), 24
+    c, h, w = shape
+    if c * h * w == 0:
+        return 1, 1
+    f = upscale_factor(h, w)
+    ncol = 1 if c == 1 else math.ceil(math.sqrt(c))
+    nrow = math.ceil(c / ncol)
+    return ncol * w * f + (ncol - 1) * _GUTTER_PX, nrow * h * f + (nrow - 1) * _GUTTER_PX
+
+
+def png_bound(kind: str, shape: tuple[int, ...]) -> int:
+    """An upper bound of the PNG bytes `png_bytes` writes for that picture: its raw RGB rows
+    (a palette PNG is about a third of that, a grid with more than 256 colours stays RGB) plus
+    deflate's worst-case overhead and the chunks around the pixels."""
+    w, h = image_size(kind, shape)
+    raw = h * (3 * w + 1)
+    return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096

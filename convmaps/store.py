@@ -32,11 +32,12 @@ from typing import IO, Any
 import torch
 
 from convmaps.errors import ConvmapsError, WriteError
+from convmaps.layout import temp_name
 
 __all__ = [
     "TensorSpec",
     "atomic_write",
-    "format_bytes",
+    "fsync_dir",
     "parse_bytes",
     "png_complete",
     "read_metadata",
@@ -73,7 +74,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], sync: b
         WriteError: the disk is full or the folder is not writable; no temporary file remains.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(temp_name(path.name, os.getpid()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -91,6 +92,16 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], sync: b
         with suppress(OSError):
             tmp.unlink()
         raise
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make the renames into `folder` durable (a rename is an update of its directory)."""
+    with suppress(OSError):  # some filesystems cannot open or sync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_bytes(path: str | Path, data: bytes, sync: bool = True) -> None:
@@ -258,10 +269,3 @@ def parse_bytes(text: str | int) -> int:
         raise ConvmapsError(f"size {text!r} is less than one byte; {hint}")
     return int(value)
 
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

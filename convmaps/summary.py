@@ -8,18 +8,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from convmaps.errors import ConvmapsError
+from convmaps.manifest import read_manifest
 
-__all__ = ["Stats", "dump_stats", "file_stats", "read_manifest", "tensor_stats"]
+__all__ = ["Stats", "dump_stats", "file_stats", "tensor_stats"]
 
 
 @dataclass(frozen=True)
@@ -108,23 +107,6 @@ def _read(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def file_stats(path: str | Path) -> list[Stats]:
     """Stats of every tensor in one safetensors file, one tensor in memory at a time."""
     return [tensor_stats(k, t) for k, t in _read(Path(path))]
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConvmapsError(f"{folder} has no readable manifest.json ({e})") from e
-    inputs = manifest.get("inputs", []) if isinstance(manifest, dict) else None
-    if not isinstance(inputs, list) or not all(
-        isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("status"), str)
-        and isinstance(e.get("files", []), list) for e in inputs
-    ):
-        raise ConvmapsError(f"{path} is not a convmaps manifest (no list of inputs with key and "
-                            "status)")
-    checked: dict[str, Any] = manifest
-    return checked
 
 
 def dump_stats(folder: str | Path) -> dict[str, list[Stats]]:

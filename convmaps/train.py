@@ -227,13 +227,15 @@ def _reproduce_command(
         f"--out {shlex.quote(str(out_path))}",
         f"--epochs {epochs}",
     ]
-    # Only the options that differ from the defaults, so the usual command stays short.
+    # Only the options that differ from the defaults, so the usual command stays short; every
+    # one is an option of `convmaps train-lenet`, and repr() gives the float that parses back
+    # to exactly this learning rate (`:g` kept 6 digits, so a rerun trained differently).
     if seed != DEFAULT_SEED:
         parts.append(f"--seed {seed}")
     if batch_size != DEFAULT_BATCH_SIZE:
         parts.append(f"--batch-size {batch_size}")
     if lr != DEFAULT_LR:
-        parts.append(f"--lr {lr:g}")
+        parts.append(f"--lr {lr!r}")
     return " ".join(parts)
 
 
@@ -250,8 +252,8 @@ def _check_options(epochs: int, batch_size: int, lr: float) -> None:
         raise ConvmapsError(f"--epochs must be at least 1, got {epochs}")
     if batch_size < 1:
         raise ConvmapsError(f"--batch-size must be at least 1, got {batch_size}")
-    if not lr > 0:
-        raise ConvmapsError(f"--lr must be positive, got {lr}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConvmapsError(f"--lr must be a positive finite number, got {lr}")
 
 
 def _train_epoch(
@@ -351,7 +353,7 @@ def train_lenet(
         "epochs": str(epochs),
         "seed": str(seed),
         "batch_size": str(batch_size),
-        "lr": f"{lr:g}",
+        "lr": repr(lr),
         "optimizer": "Adam, cosine-annealed learning rate",
         "test_accuracy": f"{test_accuracy:.4f}",
         "train_accuracy": f"{train_accuracy:.4f}",

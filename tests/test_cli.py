@@ -185,8 +185,8 @@ def test_python_dash_m_usage_error_is_one_line():
     assert out.stderr.count("\n") == 1, out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="until pipeline.plan_dump calls "
-                   "find_images(inputs, exclude=out) instead of Path.resolve() on each source")
+@pytest.mark.xfail(strict=True, reason="until dump._sources takes os.path.realpath(src.path), "
+                   "not src.path.resolve(), which raises on a symlink loop before Python 3.13")
 def test_dump_records_a_file_symlink_loop_as_a_skip(tmp_path):
     folder = tmp_path / "in"
     write_image(folder / "c.png")
@@ -198,3 +198,44 @@ def test_dump_records_a_file_symlink_loop_as_a_skip(tmp_path):
         assert result.exit_code == 0, result.output
         assert "Traceback" not in result.output
         assert "unreadable: symlink loop" in result.output
+
+
+def test_counts_are_truthful_and_show_prints_predictions(tmp_path):
+    out = tmp_path / "out"
+    result = run("dump", "lenet", "--out", out, "--no-png")
+    assert result.exit_code == 0, result.output
+    assert "8 image(s) written, 0 already done, 0 skipped" in result.output
+    result = run("dump", "lenet", "--out", out, "--no-png")
+    assert "0 image(s) written, 8 already done, 0 skipped" in result.output
+    result = run("show", out)
+    assert result.exit_code == 0 and "0_t-shirt-top.png: " in result.output
+    assert "%" in result.output.split("0_t-shirt-top.png: ")[1].splitlines()[0]
+
+
+def test_a_shard_reports_its_own_images(tmp_path):
+    out = tmp_path / "out"
+    result = run("dump", "lenet", "--out", out, "--no-png", "--shard", "1/2", "-b", "2")
+    assert result.exit_code == 0, result.output
+    assert "shard 1/2: 4 image(s) written, 0 already done" in result.output
+    assert "manifest.shard-1-of-2.json" in result.output
+
+
+def test_torchrun_environment_without_peers_never_waits(tmp_path, monkeypatch):
+    """WORLD_SIZE without a reachable peer: this rank does its shard and returns; the last
+    shard to finish merges (no process group to hang on)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    result = run("dump", "lenet", "--out", tmp_path / "o", "--no-png", "-b", "2")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "manifest.shard-0-of-2.json").is_file()
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path):
+    env = {"COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "convmaps", "dump", "lenet", "--out",
+                           str(tmp_path / "o"), "--no-png"], capture_output=True, text=True,
+                          env={**__import__("os").environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    assert "dump: 8/8 images" in proc.stderr and "images/s" in proc.stderr
+    assert "\x1b[" not in proc.stderr and "━" not in proc.stderr

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from convmaps.cli import app
 from convmaps.config import load_config, options_from
 from convmaps.errors import ConvmapsError
-from convmaps.pipeline import DType
+from convmaps.options import DType
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from convmaps.models import build
 
 from .conftest import write_image
-from .test_pipeline import _files
+from .test_dump import _files
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")

@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+import inspect
 import os
-import time
+import re
+import shlex
+import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
+from convmaps.cli import app
 from convmaps.errors import (
     CheckpointError,
     UnknownModelError,
@@ -16,6 +22,10 @@ from convmaps.errors import (
     WeightsUnavailableError,
 )
 from convmaps.models import build, lenet5, load_model, load_state_file
+
+from .conftest import write_image
+
+_GET_STATE_DICT = torchvision.models.WeightsEnum.get_state_dict
 
 
 def test_lenet_structure():
@@ -115,30 +125,206 @@ def test_skip_init_leaves_parameters_alone_and_other_tensors_not():
     assert torch.equal(q.detach(), torch.zeros(3))
 
 
-def test_missing_weights_fail_fast_with_what_to_do(hub):
-    start = time.monotonic()
+def test_missing_weights_fail_with_what_to_do_and_print_nothing(hub, capsys):
     with pytest.raises(WeightsUnavailableError) as e:
         load_model("vgg11", "IMAGENET1K_V1")
     msg = str(e.value)
     assert "vgg11-8a719046.pth" in msg and "--weights none" in msg and str(hub) in msg
     assert "\n" not in msg
-    assert time.monotonic() - start < 30
+    # torch hub writes "Downloading: ..." to stdout before it tries; a failed load hides it
+    assert capsys.readouterr() == ("", "")
+    assert torchvision.models.WeightsEnum.get_state_dict is _GET_STATE_DICT  # restored
+
+
+def test_missing_weights_through_the_cli_print_only_the_error(hub, tmp_path):
+    result = CliRunner().invoke(app, ["filters", "vgg11", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: weights vgg11 IMAGENET1K_V1 are not cached")
+    assert result.stderr.count("\n") == 1
 
 
 class _Evil:
+    """A pickle payload: unpickling it runs `touch MARKER`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
-def test_hostile_pickle_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    evil = _Evil()
-    evil.marker = marker  # type: ignore[attr-defined]
-    path = tmp_path / "evil.pt"
-    torch.save({"C1.weight": evil}, path)
-    with pytest.raises(UnsafeCheckpointError, match="refused"):
-        load_model(str(path), arch="lenet")
+def _hostile(path: Path, marker: Path, arch: str = "alexnet") -> Path:
+    """A state dict of `arch` with one value replaced by the payload, saved with torch.save."""
+    state: dict[str, object] = dict(build(arch, init=False).state_dict())
+    state[next(iter(state))] = _Evil(marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def _alexnet_cache(hub: Path) -> Path:
+    return hub / os.path.basename(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url)
+
+
+def _assert_refused(error: BaseException, path: Path, marker: Path) -> None:
+    msg = str(error)
+    assert isinstance(error, UnsafeCheckpointError), msg
+    assert "\n" not in msg and str(path) in msg and "posix.system" in msg
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("weights", [None, "DEFAULT", "IMAGENET1K_V1"])
+def test_hostile_cached_weights_are_refused(hub, tmp_path, weights):
+    marker = tmp_path / "pwned"
+    cached = _hostile(_alexnet_cache(hub), marker)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_model("alexnet", weights)
+    _assert_refused(e.value, cached, marker)
+    assert torchvision.models.WeightsEnum.get_state_dict is _GET_STATE_DICT  # restored
+
+
+def test_hostile_weights_file_and_checkpoint_model_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    for suffix in (".pt", ".pth"):
+        path = _hostile(tmp_path / f"evil{suffix}", marker)
+        for model, weights, arch in (("alexnet", str(path), None), (str(path), None, "alexnet")):
+            with pytest.raises(UnsafeCheckpointError) as e:
+                load_model(model, weights, arch)
+            _assert_refused(e.value, path, marker)
+    path = _hostile(tmp_path / "lenet.pt", marker, "lenet")
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load_model("lenet", str(path))
+    _assert_refused(e.value, path, marker)
+
+
+def _cli(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("case", ["dump", "dump-name", "dump-file", "dump-model", "filters",
+                                  "filters-file", "layers"])
+def test_hostile_pickles_are_refused_by_every_command(hub, tmp_path, case):
+    marker, out = tmp_path / "pwned", tmp_path / "out"
+    image = write_image(tmp_path / "in" / "a.png")
+    evil = _hostile(tmp_path / "evil.pth", marker)
+    cached = _hostile(_alexnet_cache(hub), marker)
+    args, path = {
+        "dump": (["dump", "alexnet", image, "--out", out], cached),
+        "dump-name": (["dump", "alexnet", image, "--weights", "IMAGENET1K_V1", "--out", out],
+                      cached),
+        "dump-file": (["dump", "alexnet", image, "--weights", evil, "--out", out], evil),
+        "dump-model": (["dump", evil, image, "--arch", "alexnet", "--out", out], evil),
+        "filters": (["filters", "alexnet", "--out", out], cached),
+        "filters-file": (["filters", "alexnet", "--weights", evil, "--out", out], evil),
+        "layers": (["layers", "alexnet", "--weights", "DEFAULT"], cached),
+    }[case]
+    result = _cli(*args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert result.stderr.startswith(f"error: {path} is refused: it would call posix.system.")
+    assert result.stderr.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_no_classification_builder_loads_weights_around_get_state_dict():
+    """The weights_only patch wraps WeightsEnum.get_state_dict; a torchvision release whose
+    builders loaded weights another way (or overrode the method) would bypass it."""
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        enum = torchvision.models.get_model_weights(arch)
+        owners = [c for c in enum.__mro__ if "get_state_dict" in vars(c)]
+        assert owners == [torchvision.models.WeightsEnum], arch
+        builder = torchvision.models.get_model_builder(arch)
+        source = inspect.getsource(sys.modules[builder.__module__])
+        assert "get_state_dict(" in source, arch
+        for call in ("torch.load(", "load_state_dict_from_url(", "load_url("):
+            assert call not in source, (arch, call)
+
+
+def _seeded_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    """A random state dict in the form torchvision's checkpoint for `arch` has."""
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    kwargs = {"aux_logits": True, "init_weights": False} if arch == "googlenet" else {}
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(
+        arch, num_classes=len(weights.meta["categories"]), **kwargs
+    )
+    return {k: v + 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+def test_legit_cached_weights_load_through_torchvision_post_processing(hub):
+    hub.mkdir(parents=True)
+    # densenet: the released files use the old key names (`norm.1`), which its builder renames
+    state = _seeded_state("densenet121", 5)
+    old = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.(weight|bias|running_\w+)$",
+                  r"\1.\2.\3", k): v for k, v in state.items()}
+    assert old.keys() != state.keys()
+    torch.save(old, hub / os.path.basename(torchvision.models.DenseNet121_Weights.DEFAULT.url))
+    got = load_model("densenet121").model.state_dict()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+    # googlenet: the file holds the aux heads, which its builder drops after loading
+    state = _seeded_state("googlenet", 6)
+    assert any(k.startswith("aux1.") for k in state)
+    torch.save(state, hub / os.path.basename(torchvision.models.GoogLeNet_Weights.DEFAULT.url))
+    model = load_model("googlenet").model
+    got = model.state_dict()
+    assert model.aux1 is None and model.transform_input  # the builder's post-processing ran
+    assert set(got) == {k for k in state if not k.startswith(("aux1.", "aux2."))}
+    assert all(torch.equal(got[k], state[k]) for k in got)
+
+
+@pytest.mark.parametrize("content", [b"hello world, this is text\n", b"\x80\x02garbage"])
+def test_unreadable_cached_weights_are_one_line(hub, content):
+    cached = _alexnet_cache(hub)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_model("alexnet")
+    assert str(cached) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_text_file_as_weights_is_one_line(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hello world, this is text\n")  # 'h' is a pickle opcode: once a KeyError
+    with pytest.raises(CheckpointError) as e:
+        load_model("alexnet", str(path))
+    assert str(e.value).startswith(f"{path} is not a readable checkpoint")
+    assert "\n" not in str(e.value)
+    result = _cli("layers", "alexnet", "--weights", path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: {path} is not a readable checkpoint")
+
+
+@pytest.mark.parametrize("bad", ["sparse", "meta", "int", "str-key", "list"])
+def test_state_dicts_of_unusable_values_are_refused(tmp_path, bad):
+    state: dict = dict(build("lenet").state_dict())
+    if bad == "sparse":
+        state["C1.bias"] = state["C1.bias"].to_sparse()
+    elif bad == "meta":
+        state["C1.bias"] = torch.empty(6, device="meta")
+    elif bad == "int":
+        state["C1.bias"] = 3
+    elif bad == "str-key":
+        state[7] = torch.zeros(1)
+    else:
+        state = list(state.values())  # type: ignore[assignment]
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(tmp_path / "m.pt"), arch="lenet")
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "m.pt") in msg
+    assert {"sparse": "C1.bias is a torch.sparse_coo tensor", "meta": "C1.bias is a meta tensor",
+            "int": "'C1.bias' is of type int", "str-key": "key 7 is not a name",
+            "list": "but a list"}[bad] in msg
+
+
+def test_safetensors_file_that_is_not_one(tmp_path):
+    path = tmp_path / "m.safetensors"
+    torch.save(build("lenet").state_dict(), path)  # a torch zip under the wrong name
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(path))
+    assert str(e.value).startswith(f"{path} is not a readable safetensors file")
+    assert "\n" not in str(e.value)
 
 
 def test_checkpoint_round_trip_safetensors_and_pt(tmp_path):

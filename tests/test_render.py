@@ -415,3 +415,25 @@ def test_png_bytes_from_several_threads_equal_sequential() -> None:
         results = list(pool.map(encode, range(len(pictures))))
     for i, got in enumerate(results):
         assert all(b == expected[i] for b in got), f"picture {i} changed under threads"
+
+
+@pytest.mark.parametrize("kind,shape", [
+    ("activation", (6, 28, 28)), ("activation", (64, 55, 55)), ("activation", (1, 5, 5)),
+    ("activation", (120,)), ("activation", (10,)), ("activation", (9216,)), ("activation", (7, 9)),
+    ("kernels", (6, 10, 10)), ("taps", (10, 10, 5, 5)), ("taps", (27, 27, 1, 1)),
+    ("taps", (300, 300, 5, 5)),
+])
+def test_png_bound_is_the_drawn_size_and_an_upper_bound(kind, shape):
+    from convmaps.render import image_size, png_bound
+
+    torch.manual_seed(0)
+    t = torch.randn(shape)
+    t.view(-1)[::7] = float("nan")  # more than 256 colours: the PNG stays RGB
+    if kind == "taps":
+        img, _ = tap_mosaic(t)
+    elif kind == "kernels":
+        img = map_grid(t)
+    else:
+        img = render_activation(t)
+    assert img.size == image_size(kind, shape)
+    assert len(png_bytes(img)) <= png_bound(kind, shape)

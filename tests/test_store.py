@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from convmaps.errors import ConvmapsError, WriteError
 from convmaps.store import (
     TensorSpec,
-    format_bytes,
     parse_bytes,
     png_complete,
     read_metadata,
@@ -142,8 +141,6 @@ def test_bad_sizes_are_one_line_errors(text, words):
     with pytest.raises(ConvmapsError) as e:
         parse_bytes(text)
     assert words in str(e.value) and "\n" not in str(e.value)
-    assert format_bytes(35_831_808) == "35.8 MB"
-    assert format_bytes(12) == "12 B"
 
 
 @pytest.mark.parametrize("header", [b"\xff" * 8, (2**40).to_bytes(8, "little") + b"{}",

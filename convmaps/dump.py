@@ -1,0 +1,800 @@
+"""Dump: plan and run the `dump` job, loader -> model -> writer, with estimate, resume, shards.
+
+`capture`, `decompose`, `pooling`, `store` and `render` stay pure; this module is the one that
+knows about folders of images, batches and progress. Which files an image gets comes from
+`layout`, what the folder's manifest says from `manifest`.
+
+An output folder belongs to one run configuration (its fingerprint): the same configuration
+adds images and skips finished ones; another one is refused unless `--overwrite`, which first
+removes convmaps' own files there and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from rich.filesize import decimal
+from torch import nn
+
+from convmaps import __version__, layout
+from convmaps import manifest as manifests
+from convmaps.capture import Kind, Layer, LayerRow, Trace, layer_table, meta_trace, select, trace
+from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
+from convmaps.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
+from convmaps.layout import ImageLayout
+from convmaps.models import LoadedModel, bundled_lenet_path, load_model
+from convmaps.options import DType, DumpOptions
+from convmaps.store import (
+    TensorSpec,
+    fsync_dir,
+    parse_bytes,
+    png_complete,
+    read_metadata,
+    save_tensors,
+    write_bytes,
+    write_json,
+    write_safetensors,
+)
+
+__all__ = ["Plan", "bundled_samples", "default_threads", "default_workers", "plan_dump",
+           "resolve_shard", "run_dump"]
+
+_PREDICTIONS = "top5"  # metadata key of activations.safetensors: the image's top-5 classes
+
+
+@dataclass
+class Plan:
+    """What a dump will do, decided before any image is decoded."""
+
+    options: DumpOptions
+    loaded: LoadedModel
+    layers: list[Layer]
+    pools: list[Layer]
+    kernels: list[Layer]
+    taps: list[Layer]
+    sources: list[ImageSource]
+    table: list[LayerRow]
+    layout: ImageLayout
+    fingerprint: str
+    header: dict[str, Any]  # the manifest's run description (everything but the entries)
+    reprs: dict[str, str]  # module name -> repr, taken once before any forward pass
+    categories: list[str] | None  # class names of the model's output, when known
+    image_bytes: int  # upper bound of one image's files (safetensors and PNGs)
+    skips: dict[int, str] = field(default_factory=dict)  # sources refused before decoding
+    complete: set[int] = field(default_factory=set)  # sources whose outputs are complete
+    finished: dict[int, dict[str, Any]] = field(default_factory=dict)  # their entries
+    earlier: list[dict[str, Any]] = field(default_factory=list)  # entries of earlier runs
+    shard: tuple[int, int] = (0, 1)  # (index, count)
+    batches: list[list[int]] = field(default_factory=list)  # this shard's, at fixed positions
+
+    @property
+    def out(self) -> Path:
+        return Path(self.options.out)
+
+    @property
+    def mine(self) -> list[int]:
+        """Indices of the sources this process (shard) is responsible for."""
+        return [i for b in self.batches for i in b]
+
+    @property
+    def pending(self) -> int:
+        """Images this process will write (not finished, not refused)."""
+        return sum(1 for i in self.mine if i not in self.complete and i not in self.skips)
+
+
+def bundled_samples() -> Path:
+    return Path(str(resources.files("convmaps") / "data" / "samples"))
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def plan_dump(o: DumpOptions) -> Plan:
+    """Load the model, resolve layers and inputs, claim the output folder, find finished work
+    and check the size, all before any image is decoded."""
+    _check_options(o)
+    loaded = load_model(o.model, o.weights, o.arch)
+    model = loaded.model
+    input_shape = (loaded.in_channels, *loaded.input_size)
+    table = layer_table(model, input_shape)
+    # Modules that never run in eval mode (GoogLeNet/Inception aux heads) have no output.
+    ran = {r.name for r in table if r.out_shape is not None}
+
+    def pick(spec: str | None, flag: str, conv_only: bool) -> list[Layer]:
+        chosen = select(model, spec, conv_only=conv_only, flag=flag) if spec is not None else []
+        idle = [x.name for x in chosen if x.name not in ran]
+        if idle and spec not in (None, "all", *Kind.__members__):
+            raise ConvmapsError(f"{flag}: {', '.join(idle[:3])} never run(s) in eval mode")
+        return [x for x in chosen if x.name in ran]
+
+    layers = pick(o.layers or "all", "--layers", False)
+    pools = [x for x in layers if isinstance(x.module, nn.MaxPool2d)] if o.switches else []
+    kernels = pick(o.kernels, "--kernels", True)
+    taps = pick(o.taps, "--taps", True)
+    if not (layers or kernels or taps):
+        raise ConvmapsError("nothing selected: give --layers, --kernels or --taps a layer")
+    shapes = meta_trace(model, input_shape, {x.name for x in [*layers, *pools]})
+    lay = _image_layout(o, layers, pools, kernels, taps, shapes)
+    itemsize = DType(o.dtype).torch.itemsize
+    fingerprint = _fingerprint(o, loaded, lay)
+    out = Path(o.out)
+    earlier = _claim(out, fingerprint, o.resume)
+    sources, skips = _sources(o, loaded, out, earlier)
+    categories = class_names(loaded)
+    plan = Plan(
+        o, loaded, layers, pools, kernels, taps, sources, table, lay, fingerprint,
+        _header(o, loaded, table, lay, fingerprint, sources), _reprs(model),
+        categories, _image_bytes(lay, shapes, kernels, taps, table, itemsize),
+        skips=skips, earlier=earlier, shard=resolve_shard(o.shard),
+    )
+    plan.batches = _batches(len(sources), o.batch_size, plan.shard)
+    if o.resume:
+        plan.finished = {i: e for i in plan.mine if i not in skips
+                         and (e := _finished_entry(plan, sources[i])) is not None}
+        plan.complete = set(plan.finished)
+    _check_size(plan)
+    return plan
+
+
+def _check_options(o: DumpOptions) -> None:
+    """What the CLI's own bounds check, for options that come from a config or Python."""
+    for name, low in (("batch_size", 1), ("workers", 0), ("png_cap", 0), ("threads", 1)):
+        if getattr(o, name) is not None and getattr(o, name) < low:
+            raise ConvmapsError(f"{name} must be at least {low}, not {getattr(o, name)}")
+    parse_bytes(o.max_bytes)
+    parse_bytes(o.chunk_bytes)
+    check_device(o.device)
+
+
+def check_device(name: str) -> torch.device:
+    """The device `name` names, proven by allocating on it (a typo, a GPU index that is not
+    there, or a backend this build lacks is one line, not a traceback mid-run)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConvmapsError(f"--device {name!r}: {str(e).splitlines()[0]}") from e
+    if device.type == "meta":
+        raise ConvmapsError("--device meta holds no values; use cpu or a GPU such as cuda")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConvmapsError(f"--device {name}: not usable here ({first})") from e
+    return device
+
+
+def _image_layout(o: DumpOptions, layers: list[Layer], pools: list[Layer],
+                  kernels: list[Layer], taps: list[Layer], shapes: Trace) -> ImageLayout:
+    def keys(store: dict[str, torch.Tensor], chosen: list[Layer]) -> tuple[str, ...]:
+        names = {x.name for x in chosen}
+        return tuple(k for k in store if k.split("@")[0] in names)  # call order
+
+    def capped(convs: list[Layer]) -> tuple[tuple[str, int], ...]:
+        return tuple((x.name, min(o.png_cap, _conv(x).out_channels)) for x in convs)
+
+    # dict order of the meta trace is call order; keep the model's module order instead
+    order = {x.name: i for i, x in enumerate(layers)}
+    acts = tuple(sorted(keys(shapes.outputs, layers), key=lambda k: order[k.split("@")[0]]))
+    return ImageLayout(activations=acts, switches=keys(shapes.inputs, pools),
+                       kernels=capped(kernels), taps=capped(taps), png=o.png)
+
+
+def _conv(layer: Layer) -> nn.Conv2d:
+    assert isinstance(layer.module, nn.Conv2d)  # select(conv_only=True) guarantees it
+    return layer.module
+
+
+def _fingerprint(o: DumpOptions, loaded: LoadedModel, lay: ImageLayout) -> str:
+    """Everything that changes the bytes of an image's outputs (not batch size or workers)."""
+    weights_file = bundled_lenet_path() if loaded.weights == "bundled" else Path(loaded.weights)
+    what = {
+        "convmaps": __version__, "arch": loaded.arch, "weights": loaded.weights,
+        # a checkpoint's contents, not just its path: new weights in the same file redo images
+        "weights_sha256": sha256_file(weights_file) if weights_file.is_file() else None,
+        "preprocess": repr(loaded.preprocess), "layout": asdict(lay),
+        "png_cap": o.png_cap, "dtype": o.dtype,
+        "memory": str(_memory_format(torch.device(o.device))),  # a layout has its own low bits
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reprs(model: nn.Module) -> dict[str, str]:
+    # Taken once, before any forward pass: capture switches `inplace` off during a pass, and a
+    # repr read by the writer thread meanwhile would say ReLU() instead of ReLU(inplace=True).
+    return {name: repr(m) for name, m in model.named_modules() if name}
+
+
+def class_names(loaded: LoadedModel) -> list[str] | None:
+    """The names of the model's output classes: the weights' `meta["categories"]`, or the
+    `classes` a LeNet checkpoint records."""
+    if "classes" in loaded.meta:
+        return loaded.meta["classes"].split(",")
+    if loaded.arch == "lenet":
+        return None
+    import torchvision
+
+    try:
+        names = torchvision.models.get_model_weights(loaded.arch).DEFAULT.meta.get("categories")
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return list(names) if names else None
+
+
+def _header(o: DumpOptions, loaded: LoadedModel, table: list[LayerRow], lay: ImageLayout,
+            fingerprint: str, sources: list[ImageSource]) -> dict[str, Any]:
+    keys = "\n".join(f"{s.key}\t{s.path}" for s in sources)
+    return {
+        "convmaps": __version__,
+        "model": loaded.arch,
+        "weights": loaded.weights,
+        "preprocessing": repr(loaded.preprocess),
+        "input_size": list(loaded.input_size),
+        "options": {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(o).items()
+                    if k not in ("resume", "workers", "threads", "device", "out", "config",
+                                 "shard")},
+        "run": fingerprint,
+        # which inputs this run was given: a leftover shard manifest of another input set is
+        # never merged with this run's
+        "inputs_id": hashlib.sha256(keys.encode()).hexdigest()[:16],
+        "layers": [
+            {"index": r.index, "name": r.name, "type": r.type,
+             "in_shape": list(r.in_shape) if r.in_shape else None,
+             "out_shape": list(r.out_shape) if r.out_shape else None, "params": r.params}
+            for r in table
+        ],
+        "selected": {"activations": list(lay.activations), "switches": list(lay.switches),
+                     "kernels": [n for n, _ in lay.kernels], "taps": [n for n, _ in lay.taps]},
+    }
+
+
+def _existing(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The manifests in `out` (the merged one and any shard's), by file name."""
+    if not out.is_dir():
+        return []
+    names = [layout.MANIFEST, *sorted(p.name for p in out.iterdir()
+                                      if layout.is_shard_manifest(p.name))]
+    found = []
+    for name in names:
+        try:
+            m = manifests.read(out, name)
+        except ConvmapsError as e:
+            raise ConvmapsError(f"{e}; convmaps will not replace it: choose another --out") from e
+        if m is not None:
+            found.append((name, m))
+    return found
+
+
+def _claim(out: Path, fingerprint: str, resume: bool) -> list[dict[str, Any]]:
+    """Make `out` this run's: returns the entries of earlier runs of the same configuration.
+
+    Another configuration's dump there is refused, or with `--overwrite` (resume off) removed
+    first, as is this configuration's own when not resuming."""
+    found = _existing(out)
+    other = [m for _, m in found if m["run"] != fingerprint]
+    if other and resume:
+        m = other[0]
+        raise ConvmapsError(
+            f"{out} holds a dump made with other options ({m.get('model')}, weights "
+            f"{m.get('weights')}, run {m['run']}); add --overwrite to replace it, or choose "
+            "another --out"
+        )
+    if not resume:
+        for name, m in found:
+            _remove_dump(out, m)
+            (out / name).unlink(missing_ok=True)
+        return []
+    by_key: dict[str, dict[str, Any]] = {}
+    for _, m in found:  # the merged manifest first, then shards' newer entries
+        by_key.update({e["key"]: e for e in m["inputs"] if e["status"] != "pending"})
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def _remove_dump(out: Path, m: dict[str, Any]) -> None:
+    """Remove the image files a manifest lists, and convmaps' other files in those folders
+    (temporary files, outputs of older options); never anything else."""
+    for e in m["inputs"]:
+        clear_folder(out / e["key"], keep=set())
+
+
+def clear_folder(folder: Path, keep: set[str]) -> None:
+    """Remove convmaps' own files in an image folder except `keep` (relative paths), then the
+    folders left empty; a user's own files there stay."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), reverse=True):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and not path.is_symlink() and rel not in keep \
+                and layout.is_image_output(rel):
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and not path.is_symlink():
+            with suppress(OSError):
+                path.rmdir()  # only when empty
+    if not keep:
+        with suppress(OSError):
+            folder.rmdir()
+
+
+def _sources(o: DumpOptions, loaded: LoadedModel, out: Path, earlier: list[dict[str, Any]]
+             ) -> tuple[list[ImageSource], dict[int, str]]:
+    """The inputs, without convmaps' own outputs under OUT; and those refused before decoding
+    (their output folder would clash with another output), with the reason."""
+    inputs = list(o.inputs)
+    if not inputs:
+        if loaded.arch != "lenet":
+            raise ConvmapsError("give INPUT images or folders (only `dump lenet` has samples)")
+        inputs = [str(bundled_samples())]
+    root = out.resolve()
+    ours = {e["key"] for e in earlier}
+    found = find_images(inputs)
+
+    def own_output(src: ImageSource) -> bool:
+        # Images under OUT are inputs like any other, except the files convmaps wrote there.
+        path = src.path.resolve()
+        if not path.is_relative_to(root):
+            return False
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+        if rel.parts[0] in layout.RESERVED:
+            return True
+        return any("/".join(rel.parts[:i]) in ours
+                   and layout.is_image_output("/".join(rel.parts[i:]))
+                   for i in range(1, len(rel.parts)))
+
+    sources = [s for s in found if not own_output(s)]
+    if not sources:
+        raise ConvmapsError(f"no images found in {', '.join(inputs)}")
+    keys = {s.key for s in sources}
+    skips = {}
+    for i, s in enumerate(sources):
+        reason = layout.collision(s.key, keys)
+        target = out / s.key
+        if reason is None and (target.is_symlink() or (target.exists() and not target.is_dir())):
+            reason = f"its output folder would replace the file {target}"
+        if reason is not None:
+            skips[i] = f"output clash: {reason}"
+    return sources, skips
+
+
+def _image_bytes(lay: ImageLayout, shapes: Trace, kernels: list[Layer], taps: list[Layer],
+                 table: list[LayerRow], itemsize: int) -> int:
+    """An upper bound of one image's files: the tensors exactly, PNGs at their raw size."""
+    from convmaps import render
+
+    def numel(shape: torch.Size | tuple[int, ...]) -> int:
+        return int(torch.Size(shape).numel())
+
+    rows = {r.name: r for r in table}
+    per_key = {k: tuple(v.shape[1:]) for k, v in shapes.outputs.items()}
+    total = sum(numel(per_key[k]) * itemsize for k in lay.activations)
+    # switches have the pool's output shape: int64 indices
+    total += sum(numel(per_key[k]) * 8 for k in lay.switches)
+    for convs, kind in ((kernels, "kernels"), (taps, "taps")):
+        for x in convs:
+            conv = _conv(x)
+            c_out, h, w = rows[x.name].out_shape or (0, 0, 0)
+            per_filter = (conv.in_channels // conv.groups if kind == "kernels"
+                          else conv.kernel_size[0] * conv.kernel_size[1]) * h * w
+            total += c_out * per_filter * itemsize + (c_out * itemsize if conv.bias is not None
+                                                      else 0)
+            if lay.png:
+                shape = ((conv.in_channels // conv.groups, h, w) if kind == "kernels"
+                         else (h, w, *conv.kernel_size))
+                n = min(dict(lay.kernels if kind == "kernels" else lay.taps)[x.name], c_out)
+                total += n * render.png_bound(kind, shape)
+    if lay.png:
+        total += sum(render.png_bound("activation", per_key[k]) for k in lay.activations)
+    return total + 4096 * len(lay.tensor_files())  # headers and metadata
+
+
+def _finished_entry(plan: Plan, source: ImageSource) -> dict[str, Any] | None:
+    """The image's manifest entry when all its files exist whole (safetensors length matches
+    its header, PNGs end with their end chunk) and were made by this run from this very image
+    (fingerprint and sha256 in every safetensors header); else None."""
+    folder = plan.out / source.key
+    files = plan.layout.files()
+    if not all(png_complete(folder / f) if f.endswith(".png") else (folder / f).is_file()
+               for f in files):
+        return None
+    sha = None
+    top5 = None
+    for f in plan.layout.tensor_files():
+        meta = read_metadata(folder / f)
+        if meta is None or meta.get("run") != plan.fingerprint:
+            return None
+        sha = sha or sha256_file(source.path)
+        if meta.get("sha256") != sha:
+            return None
+        if _PREDICTIONS in meta:
+            with suppress(ValueError):
+                top5 = json.loads(meta[_PREDICTIONS])
+    return manifests.entry(source.key, str(source.path), sha, "ok", files, top5)
+
+
+def default_workers() -> int:
+    """Decoding processes when --workers is not given: a quarter of the CPU cores this process
+    may use, at most 8. On 2 cores that is none: the batched forward pass keeps both cores
+    busy, and a decoding process would only compete with it."""
+    return min(8, _usable_cores() // 4)
+
+
+def default_threads() -> int:
+    """Compute threads when --threads is not given: every usable core but one, at least one.
+
+    torch's OpenMP threads spin while they wait for each other; when another process holds a
+    core, a thread per core stalls every GEMM behind the one that lost its core (kernel maps:
+    4.2 s against 0.2 s per image on a shared 2-core box). One core left free keeps that from
+    happening and costs little when the machine is quiet (`benchmarks/bench_kernel_maps.py
+    --busy` measures both)."""
+    return max(1, _usable_cores() - 1)
+
+
+def _usable_cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
+def _env_int(name: str, default: int) -> int:
+    """A torch.distributed variable (WORLD_SIZE, RANK, LOCAL_RANK) as an integer."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConvmapsError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_shard(spec: str | None) -> tuple[int, int]:
+    """`--shard I/N`, else torchrun's RANK/WORLD_SIZE, else the whole input (0, 1)."""
+    if spec is None:
+        world = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        if world > 1 and not 0 <= rank < world:
+            raise ConvmapsError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return (rank, world) if world > 1 else (0, 1)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not int(m[1]) < int(m[2]):
+        raise ConvmapsError(f"--shard {spec!r}: write I/N with 0 <= I < N, e.g. 0/4 … 3/4")
+    return int(m[1]), int(m[2])
+
+
+def _check_size(plan: Plan) -> None:
+    need = plan.image_bytes * plan.pending
+    limit = parse_bytes(plan.options.max_bytes)
+    what = f"{plan.pending} image(s) x at most {decimal(plan.image_bytes)}"
+    if need > limit:
+        raise TooLargeError(
+            f"this run would write up to {decimal(need)} ({what}), over --max-bytes "
+            f"{decimal(limit)}; raise --max-bytes, pick fewer --layers/--kernels/--taps, "
+            "use --no-png or --dtype float16"
+        )
+    probe = plan.out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise TooLargeError(
+            f"this run would write up to {decimal(need)} ({what}) but {probe} has only "
+            f"{decimal(free)} free"
+        )
+
+
+def _batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
+    """This shard's batches, at fixed positions in the sorted inputs: an image is always
+    computed with the same neighbours (CPU kernels give batch-dependent low bits), so a resumed
+    or sharded run is byte-identical to one uninterrupted process. Shard I of N takes every
+    N-th batch."""
+    size = max(1, size)
+    every = [list(range(i, min(i + size, count))) for i in range(0, count, size)]
+    return every[shard[0]::shard[1]]
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class _Decoded(torch.utils.data.Dataset[dict[str, Any]]):
+    """Decode + preprocess in DataLoader workers; a broken image becomes a reason, not a crash."""
+
+    def __init__(self, sources: list[ImageSource], preprocess: Callable[[Any], torch.Tensor],
+                 skips: dict[int, str]):
+        self.sources = sources
+        self.preprocess = preprocess
+        self.skips = skips
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        src = self.sources[i]
+        if i in self.skips:
+            return {"index": i, "sha256": None, "tensor": None, "reason": self.skips[i]}
+        try:
+            image = decode(src.path)  # first: it refuses FIFOs and devices, which would hang
+            _check_resized(image.size, self.preprocess)
+            sha = sha256_file(src.path)
+            tensor = self.preprocess(image)
+            return {"index": i, "sha256": sha, "tensor": tensor, "reason": None}
+        except (BadImageError, OSError) as e:
+            reason = str(e) if isinstance(e, BadImageError) else f"unreadable: {e.strerror or e}"
+            return {"index": i, "sha256": None, "tensor": None, "reason": reason}
+
+
+def _check_resized(size: tuple[int, int], preprocess: Callable[[Any], torch.Tensor]) -> None:
+    """ImageNet presets resize the short side first: a 20000x2 strip would become 2.5M x 256
+    pixels. Refuse what would pass the decoder's pixel limit only before resizing."""
+    short = getattr(preprocess, "resize_size", None)
+    if not short:
+        return
+    w, h = size
+    resized = short[0] * short[0] * max(w, h) / max(1, min(w, h))
+    if resized > MAX_PIXELS:
+        raise BadImageError(f"too large once resized: {w} x {h} pixels (aspect ratio) would "
+                            f"become {resized:,.0f} pixels > limit of {MAX_PIXELS:,}")
+
+
+def _metadata(plan: Plan, src: ImageSource, sha: str, keys: list[str]) -> dict[str, str]:
+    meta = {
+        "convmaps": __version__, "model": plan.loaded.arch, "weights": plan.loaded.weights,
+        "source": str(src.path), "key": src.key, "sha256": sha,
+        "dtype": str(plan.options.dtype), "run": plan.fingerprint,
+    }
+    for key in keys:
+        base = key.split("@")[0].removesuffix(".bias")
+        if base in plan.reprs:
+            meta[f"module.{key}"] = plan.reprs[base]
+    return meta
+
+
+def top5(logits: torch.Tensor, categories: list[str] | None) -> list[dict[str, Any]] | None:
+    """The five most probable classes of one image's output (softmax of the logits)."""
+    if logits.dim() != 1 or logits.numel() < 2:
+        return None
+    probs = torch.softmax(logits.double(), 0)
+    values, indices = probs.topk(min(5, probs.numel()))
+    names = categories if categories and len(categories) == probs.numel() else None
+    return [{"class": names[i] if names else str(i), "index": i, "probability": round(p, 6)}
+            for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
+                written: list[str]) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
+    """Specs and a chunk stream for kernels/taps; PNGs of the first filters are drawn from the
+    same chunks as they pass, so nothing is computed twice."""
+    from convmaps import decompose, render
+
+    convs = plan.kernels if kind == "kernels" else plan.taps
+    capped = dict(plan.layout.kernels if kind == "kernels" else plan.layout.taps)
+    dtype = DType(plan.options.dtype).torch
+    chunk_bytes = parse_bytes(plan.options.chunk_bytes)
+    specs = []
+    rows = {r.name: r for r in plan.table}
+    for layer in convs:
+        conv = _conv(layer)
+        c_out, h, w = rows[layer.name].out_shape or (0, 0, 0)
+        shape = ((c_out, conv.in_channels // conv.groups, h, w) if kind == "kernels"
+                 else (c_out, h, w, *conv.kernel_size))
+        specs.append(TensorSpec(layer.name, dtype, shape))
+        if conv.bias is not None:
+            specs.append(TensorSpec(f"{layer.name}.bias", dtype, (c_out,)))
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        chunker = decompose.kernel_map_chunks if kind == "kernels" else decompose.tap_map_chunks
+        for layer in convs:
+            conv = _conv(layer)
+            n_png = capped[layer.name] if plan.layout.png else 0
+            for filters, chunk in chunker(conv, x[layer.name], chunk_bytes, dtype):
+                for o in range(filters.start, min(filters.stop, n_png)):
+                    maps = chunk[o - filters.start].float()
+                    if kind == "kernels":
+                        img, note = render.map_grid(maps), None
+                    else:
+                        img, note = render.tap_mosaic(maps)
+                    rel = plan.layout.filter_png(kind, layer.name, o)
+                    write_bytes(folder / rel, render.png_bytes(img, note=note), sync=False)
+                    written.append(rel)
+                yield layer.name, chunk.cpu()
+            if conv.bias is not None:
+                yield f"{layer.name}.bias", conv.bias.detach().to(dtype).cpu()
+
+    return specs, stream()
+
+
+def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
+                 predictions: list[dict[str, Any]] | None) -> list[str]:
+    """Every output file of one image (row i of the batch); returns their relative paths."""
+    from convmaps import pooling, render
+
+    folder = plan.out / src.key
+    lay = plan.layout
+    clear_folder(folder, keep=set(lay.files()))  # files of older options, temporary files
+    dtype = DType(plan.options.dtype).torch
+    written: list[str] = []
+    # PNGs first and activations.safetensors last: a resumed run trusts an image whose
+    # safetensors carry its sha256, so everything else must already be new by then.
+    if lay.png:
+        for k in lay.activations:
+            img = render.render_activation(got.outputs[k][i].float().cpu())
+            write_bytes(folder / lay.activation_png(k), render.png_bytes(img), sync=False)
+            written.append(lay.activation_png(k))
+    if lay.switches:
+        pools = {x.name: x.module for x in plan.pools}
+        sw = {}
+        for key in lay.switches:
+            pool = pools[key.split("@")[0]]
+            assert isinstance(pool, nn.MaxPool2d)
+            sw[key] = pooling.switches(pool, got.inputs[key][i]).cpu()
+        save_tensors(folder / layout.SWITCHES, sw, _metadata(plan, src, sha, [*sw]), sync=False)
+        written.append(layout.SWITCHES)
+    convs_in = {k: v[i] for k, v in got.inputs.items()}
+    for kind, name, convs in (("kernels", layout.KERNELS, plan.kernels),
+                              ("taps", layout.TAPS, plan.taps)):
+        if convs:
+            specs, stream = _decomposed(plan, kind, convs_in, folder, written)
+            meta = _metadata(plan, src, sha, [s.name for s in specs])
+            write_safetensors(folder / name, specs, stream, meta, sync=False)
+            written.append(name)
+    acts = {k: got.outputs[k][i].to(dtype).cpu() for k in lay.activations}
+    meta = _metadata(plan, src, sha, [*acts])
+    if predictions is not None:
+        meta[_PREDICTIONS] = json.dumps(predictions)
+    save_tensors(folder / layout.ACTIVATIONS, acts, meta, sync=False)
+    written.append(layout.ACTIVATIONS)
+    assert sorted(written) == lay.files(), "layout and writer disagree"
+    return sorted(written)
+
+
+def _write_batch(plan: Plan, items: list[dict[str, Any]], got: Trace | None,
+                 logits: torch.Tensor | None) -> list[tuple[int, dict[str, Any]]]:
+    """All files of one batch (runs on the writer thread); returns manifest entries."""
+    done = []
+    good = [it for it in items if it["tensor"] is not None]
+    for it in items:
+        src = plan.sources[it["index"]]
+        if it["tensor"] is None:
+            if it["index"] not in plan.skips:  # a clash is never ours to clear
+                clear_folder(plan.out / src.key, keep=set())
+            entry = manifests.entry(src.key, str(src.path), None, f"skipped: {it['reason']}", [])
+            done.append((it["index"], entry))
+    for row, it in enumerate(good):
+        i, src = it["index"], plan.sources[it["index"]]
+        if i in plan.complete:  # computed again only for its neighbours' sake
+            done.append((i, plan.finished[i]))
+            continue
+        assert got is not None
+        predictions = top5(logits[row], plan.categories) if logits is not None else None
+        files = _write_image(plan, src, it["sha256"], got, row, predictions)
+        done.append((i, manifests.entry(src.key, str(src.path), it["sha256"], "ok", files,
+                                        predictions)))
+    return done
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    # oneDNN convolutions run 10-15% faster in channels-last layout (AlexNet and VGG16 on the
+    # CPU); saved maps are made contiguous on the way to disk whatever the layout.
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def _device(o: DumpOptions) -> torch.device:
+    device = torch.device(o.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))  # one GPU per torchrun process
+    return device
+
+
+@contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `n` (default: `default_threads()`), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or default_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the planned dump; returns the manifest (also written to OUT/manifest.json, or this
+    shard's manifest until the last shard merges them).
+
+    The plan's model is moved to the device (and, on the CPU, to channels-last layout) and
+    left there.
+
+    Decoding runs in DataLoader workers, the forward pass in this thread, and writing on a
+    writer thread with at most two batches in flight, so memory stays bounded when the disk
+    is slower than the model. `on_progress(n)` is called as each batch's files are written.
+    """
+    o = plan.options
+    device = _device(o)
+    memory = _memory_format(device)
+    model = plan.loaded.model.to(device).to(memory_format=memory)
+    outputs = ["", *(x.name for x in plan.layers)]  # "": the model's output, for predictions
+    inputs = [x.name for x in [*plan.pools, *plan.kernels, *plan.taps]]
+    entries: dict[int, dict[str, Any]] = {}
+    for i in sorted(plan.complete):
+        entries[i] = plan.finished[i]
+        clear_folder(plan.out / plan.sources[i].key, keep=set(plan.layout.files()))
+    _write_manifest(plan, entries, pending=True)  # claims OUT before the first image file
+    if on_progress and plan.complete:
+        on_progress(len(plan.complete))
+    todo = [b for b in plan.batches if not set(b) <= plan.complete]
+    loader = torch.utils.data.DataLoader(
+        _Decoded(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
+        num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
+        pin_memory=device.type == "cuda",
+    )
+    in_flight: deque[tuple[Future[list[tuple[int, dict[str, Any]]]], int]] = deque()
+
+    def settle(limit: int) -> None:
+        while len(in_flight) > limit:
+            future, n = in_flight.popleft()
+            entries.update(future.result())
+            if on_progress:
+                on_progress(n)
+
+    with threads(o.threads), \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="convmaps-writer") as writer:
+        try:
+            for items in loader:
+                good = [it["tensor"] for it in items if it["tensor"] is not None]
+                got = logits = None
+                if good:
+                    batch = torch.stack(good).to(device, non_blocking=True, memory_format=memory)
+                    got = trace(model, batch, outputs, inputs)
+                    logits = got.outputs.pop("").float().cpu()
+                    if logits.dim() != 2:
+                        logits = None
+                fresh = sum(1 for it in items if it["index"] not in plan.complete)
+                in_flight.append((writer.submit(_write_batch, plan, items, got, logits), fresh))
+                settle(2)
+            settle(0)
+        finally:
+            for future, _ in in_flight:
+                future.cancel()
+    return _finish(plan, entries)
+
+
+def _write_manifest(plan: Plan, entries: dict[int, dict[str, Any]], pending: bool
+                    ) -> dict[str, Any]:
+    """This process's manifest: every image it knows of, in input order (with `pending`, the
+    images still to do are listed with the files they will get)."""
+    by_key = {e["key"]: e for e in plan.earlier}
+    if plan.shard[1] > 1:  # each shard lists its own images; the merge adds the earlier ones
+        by_key = {}
+    for i in plan.mine:
+        src = plan.sources[i]
+        if i in entries:
+            by_key[src.key] = entries[i]
+        elif pending:
+            by_key[src.key] = manifests.entry(src.key, str(src.path), None, "pending",
+                                              plan.layout.files())
+    m = manifests.build(plan.header, manifests.ordered(by_key, (s.key for s in plan.sources)))
+    write_json(plan.out / layout.shard_manifest(*plan.shard), m)
+    return m
+
+
+def _finish(plan: Plan, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Write this process's final manifest; with shards (`--shard` or torchrun), the last one
+    to finish merges them all. No shard ever waits for another."""
+    manifest = _write_manifest(plan, entries, pending=False)
+    index, count = plan.shard
+    if count > 1:
+        merged = manifests.merge(plan.out, plan.header, count, (s.key for s in plan.sources),
+                                 plan.earlier)
+        if merged is not None:
+            manifest = merged
+            for p in plan.out.iterdir():  # shard manifests of an earlier split: merged now
+                if layout.is_shard_manifest(p.name):
+                    p.unlink(missing_ok=True)
+    fsync_dir(plan.out)  # the renames of this run reach the disk with the manifest's
+    return manifest

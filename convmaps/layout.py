@@ -1,0 +1,133 @@
+"""Layout: the one source of truth for every name convmaps writes under an output folder.
+
+Writing, resume, the size estimate, the manifest, `--overwrite` and the report all ask this
+module which files an image gets; none of them rebuilds the list.
+
+    >>> lay = ImageLayout(activations=("C1", "relu", "relu@1"), switches=("S2",),
+    ...                   kernels=(("C1", 2),), png=True)
+    >>> lay.files()  # doctest: +NORMALIZE_WHITESPACE
+    ['activations.safetensors', 'kernels.safetensors', 'png/C1.kernels/0.png',
+     'png/C1.kernels/1.png', 'png/C1.png', 'png/relu.png', 'png/relu@1.png',
+     'switches.safetensors']
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+__all__ = [
+    "ACTIVATIONS",
+    "KERNELS",
+    "MANIFEST",
+    "PROJECTIONS",
+    "RESERVED",
+    "SWITCHES",
+    "TAPS",
+    "ImageLayout",
+    "collision",
+    "is_image_output",
+    "is_shard_manifest",
+    "is_temp",
+    "shard_manifest",
+    "temp_name",
+]
+
+MANIFEST = "manifest.json"
+ACTIVATIONS = "activations.safetensors"
+SWITCHES = "switches.safetensors"
+KERNELS = "kernels.safetensors"
+TAPS = "taps.safetensors"
+PROJECTIONS = "projections.safetensors"
+_IMAGE_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS, PROJECTIONS})
+# Top-level names of an output folder that belong to convmaps, besides image folders.
+RESERVED = frozenset({MANIFEST, "filters", "topk", "report"})
+_SHARD = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.json")
+_TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
+
+
+def shard_manifest(index: int, count: int) -> str:
+    """The manifest a shard writes before the last one merges them into `manifest.json`."""
+    return MANIFEST if count == 1 else f"manifest.shard-{index}-of-{count}.json"
+
+
+def is_shard_manifest(name: str) -> bool:
+    return _SHARD.fullmatch(name) is not None
+
+
+def temp_name(name: str, pid: int) -> str:
+    """The temporary file an atomic write of `name` goes through (renamed when complete)."""
+    return f".{name}.{pid}.tmp"
+
+
+def is_temp(name: str) -> bool:
+    return _TEMP.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """What one image's folder holds for a run's options.
+
+    `activations` and `switches` are tensor keys: a module called twice per forward pass has
+    `name` and `name@1`. `kernels`/`taps` pair each conv with how many of its filters get a PNG.
+    """
+
+    activations: tuple[str, ...] = ()
+    switches: tuple[str, ...] = ()
+    kernels: tuple[tuple[str, int], ...] = ()
+    taps: tuple[tuple[str, int], ...] = ()
+    png: bool = False
+
+    def tensor_files(self) -> list[str]:
+        """The safetensors files, the one that marks an image done (activations) last."""
+        files = [SWITCHES] if self.switches else []
+        files += [KERNELS] if self.kernels else []
+        files += [TAPS] if self.taps else []
+        return files + ([ACTIVATIONS] if self.activations else [])
+
+    def activation_png(self, key: str) -> str:
+        return f"png/{key}.png"
+
+    def filter_png(self, kind: str, conv: str, filter_index: int) -> str:
+        return f"png/{conv}.{kind}/{filter_index}.png"
+
+    def png_files(self) -> list[str]:
+        if not self.png:
+            return []
+        files = [self.activation_png(k) for k in self.activations]
+        for kind, convs in (("kernels", self.kernels), ("taps", self.taps)):
+            files += [self.filter_png(kind, name, o) for name, n in convs for o in range(n)]
+        return files
+
+    def files(self) -> list[str]:
+        """Every file an image gets, sorted: what its manifest entry lists."""
+        return sorted(self.tensor_files() + self.png_files())
+
+
+def is_image_output(rel: str) -> bool:
+    """Whether a path inside an image folder is a name convmaps writes there (or the temporary
+    file of one): only such files are ever removed, whatever else a user keeps beside them."""
+    parts = PurePosixPath(rel).parts
+    if not parts:
+        return False
+    if is_temp(parts[-1]):
+        return True
+    if len(parts) == 1:
+        return parts[0] in _IMAGE_TENSORS
+    return parts[0] == "png" and parts[-1].endswith(".png")
+
+
+def collision(key: str, keys: set[str]) -> str | None:
+    """Why image `key`'s output folder would clash with another output, or None.
+
+    A key may not start with a reserved top-level name (`manifest.json`, `filters`, …), and no
+    key may lie inside another key's folder (an input folder holding an older dump)."""
+    parts = PurePosixPath(key).parts
+    if parts[0] in RESERVED or is_shard_manifest(parts[0]):
+        return f"its output folder {key}/ would clash with convmaps' own {parts[0]}"
+    for i in range(1, len(parts)):
+        outer = "/".join(parts[:i])
+        if outer in keys:
+            return f"it lies inside the output folder of {outer}"
+    return None

@@ -1,0 +1,76 @@
+"""Options: every command's settings as plain dataclasses and enums, free of torch.
+
+The CLI, config files and Python callers all fill these; importing this module stays cheap so
+that `convmaps --help` never waits for torch.
+
+    >>> DumpOptions(model="alexnet", layers="0,3").dtype
+    <DType.float32: 'float32'>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DType", "DumpOptions", "FilterOptions"]
+
+
+class DType(StrEnum):
+    """Storage dtype of float outputs; computation is always float32."""
+
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.value)
+        return dtype
+
+
+@dataclass
+class DumpOptions:
+    """Every `dump` option; `convmaps run` fills the same fields from a TOML file."""
+
+    model: str = "lenet"
+    inputs: list[str] = field(default_factory=list)
+    layers: str | None = None
+    kernels: str | None = None
+    taps: str | None = None
+    switches: bool = True
+    png: bool = True
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    batch_size: int = 8
+    workers: int | None = None  # None: dump.default_workers()
+    threads: int | None = None  # None: dump.default_threads()
+    device: str = "cpu"
+    dtype: DType = DType.float32
+    max_bytes: str = "8GB"
+    resume: bool = True
+    strict: bool = False
+    png_cap: int = 16
+    chunk_bytes: str = "16MB"  # below glibc's mmap threshold: chunk memory is reused
+    shard: str | None = None  # "I/N": this process does shard I (0-based) of N
+    config: str | None = None  # the TOML file the options came from, if any
+
+
+@dataclass
+class FilterOptions:
+    """Every `filters` option; a config with `command = "filters"` fills the same fields."""
+
+    model: str = "lenet"
+    layers: str | None = None
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    png: bool = True
+    png_cap: int = 64
+    config: str | None = None  # the TOML file the options came from, if any

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from convmaps.layout import ImageLayout, collision, is_image_output, is_temp, temp_name
+
+
+def test_files_follow_the_options():
+    lay = ImageLayout(activations=("C1", "relu@1"), switches=("S2",), kernels=(("C3", 2),),
+                      taps=(("C3", 1),), png=True)
+    assert lay.files() == sorted([
+        "activations.safetensors", "switches.safetensors", "kernels.safetensors",
+        "taps.safetensors", "png/C1.png", "png/relu@1.png", "png/C3.kernels/0.png",
+        "png/C3.kernels/1.png", "png/C3.taps/0.png"])
+    assert lay.tensor_files()[-1] == "activations.safetensors"  # the one that marks done
+    assert ImageLayout(activations=("C1",)).files() == ["activations.safetensors"]
+
+
+@pytest.mark.parametrize("rel,own", [("activations.safetensors", True), ("png/C1.png", True),
+                                     ("png/C1.kernels/3.png", True), ("notes.txt", False),
+                                     ("png/notes.txt", False), ("cat.png", False),
+                                     (".activations.safetensors.99.tmp", True),
+                                     ("png/.C1.png.5.tmp", True)])
+def test_only_convmaps_names_are_its_own(rel, own):
+    assert is_image_output(rel) is own
+
+
+def test_temp_names_round_trip():
+    assert is_temp(temp_name("manifest.json", 1234)) and not is_temp("manifest.json")
+
+
+@pytest.mark.parametrize("key,keys,clash", [
+    ("cat.jpg", {"cat.jpg"}, None),
+    ("manifest.json", set(), "manifest.json"),
+    ("filters/a.png", set(), "filters"),
+    ("manifest.shard-0-of-2.json", set(), "manifest.shard"),
+    ("cat.jpg/png/C1.png", {"cat.jpg", "cat.jpg/png/C1.png"}, "inside the output folder of"),
+])
+def test_collisions(key, keys, clash):
+    reason = collision(key, keys)
+    assert (reason is None) if clash is None else (clash in reason)
