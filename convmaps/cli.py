@@ -19,7 +19,7 @@ from rich.text import Text
 
 from convmaps import __version__
 from convmaps.errors import ConvmapsError
-from convmaps.options import DType, DumpOptions, FilterOptions
+from convmaps.options import DType, DumpOptions, FilterOptions, Mode
 
 app = typer.Typer(
     name="convmaps",
@@ -113,6 +113,21 @@ def _shape(shape: tuple[int, ...] | None) -> str:
     return "—" if shape is None else "×".join(str(s) for s in shape)
 
 
+def _pair_text(pair: tuple[int, int]) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}×{pair[1]}"
+
+
+def _field_cells(field: Any) -> tuple[str, str]:
+    """The layer table's field and jump cells for a convmaps.rf.Field (None: not known)."""
+    if field is None:
+        return "?", "?"
+    varies = not field.affine and any(
+        len({b - a for a, b in table}) > 1 for table in (field.rows, field.cols) if table
+    )
+    size = ("≤" if varies else "") + _pair_text(field.size)
+    return size, "—" if field.dims is None else _pair_text(field.jump)
+
+
 @app.command()
 @reports_errors
 def layers(
@@ -124,28 +139,34 @@ def layers(
     ] = None,
     arch: ArchOpt = None,
 ) -> None:
-    """Print the layer table: index, name, type, shapes, parameters, kernel-map bytes.
+    """Print the layer table: index, name, type, shapes, receptive field, jump, parameters,
+    kernel-map bytes.
 
-    Shapes come from a forward pass on the meta device (no compute, no weights needed).
+    Shapes and receptive fields come from a forward pass on the meta device (no compute, no
+    weights needed). Field: the size in input pixels of the box one output position sees (≤ where
+    positions differ); jump: input pixels between neighbouring positions.
     """
     from rich.filesize import decimal
 
     from convmaps.capture import layer_table
     from convmaps.models import load_model
+    from convmaps.rf import fields
 
     # Shapes do not depend on weight values, so no pretrained file is needed to list layers.
     loaded = load_model(model, weights or "none", arch)
     size = _size(input_size) or loaded.input_size
     rows = layer_table(loaded.model, (loaded.in_channels, *size))
+    rf = fields(loaded.model, (loaded.in_channels, *size), strict=False)
     table = Table(title=f"{loaded.arch} · input {loaded.in_channels}×{size[0]}×{size[1]}")
     for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("input", "right"),
-                      ("output", "right"), ("params", "right"), ("kernel maps", "right"),
-                      ("tap maps", "right")):
+                      ("output", "right"), ("field", "right"), ("jump", "right"),
+                      ("params", "right"), ("kernel maps", "right"), ("tap maps", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
+        field, jump = _field_cells(rf.get(r.name))
         table.add_row(
             "" if r.index is None else str(r.index), r.name, r.type, _shape(r.in_shape),
-            _shape(r.out_shape), f"{r.params:,}",
+            _shape(r.out_shape), field, jump, f"{r.params:,}",
             decimal(r.kernel_map_bytes) if r.kernel_map_bytes else "",
             decimal(r.tap_map_bytes) if r.tap_map_bytes else "",
         )
@@ -404,6 +425,53 @@ def _dump(options: DumpOptions) -> None:
                       f"{len(skipped)} skipped; manifest: {plan.out / name}", highlight=False)
     if skipped and options.strict:
         raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def project(
+    model: ModelArg,
+    inputs: InputsArg = None,
+    unit: Annotated[
+        list[str] | None,
+        typer.Option("--unit", "-u", help="MODULE:C (channel C at its strongest position), "
+                     "MODULE:C@Y,X, or MODULE:I for a 1-D output; MODULE is a name or an index "
+                     "into the feature extractor. Repeat for more units."),
+    ] = None,
+    mode: Annotated[
+        Mode, typer.Option("--mode", help="How ReLUs pass the signal down: deconvnet (Zeiler & "
+                           "Fergus), guided (Springenberg et al.) or gradient (autograd's).")
+    ] = Mode.deconvnet,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 …")] = "cpu",
+    png: Annotated[bool, typer.Option("--png/--no-png", help="A figure per unit.")] = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Units projected together in one "
+                          "backward pass (memory grows with it).")
+    ] = 32,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="--overwrite replaces another model's "
+                           "projections in OUT.")
+    ] = True,
+) -> None:
+    """Project units down to the input pixels (DeconvNet, guided backprop or the gradient),
+    into OUT/<image key>/projections.safetensors and a PNG per unit."""
+    from convmaps.options import ProjectOptions
+    from convmaps.projections import run_project
+
+    o = ProjectOptions(model=model, inputs=[str(p) for p in inputs or []], units=unit or [],
+                       mode=mode, out=str(out), weights=weights, arch=arch, device=device,
+                       png=png, batch_size=batch_size, resume=resume)
+    m = run_project(o)
+    ok = sum(1 for e in m["inputs"] if e["status"] == "ok")
+    for e in m["inputs"]:
+        if e["status"] != "ok":
+            err_console.print(Text(f"skipped {e['source']}: "
+                                   f"{e['status'].removeprefix('skipped: ')}", style="yellow"))
+    out_console.print(f"{len(o.units)} unit(s) of {ok} image(s) projected ({mode}) into {out}; "
+                      f"list: {out / 'projections.json'}", highlight=False)
 
 
 def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:

@@ -50,8 +50,9 @@ from convmaps.store import (
     write_safetensors,
 )
 
-__all__ = ["Plan", "bundled_samples", "default_threads", "default_workers", "plan_dump",
-           "resolve_shard", "run_dump"]
+__all__ = ["DecodedImages", "Plan", "bundled_samples", "check_device", "clear_folder",
+           "default_threads", "default_workers", "find_sources", "plan_dump", "resolve_shard",
+           "run_dump", "threads"]
 
 _PREDICTIONS = "top5"  # metadata key of activations.safetensors: the image's top-5 classes
 
@@ -133,7 +134,7 @@ def plan_dump(o: DumpOptions) -> Plan:
     fingerprint = _fingerprint(o, loaded, lay)
     out = Path(o.out)
     earlier = _claim(out, fingerprint, o.resume)
-    sources, skips = _sources(o, loaded, out, earlier)
+    sources, skips = find_sources(o.inputs, loaded.arch, out, {e["key"] for e in earlier})
     categories = class_names(loaded)
     plan = Plan(
         o, loaded, layers, pools, kernels, taps, sources, table, lay, fingerprint,
@@ -310,15 +311,17 @@ def _remove_dump(out: Path, m: dict[str, Any]) -> None:
         clear_folder(out / e["key"], keep=set())
 
 
-def clear_folder(folder: Path, keep: set[str]) -> None:
-    """Remove convmaps' own files in an image folder except `keep` (relative paths), then the
-    folders left empty; a user's own files there stay."""
+def clear_folder(folder: Path, keep: set[str],
+                 owned: Callable[[str], bool] = layout.is_dump_output) -> None:
+    """Remove the files of one kind of run (`owned`: by default a dump's) in an image folder,
+    except `keep` (relative paths), then the folders left empty; a user's own files, and
+    another command's (a `project` run's projections), stay."""
     if not folder.is_dir():
         return
     for path in sorted(folder.rglob("*"), reverse=True):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and not path.is_symlink() and rel not in keep \
-                and layout.is_image_output(rel):
+                and owned(rel):
             path.unlink(missing_ok=True)
         elif path.is_dir() and not path.is_symlink():
             with suppress(OSError):
@@ -328,17 +331,17 @@ def clear_folder(folder: Path, keep: set[str]) -> None:
             folder.rmdir()
 
 
-def _sources(o: DumpOptions, loaded: LoadedModel, out: Path, earlier: list[dict[str, Any]]
-             ) -> tuple[list[ImageSource], dict[int, str]]:
-    """The inputs, without convmaps' own outputs under OUT; and those refused before decoding
-    (their output folder would clash with another output), with the reason."""
-    inputs = list(o.inputs)
+def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
+                 ) -> tuple[list[ImageSource], dict[int, str]]:
+    """The images under `inputs` (the bundled samples for lenet when none), without convmaps'
+    own outputs in the folders of `ours` (image keys) under `out`; and those refused before
+    decoding (their output folder would clash with another output), with the reason."""
+    inputs = list(inputs)
     if not inputs:
-        if loaded.arch != "lenet":
-            raise ConvmapsError("give INPUT images or folders (only `dump lenet` has samples)")
+        if arch != "lenet":
+            raise ConvmapsError("give INPUT images or folders (only lenet has bundled samples)")
         inputs = [str(bundled_samples())]
     root = out.resolve()
-    ours = {e["key"] for e in earlier}
     found = find_images(inputs)
 
     def own_output(src: ImageSource) -> bool:
@@ -503,7 +506,7 @@ def _batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
 # --- running ---------------------------------------------------------------------------------
 
 
-class _Decoded(torch.utils.data.Dataset[dict[str, Any]]):
+class DecodedImages(torch.utils.data.Dataset[dict[str, Any]]):
     """Decode + preprocess in DataLoader workers; a broken image becomes a reason, not a crash."""
 
     def __init__(self, sources: list[ImageSource], preprocess: Callable[[Any], torch.Tensor],
@@ -729,7 +732,7 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
         on_progress(len(plan.complete))
     todo = [b for b in plan.batches if not set(b) <= plan.complete]
     loader = torch.utils.data.DataLoader(
-        _Decoded(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
+        DecodedImages(plan.sources, plan.loaded.preprocess, plan.skips), batch_sampler=todo,
         num_workers=default_workers() if o.workers is None else o.workers, collate_fn=list,
         pin_memory=device.type == "cuda",
     )

@@ -27,9 +27,14 @@ __all__ = [
     "TAPS",
     "ImageLayout",
     "collision",
+    "PROJECTIONS_MANIFEST",
+    "is_dump_output",
     "is_image_output",
+    "is_projection_output",
     "is_shard_manifest",
     "is_temp",
+    "projection_key",
+    "projection_png",
     "shard_manifest",
     "temp_name",
 ]
@@ -40,9 +45,11 @@ SWITCHES = "switches.safetensors"
 KERNELS = "kernels.safetensors"
 TAPS = "taps.safetensors"
 PROJECTIONS = "projections.safetensors"
-_IMAGE_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS, PROJECTIONS})
+PROJECTIONS_MANIFEST = "projections.json"  # `convmaps project`'s own manifest
+_DUMP_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS})
+_PROJECTION_PNGS = "projections"  # png/projections/<mode>/<module>/<channel>.png
 # Top-level names of an output folder that belong to convmaps, besides image folders.
-RESERVED = frozenset({MANIFEST, "filters", "topk", "report"})
+RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, "filters", "topk", "report"})
 _SHARD = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.json")
 _TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
@@ -105,17 +112,45 @@ class ImageLayout:
         return sorted(self.tensor_files() + self.png_files())
 
 
-def is_image_output(rel: str) -> bool:
-    """Whether a path inside an image folder is a name convmaps writes there (or the temporary
-    file of one): only such files are ever removed, whatever else a user keeps beside them."""
+def is_dump_output(rel: str) -> bool:
+    """Whether a path inside an image folder is a name `dump` writes there (or the temporary
+    file of one): only such files are ever removed by a dump, whatever else is beside them."""
     parts = PurePosixPath(rel).parts
-    if not parts:
+    if not parts or (len(parts) > 1 and parts[:2] == ("png", _PROJECTION_PNGS)):
         return False
     if is_temp(parts[-1]):
         return True
     if len(parts) == 1:
-        return parts[0] in _IMAGE_TENSORS
+        return parts[0] in _DUMP_TENSORS
     return parts[0] == "png" and parts[-1].endswith(".png")
+
+
+def is_projection_output(rel: str) -> bool:
+    """Whether a path inside an image folder is one `project` writes there."""
+    parts = PurePosixPath(rel).parts
+    if parts == (PROJECTIONS,) or (len(parts) == 1 and is_temp(parts[0])
+                                   and parts[0].startswith(f".{PROJECTIONS}.")):
+        return True
+    return len(parts) > 2 and parts[:2] == ("png", _PROJECTION_PNGS) and (
+        parts[-1].endswith(".png") or is_temp(parts[-1]))
+
+
+def is_image_output(rel: str) -> bool:
+    """Whether a path inside an image folder is any convmaps output (never read as an input)."""
+    return is_dump_output(rel) or is_projection_output(rel)
+
+
+def projection_key(mode: str, module: str, channel: int,
+                   position: tuple[int, int] | None = None) -> str:
+    """The key of a unit's projection in projections.safetensors: `<mode>/<module>/<channel>`,
+    with `@y,x` when the unit names its position rather than the channel's strongest one."""
+    at = f"@{position[0]},{position[1]}" if position is not None else ""
+    return f"{mode}/{module}/{channel}{at}"
+
+
+def projection_png(key: str) -> str:
+    """The PNG of a projection, by its key."""
+    return f"png/{_PROJECTION_PNGS}/{key}.png"
 
 
 def collision(key: str, keys: set[str]) -> str | None:

@@ -49,6 +49,7 @@ __all__ = [
     "load_model",
     "load_state_file",
     "model_names",
+    "normalisation",
 ]
 
 # Fashion-MNIST training-set statistics; `train-lenet` normalises with the same numbers.
@@ -472,3 +473,18 @@ def _finish(net: nn.Module, arch: str, weights: str, meta: dict[str, str]) -> Lo
         in_channels=first.in_channels if first is not None else 3,
         meta=meta,
     )
+
+
+def normalisation(preprocess: Callable[[Any], torch.Tensor]) -> tuple[list[float], list[float]]:
+    """The (mean, std) a preprocessing preset normalises with, so that a preprocessed input
+    can be drawn as the picture it came from: torchvision's `ImageClassification` presets
+    carry them as attributes, a `Compose` (the LeNet preset) in its `Normalize` step. No
+    normalisation is (0, 1)."""
+    mean, std = getattr(preprocess, "mean", None), getattr(preprocess, "std", None)
+    if mean is not None and std is not None:
+        return [float(m) for m in mean], [float(s) for s in std]
+    for step in getattr(preprocess, "transforms", []):
+        if isinstance(step, T.Normalize | torchvision.transforms.Normalize):
+            return [float(m) for m in step.mean], [float(s) for s in step.std]
+    return [0.0], [1.0]
+

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DType", "DumpOptions", "FilterOptions"]
+__all__ = ["DType", "DumpOptions", "FilterOptions", "Mode", "ProjectOptions"]
 
 
 class DType(StrEnum):
@@ -32,6 +32,14 @@ class DType(StrEnum):
 
         dtype: torch.dtype = getattr(torch, self.value)
         return dtype
+
+
+class Mode(StrEnum):
+    """How a projection passes a ReLU on its way down to the pixels."""
+
+    deconvnet = "deconvnet"  # Zeiler & Fergus: rectify the signal itself
+    guided = "guided"  # Springenberg et al.: rectify, and mask by the forward input's sign
+    gradient = "gradient"  # mask by the forward input's sign: exactly autograd's gradient
 
 
 @dataclass
@@ -74,3 +82,21 @@ class FilterOptions:
     png: bool = True
     png_cap: int = 64
     config: str | None = None  # the TOML file the options came from, if any
+
+
+@dataclass
+class ProjectOptions:
+    """Every `project` option."""
+
+    model: str = "lenet"
+    inputs: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)
+    mode: Mode = Mode.deconvnet
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    device: str = "cpu"
+    png: bool = True
+    batch_size: int = 32  # units projected together: memory is about this many backward passes
+    resume: bool = True  # False (--overwrite): another model's projections in OUT are replaced
+

@@ -485,3 +485,99 @@ def png_bound(kind: str, shape: tuple[int, ...]) -> int:
     w, h = image_size(kind, shape)
     raw = h * (3 * w + 1)
     return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096
+
+
+# --- projections -----------------------------------------------------------------------------
+
+_BOX_RGB = (255, 210, 0)  # the receptive-field box: amber, apart from grey and the image
+_PANEL_PX = 224  # panels are upscaled (nearest) to at least this height
+_CAPTION_PX = 16
+
+
+def picture(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    """A preprocessed input (C, H, W) as the uint8 RGB picture (3, H, W) it came from: the
+    normalisation undone, clamped to [0, 1]; one channel is drawn grey."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    rgb = (_as_float(x) * s + m).clamp(0, 1)
+    if rgb.shape[0] != 3:
+        rgb = rgb.mean(0, keepdim=True).expand(3, -1, -1)
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def signed_picture(p: Tensor, limit: float | None = None) -> tuple[Tensor, float]:
+    """A projection (C, H, W) as uint8 RGB centred on grey: 0 is mid grey, +-limit (default:
+    the largest magnitude, so nothing clips) are the channel's full brightness or black.
+    Three channels stay colour channels; any other count is summed to grey. Returns the
+    picture and the limit."""
+    p = _as_float(p)
+    if p.shape[0] != 3:
+        p = p.sum(0, keepdim=True)
+    lim = float(p.abs().max()) if limit is None else limit
+    lim = lim if lim > 0 else 1.0
+    rgb = (128 + 127 * (p / lim)).clamp(0, 255).round().to(torch.uint8)
+    return rgb.expand(3, -1, -1), lim
+
+
+def _crop(rgb: Tensor, box: tuple[int, int, int, int], fill: int) -> Tensor:
+    """The box of an image (3, H, W), `fill` where the box reaches past the edges."""
+    top, left, bottom, right = box
+    _, h, w = rgb.shape
+    out = torch.full((3, bottom - top, right - left), fill, dtype=torch.uint8)
+    t, b, lo, r = max(top, 0), min(bottom, h), max(left, 0), min(right, w)
+    if t < b and lo < r:
+        out[:, t - top:b - top, lo - left:r - left] = rgb[:, t:b, lo:r]
+    return out
+
+
+def projection_figure(image: Tensor, projection: Tensor, box: tuple[int, int, int, int],
+                      title: str = "") -> Image.Image:
+    """Three panels: the input picture (uint8 RGB (3, H, W)) with the unit's receptive-field
+    box drawn, the projection full size (signed, centred on grey), and both cut to the box;
+    a grey scale bar with the projection's limits under them."""
+    from PIL import ImageDraw
+
+    signed, lim = signed_picture(projection)
+    _, h, w = image.shape
+    factor = max(1, math.ceil(_PANEL_PX / max(h, 1)))
+    crop_img, crop_proj = _crop(image, box, 128), _crop(signed, box, 128)
+    bh, bw = crop_img.shape[1:]
+    crop_factor = max(1, (h * factor) // max(bh, 1))
+    panels = [_upscale(image, factor), _upscale(signed, factor),
+              _upscale(crop_img, crop_factor), _upscale(crop_proj, crop_factor)]
+    gap, height = 8, max(p.shape[1] for p in panels)
+    width = sum(p.shape[2] for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, height + 3 * _CAPTION_PX + 10), (255, 255, 255))
+    x = 0
+    for i, p in enumerate(panels):
+        canvas.paste(Image.fromarray(p.permute(1, 2, 0).contiguous().numpy()), (x, 0))
+        if i == 0:  # the box, clipped to the picture, 2 px wide
+            top, left, bottom, right = box
+            draw = ImageDraw.Draw(canvas)
+            draw.rectangle([max(left, 0) * factor, max(top, 0) * factor,
+                            min(right, w) * factor - 1, min(bottom, h) * factor - 1],
+                           outline=_BOX_RGB, width=2)
+        x += p.shape[2] + gap
+    _scale_bar(canvas, height + 4, -lim, lim, title)
+    canvas.info["convmaps-scale"] = "signed"
+    canvas.info["convmaps-range"] = f"{-lim:.6g},{lim:.6g}"
+    return canvas
+
+
+def _scale_bar(canvas: Image.Image, y: int, lo: float, hi: float, title: str) -> None:
+    """A black-grey-white bar from `lo` to `hi` with the numbers at its ends and 0 between."""
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    bar_w = min(256, canvas.width - 8)
+    ramp = torch.linspace(0, 255, bar_w).round().to(torch.uint8)
+    bar = ramp.view(1, -1, 1).expand(_CAPTION_PX - 4, -1, 3).contiguous().numpy()
+    canvas.paste(Image.fromarray(bar, "RGB"), (4, y))
+    draw.rectangle([3, y - 1, 4 + bar_w, y + _CAPTION_PX - 4], outline=(0, 0, 0))
+    ty = y + _CAPTION_PX - 2
+    draw.text((4, ty), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((4 + bar_w // 2, ty), "0", fill=(0, 0, 0), font=font, anchor="ma")
+    draw.text((4 + bar_w, ty), f"{hi:.3g}", fill=(0, 0, 0), font=font, anchor="ra")
+    if title:
+        draw.text((bar_w + 16, y), title, fill=(0, 0, 0), font=font)

@@ -47,6 +47,23 @@ def test_layers_table():
     assert result.exit_code == 1 and "forward pass failed in F6" in result.output
 
 
+def test_layers_table_shows_receptive_fields():
+    result = run("layers", "alexnet")
+    assert result.exit_code == 0, result.output
+    assert "field" in result.output and "jump" in result.output
+
+    header = next(x for x in result.output.splitlines() if "┃ name" in x)
+    at = [c.strip() for c in header.split("┃")].index("field")
+    # known AlexNet values at 224x224; 1-D outputs see the whole input
+    for name, field, jump in (("features.0", "11", "4"), ("features.10", "163", "16"),
+                              ("features.12", "195", "32"), ("classifier.6", "224", "—")):
+        line = next(x for x in result.output.splitlines() if f" {name} " in x)
+        assert [c.strip() for c in line.split("│")][at:at + 2] == [field, jump], line
+    result = run("layers", "resnet18", "--input-size", "200,160")
+    line = next(x for x in result.output.splitlines() if " avgpool " in x)
+    assert "627×563" in line and "224×160" in line  # the global pool over a 7×5 map
+
+
 def test_filters_writes_weights_and_pngs(tmp_path):
     result = run("filters", "lenet", "--weights", "none", "--out", tmp_path)
     assert result.exit_code == 0, result.output

@@ -2,7 +2,17 @@ from __future__ import annotations
 
 import pytest
 
-from convmaps.layout import ImageLayout, collision, is_image_output, is_temp, temp_name
+from convmaps.layout import (
+    ImageLayout,
+    collision,
+    is_dump_output,
+    is_image_output,
+    is_projection_output,
+    is_temp,
+    projection_key,
+    projection_png,
+    temp_name,
+)
 
 
 def test_files_follow_the_options():
@@ -23,6 +33,17 @@ def test_files_follow_the_options():
                                      ("png/.C1.png.5.tmp", True)])
 def test_only_convmaps_names_are_its_own(rel, own):
     assert is_image_output(rel) is own
+    assert is_dump_output(rel) is own
+
+
+def test_projection_files_are_not_a_dumps():
+    key = projection_key("deconvnet", "features.10", 5)
+    assert key == "deconvnet/features.10/5"
+    assert projection_key("guided", "C3", 2, (1, 4)) == "guided/C3/2@1,4"
+    for rel in ("projections.safetensors", projection_png(key),
+                "png/projections/guided/C3/.2.png.7.tmp"):
+        assert is_projection_output(rel) and is_image_output(rel) and not is_dump_output(rel)
+    assert not is_projection_output("png/C1.png")
 
 
 def test_temp_names_round_trip():
