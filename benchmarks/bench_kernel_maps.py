@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from convmaps.models import build
 from convmaps.options import DumpOptions
 from convmaps.store import TensorSpec, parse_bytes, write_safetensors
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/
+from tests.reference import forum_kernel_maps  # noqa: E402
+
 
 def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -44,6 +48,14 @@ def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 def _inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     names = [n for n, _ in _convs(model)]
     return {k: v[0] for k, v in trace(model, x, [], names).inputs.items()}
+
+
+def _kernel_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Bytes of each conv's float32 kernel maps for one image, from its real output shape."""
+    convs = dict(_convs(model))
+    outputs = trace(model, x, list(convs)).outputs
+    return {name: convs[name].in_channels // convs[name].groups * out[0].numel() * 4
+            for name, out in outputs.items()}
 
 
 def forward(model: nn.Module, x: torch.Tensor, out: Path) -> None:
@@ -64,20 +76,19 @@ def floor(model: nn.Module, x: torch.Tensor, out: Path, nbytes: int) -> None:
 
 def recipe(model: nn.Module, x: torch.Tensor, out: Path) -> None:
     inputs = _inputs(model, x)
-    maps = {name: decompose.forum_kernel_maps(conv, inputs[name]).contiguous()
+    maps = {name: forum_kernel_maps(conv, inputs[name]).contiguous()
             for name, conv in _convs(model)}
     save_file(maps, out)
 
 
-def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20) -> None:
+def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20,
+             nbytes: dict[str, int] | None = None) -> None:
     inputs = _inputs(model, x)
     specs, streams = [], []
     for name, conv in _convs(model):
-        c_in, h, w = inputs[name].shape
-        nbytes = decompose.kernel_maps_bytes(conv, (c_in, h, w))
         sample = decompose.kernel_maps(conv, inputs[name], filters=slice(0, 1))
         specs.append(TensorSpec(name, torch.float32, (conv.out_channels, *sample.shape[1:])))
-        assert specs[-1].nbytes == nbytes
+        assert nbytes is None or specs[-1].nbytes == nbytes[name]
         streams.append((name, decompose.kernel_map_chunks(conv, inputs[name], chunk)))
 
     def chunks():
@@ -90,7 +101,7 @@ def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20
 
 def recipe_compute(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
     for name, conv in _convs(model):
-        decompose.forum_kernel_maps(conv, inputs[name]).contiguous()
+        forum_kernel_maps(conv, inputs[name]).contiguous()
 
 
 def convmaps_compute(model: nn.Module, inputs: dict[str, torch.Tensor], chunk: int) -> None:
@@ -116,16 +127,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = build("alexnet").eval().to(args.device)
     images = [torch.randn(1, 3, 224, 224, device=args.device) for _ in range(args.images)]
-    nbytes = sum(decompose.kernel_maps_bytes(c, tuple(v.shape))
-                 for (n, c), v in zip(_convs(model), _inputs(model, images[0]).values(),
-                                      strict=True))
+    per_conv = _kernel_bytes(model, images[0])
+    nbytes = sum(per_conv.values())
     tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-"))
     captured = {id(x): _inputs(model, x) for x in images}
     methods: dict[str, Callable[[torch.Tensor, Path], None]] = {
         "forward": lambda x, p: forward(model, x, p),
         "floor": lambda x, p: floor(model, x, p, nbytes),
         "recipe": lambda x, p: recipe(model, x, p),
-        "convmaps": lambda x, p: convmaps(model, x, p, chunk),
+        "convmaps": lambda x, p: convmaps(model, x, p, chunk, per_conv),
         "recipe-compute": lambda x, p: recipe_compute(model, captured[id(x)]),
         "convmaps-compute": lambda x, p: convmaps_compute(model, captured[id(x)], chunk),
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -476,11 +476,15 @@ def project(
 
 def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "zeros"):
+    # min/max/mean/std leave NaN out; the NaN column counts them, shown only when there are.
+    nan_column = any(s.nans for s in stats)
+    for col in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "zeros",
+                *(["NaN"] if nan_column else [])):
         table.add_column(col, justify="left" if col in ("tensor", "dtype") else "right")
     for s in stats:
         table.add_row(s.name, _shape(s.shape), s.dtype, f"{s.min:.4g}", f"{s.max:.4g}",
-                      f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.zeros:.1%}")
+                      f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.zeros:.1%}",
+                      *([f"{s.nans:,}"] if nan_column else []))
     return table
 
 
@@ -561,5 +565,33 @@ def train_lenet(
         out_console.print(f"wrote sample images to {samples}")
 
 
-def main() -> None:
-    app()
+# click's UsageError (base of BadParameter, NoSuchOption, MissingParameter, ...), whether typer
+# uses click itself or its own copy of it, as newer typers do.
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _usage_line(e: Exception) -> str:
+    """A click usage error as one line, with the command whose --help tells more."""
+    text = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "convmaps"
+    return f"{text} (see `{path} --help`)"
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """The `convmaps` entry point: run the app on `args` (default: sys.argv) and return the exit
+    code. A usage error (a bad option value, an unknown option, a missing argument) is one line
+    on stderr and exit code 2, as click's own; `--help` and `--version` work as usual."""
+    try:
+        code = app(args, prog_name="convmaps", standalone_mode=False)
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `convmaps`: the help is shown
+            if message := e.format_message().strip():  # type: ignore[attr-defined]
+                out_console.print(message, markup=False, highlight=False)
+            return int(e.exit_code)  # type: ignore[attr-defined]
+        _fail(_usage_line(e))
+        return int(e.exit_code)  # type: ignore[attr-defined]
+    except typer.Abort:
+        _fail("aborted")
+        return 1
+    return code if isinstance(code, int) else 0

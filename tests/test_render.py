@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -387,6 +390,31 @@ def test_png_bytes_keeps_every_pixel_whatever_the_mode():
         assert back.convert("RGB").tobytes() == img.tobytes()
     grid = PILImage.open(io.BytesIO(png_bytes(map_grid(torch.randn(64, 13, 13)))))
     assert grid.mode == "P"  # a colour-mapped grid is stored as a palette image
+
+
+def _palette_picture(seed: int, size: int = 400) -> Image.Image:
+    """An RGB picture of 200 colours, a different (overlapping) set per seed, so that two
+    pictures give the same colour different palette indices."""
+    rng = np.random.default_rng(seed)
+    reds = rng.integers(0, 200, (size, size)) + 5 * seed
+    rgb = np.stack([reds, np.full_like(reds, 7), np.full_like(reds, 9)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def test_png_bytes_from_several_threads_equal_sequential() -> None:
+    pictures = [_palette_picture(seed) for seed in range(6)]
+    expected = [png_bytes(p) for p in pictures]
+    assert all(Image.open(io.BytesIO(b)).mode == "P" for b in expected)  # the palette path
+    barrier = threading.Barrier(len(pictures))
+
+    def encode(i: int) -> list[bytes]:
+        barrier.wait()  # start together, so the encodings overlap
+        return [png_bytes(pictures[i]) for _ in range(8)]
+
+    with ThreadPoolExecutor(len(pictures)) as pool:
+        results = list(pool.map(encode, range(len(pictures))))
+    for i, got in enumerate(results):
+        assert all(b == expected[i] for b in got), f"picture {i} changed under threads"
 
 
 @pytest.mark.parametrize("kind,shape", [
