@@ -346,7 +346,7 @@ def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
 
     def own_output(src: ImageSource) -> bool:
         # Images under OUT are inputs like any other, except the files convmaps wrote there.
-        path = src.path.resolve()
+        path = Path(os.path.realpath(src.path))  # resolve() raises on a symlink loop
         if not path.is_relative_to(root):
             return False
         rel = PurePosixPath(path.relative_to(root).as_posix())

@@ -202,8 +202,6 @@ def test_python_dash_m_usage_error_is_one_line():
     assert out.stderr.count("\n") == 1, out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="until dump._sources takes os.path.realpath(src.path), "
-                   "not src.path.resolve(), which raises on a symlink loop before Python 3.13")
 def test_dump_records_a_file_symlink_loop_as_a_skip(tmp_path):
     folder = tmp_path / "in"
     write_image(folder / "c.png")
