@@ -493,18 +493,25 @@ def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
 class _Rectifier(torch.autograd.Function):
     """A ReLU whose forward is the ReLU's own and whose backward is the mode's rule."""
 
+    generate_vmap_rule = True  # the backward runs under torch.func.vmap, one seed per slice
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mode: Mode, inplace: bool) -> torch.Tensor:
-        ctx.positive = x > 0  # taken before an in-place ReLU overwrites x
-        ctx.mode = mode
+    def forward(x: torch.Tensor, mode: Mode, inplace: bool) -> torch.Tensor:
+        return torch.relu_(x) if inplace else torch.relu(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, ctx.mode, inplace = inputs
         if inplace:
             ctx.mark_dirty(x)
-            return torch.relu_(x)
-        return torch.relu(x)
+        # output > 0 exactly where the forward input was > 0; a mask of its own, so that later
+        # in-place ops on the output cannot change it
+        ctx.save_for_backward(output > 0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _relu_rule(ctx.mode, grad, ctx.positive), None, None
+        (positive,) = ctx.saved_tensors
+        return _relu_rule(ctx.mode, grad, positive), None, None
 
 
 def _relu_inplace(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
@@ -544,50 +551,58 @@ class _Stop(Exception):
 
 def _autograd_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
                     ) -> torch.Tensor:
-    """Autograd with rectified ReLUs: returns the maps (rounds, M, C, H, W); resolves slots."""
+    """Autograd with rectified ReLUs: returns the maps (rounds, M, C, H, W); resolves slots.
+
+    One forward pass (`torch.func.vjp`), then the backward pass for all rounds of seeds at once
+    (`torch.func.vmap` of the vjp, whose batching rules batch the convolutions' backward).
+    """
     names = list(dict.fromkeys(slot.unit.module for slot in chunk.slots))
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules or not n]
     if missing:
         raise ConvmapsError(f"no module named {', '.join(repr(n) for n in missing)}")
-    outs: dict[str, torch.Tensor] = {}
 
-    def hook(name: str) -> Any:
-        def keep(module: nn.Module, args: Any, out: Any) -> Any:
-            if name in outs:
-                return None  # a module that runs again: its first output is the unit's
-            if not isinstance(out, torch.Tensor):
-                raise ConvmapsError(f"{name} gives no tensor output; units need one")
-            outs[name] = out
-            if len(outs) == len(names):
-                raise _Stop
-            return out.clone()  # later in-place ops (a ReLU, `out += x`) change only the copy
+    def forward(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs: dict[str, torch.Tensor] = {}
 
-        return keep
+        def hook(name: str) -> Any:
+            def keep(module: nn.Module, args: Any, out: Any) -> Any:
+                if name in outs:
+                    return None  # a module that runs again: its first output is the unit's
+                if not isinstance(out, torch.Tensor):
+                    raise ConvmapsError(f"{name} gives no tensor output; units need one")
+                outs[name] = out
+                if len(outs) == len(names):
+                    raise _Stop
+                return out.clone()  # later in-place ops (a ReLU, `out += x`) change the copy
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    leaf = x.detach().clone().requires_grad_(True)
-    try:
-        with _RectifyReLUs(mode):
-            _call(model, leaf.clone())  # a clone: an in-place first op must not hit the leaf
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    if len(outs) != len(names):
-        raise ConvmapsError(f"{', '.join(n for n in names if n not in outs)} did not run")
-    seeds = []
-    for name in names:
-        slots = [s for s in chunk.slots if s.unit.module == name]
-        _resolve(outs[name], slots)
-        seeds.append(_seed(outs[name].detach(), slots, chunk.rounds))
-    batched = chunk.rounds > 1
-    (grad,) = torch.autograd.grad(
-        [outs[n] for n in names], leaf, [s if batched else s[0] for s in seeds],
-        is_grads_batched=batched,
-    )
-    return grad if batched else grad[None]
+            return keep
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+        try:
+            with _RectifyReLUs(mode):
+                _call(model, inp.clone())  # a clone: an in-place first op must not hit `inp`
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(outs) != len(names):
+            raise ConvmapsError(f"{', '.join(n for n in names if n not in outs)} did not run")
+        return tuple(outs[n] for n in names)
+
+    with torch.no_grad():  # torch.func differentiates anyway; no graph for the parameters
+        outs, vjp = torch.func.vjp(forward, x)[:2]
+        seeds = []
+        for name, out in zip(names, outs, strict=True):
+            slots = [s for s in chunk.slots if s.unit.module == name]
+            _resolve(out, slots)
+            seeds.append(_seed(out, slots, chunk.rounds))
+        if chunk.rounds == 1:
+            (grad,) = vjp(tuple(s[0] for s in seeds))
+            return grad[None]
+        (grad,) = torch.func.vmap(vjp)(tuple(seeds))
+        return grad
 
 
 # ------------------------------------------------------------------------ the driver
@@ -611,7 +626,7 @@ def _project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[i
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False):
             for chunk in _plan(jobs, batch_size):
                 maps = engine(model, images[chunk.images].clone(), chunk, mode)
                 for s in chunk.slots:

@@ -525,3 +525,13 @@ def test_project_checks_units_against_the_real_output(lenet64, method):
         assert "\n" not in str(info.value)
     with pytest.raises(ConvmapsError, match="one image"):
         project(lenet64, image[None], [Unit("C3", 1)])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_works_under_no_grad_and_inference_mode(lenet64, method):
+    image = torch.randn(1, 28, 28, dtype=F64)
+    (want,) = project(lenet64, image, [Unit("C3", 1)], method=method)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            (got,) = project(lenet64, image.clone(), [Unit("C3", 1)], method=method)
+        assert torch.equal(got.map, want.map)
