@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convmaps.capture import capture
 from convmaps.errors import ConvmapsError
 from convmaps.models import build, load_model
 from convmaps.project import (
@@ -130,6 +131,43 @@ def test_chain_and_autograd_agree(case, mode, request):
         else:
             assert a.map.abs().max() == 0, a.unit
     assert nonzero >= len(units) - 1  # a dead ReLU unit may project to zero, not more
+
+
+def _odd_chain() -> nn.Sequential:
+    """Every chain rule in its less common forms: dilation, groups, uneven strides, padded and
+    ceil-mode dilated max-pools, average pools, overlapping adaptive windows, BatchNorm."""
+    torch.manual_seed(7)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2)),
+        ("bn1", nn.BatchNorm2d(6)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True)),
+        ("conv2", nn.Conv2d(6, 4, (3, 2), stride=(1, 3), padding=(1, 0), groups=2)),
+        ("relu2", nn.ReLU()),
+        ("avg", nn.AvgPool2d(2, stride=1)),
+        ("adaptive", nn.AdaptiveAvgPool2d((4, 3))),
+        ("block", nn.Sequential(nn.Flatten(), nn.Dropout(), nn.Linear(48, 9), nn.ReLU())),
+        ("out", nn.Linear(9, 4)),
+    ])).double().eval()
+    return _shake_batchnorm(net)
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_chain_rules_of_less_common_modules(mode):
+    net = _odd_chain()
+    image = torch.randn(3, 29, 23, dtype=F64, generator=torch.Generator().manual_seed(8))
+    shapes = output_shapes(net, (3, 29, 23))
+    # adaptive windows: 6 rows -> 4 overlap, 1 column -> 3 repeat it
+    assert shapes["avg"][1:] == (6, 1) and shapes["adaptive"][1:] == (4, 3)
+    alive = int(capture(net, image[None], ["block"])["block"][0].argmax())  # a ReLU output > 0
+    units = [Unit(name, 1) for name in ("conv1", "bn1", "pool1", "conv2", "avg", "adaptive",
+                                         "block.2", "out")] + [Unit("block", alive)]
+    chain = project(net, image, units, mode, method=Method.chain)
+    auto = project(net, image, units, mode, method=Method.autograd)
+    for a, b in zip(chain, auto, strict=True):
+        assert (a.position, a.value) == (b.position, b.value)
+        assert b.map.abs().max() > 0, a.unit
+        assert _rel(a.map, b.map) < 1e-10, a.unit
 
 
 def test_conv_stride_that_does_not_divide_needs_output_padding(alexnet64):
