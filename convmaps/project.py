@@ -46,6 +46,7 @@ from torchvision.models import VGG, AlexNet
 
 from convmaps.capture import select, trace
 from convmaps.errors import ConvmapsError
+from convmaps.options import Mode
 from convmaps.pooling import switches
 
 __all__ = [
@@ -58,14 +59,6 @@ __all__ = [
     "project",
     "project_each",
 ]
-
-
-class Mode(StrEnum):
-    """How a ReLU passes the signal down."""
-
-    deconvnet = "deconvnet"
-    guided = "guided"
-    gradient = "gradient"
 
 
 class Method(StrEnum):
