@@ -13,7 +13,7 @@ keeps mutable state (caches hold read-only arrays), so every function is thread-
     >>> from convmaps.render import map_grid, png_bytes
     >>> img = map_grid(torch.randn(16, 5, 5))
     >>> img.size, img.mode
-    ((200, 204), 'P')
+    ((266, 344), 'P')
     >>> png_bytes(img)[:8]
     b'\\x89PNG\\r\\n\\x1a\\n'
 """
@@ -71,7 +71,8 @@ _SPECIALS = ((128, 128, 128), (0, 0, 0), (255, 255, 255), (0, 0, 0), (0, 0, 0))
 _RGB_GUTTER = 255  # white around RGB filter tiles: mid grey is what a zero weight looks like
 _NAN_RGB = (0, 0, 0)
 
-_TARGET_PX = 32  # small maps and kernels are upscaled to tiles of at least this side
+_TARGET_PX = 32  # small maps and kernels are upscaled to tiles of about this side
+_GRID_PX = 256  # a grid of few tiles (LeNet's) is upscaled further, to about this width
 _LABEL_MIN_PX = 24  # tiles at least this wide carry their channel number
 _TILE_GAP = 2  # white between labelled tiles
 _FONT_W, _FONT_H = 6, 11  # Pillow's bitmap font: every glyph is a 6 x 11 cell
@@ -192,8 +193,8 @@ def map_grid(
     lists every channel's range, `;`-separated). Ranges (and the scale, when not given) come
     from all C channels, even when `max_tiles` draws only the first few.
 
-    >>> map_grid(torch.rand(6, 28, 28)).size  # 3x2 numbered tiles of 28 px, a colour bar
-    (200, 112)
+    >>> map_grid(torch.rand(6, 28, 28)).size  # 3x2 numbered tiles of 84 px, a colour bar
+    (256, 224)
     """
     if maps.dim() != 3:
         raise ValueError(f"map_grid wants (C, H, W), got shape {tuple(maps.shape)}")
@@ -305,16 +306,15 @@ def filter_grid(
         note = f"drew {rows} of {c_out} filters (cap: {_CAP_HINT})"
     elif c_in not in (1, 3) and (rows < c_out or cols < c_in):
         note = f"drew {rows} of {c_out} filters x {cols} of {c_in} kernels (cap: {_CAP_HINT})"
-    f = upscale_factor(kh, kw)
     if c_in in (1, 3):
-        geom = _noted(_tiles(rows, kh, kw, f), note)
+        geom = _noted(_tiles(rows, kh, kw, _tile_factor(rows, kh, kw)), note)
         kind = "rgb" if c_in == 3 else Scale.DIVERGING
         canvas = _frame(geom, kind, False).copy()
         if c_in == 1:
             cells = _pad(_indices(x[:rows, 0], lo, hi), geom.rows * geom.cols, _PAPER)
             _blit(canvas, cells.reshape(geom.rows, geom.cols, kh, kw), geom)
     else:
-        geom = _noted(_matrix(rows, cols, kh, kw, f, 1, 1), note)
+        geom = _noted(_matrix(rows, cols, kh, kw, upscale_factor(kh, kw), 1, 1), note)
         kind = Scale.DIVERGING
         canvas = _frame(geom, kind, False).copy()
         _blit(canvas, _indices(x[:rows, :cols], lo, hi), geom)
@@ -369,8 +369,12 @@ def png_bytes(img: Image.Image, compress_level: int = 1, note: str | None = None
 
     Grids are palette images already (a byte per pixel, no adaptive row filters); an RGB
     image of at most 256 colours is stored as one too, losslessly; any other is stored as
-    it is. Level 1 is the default: on AlexNet's 21 activation grids of one image (see
-    `benchmarks/bench_dump.py --png-levels`) levels 0/1/3/6 took {levels}.
+    it is. Level 1 is the default. Measured on AlexNet's 21 activation grids of one photo
+    (4.9 Mpx; `benchmarks/bench_png.py`, a busy 2-core box; drawing them took 27 ms), levels
+    0/1/2/3/6 took 11/71/91/109/167 ms for 4842/1062/1034/1008/956 KiB: level 1 stores 4.6x
+    less than level 0, and higher levels save 3-10% more for 1.3-2.4x the time. zlib is now
+    most of a PNG's cost; level 0 would make a dump with PNGs ~1.9x one without (instead of
+    ~3x) at 4.6x the bytes on disk.
     Pillow writes no timestamp, so the same image gives the same bytes.
 
     >>> from PIL import Image as I
@@ -398,7 +402,7 @@ def image_size(kind: str, shape: tuple[int, ...],
     kernel maps) or `taps` (tap_mosaic of one filter's (H, W, kh, kw) tap maps).
 
     >>> image_size("activation", (6, 28, 28)), image_size("activation", (6, 28, 28), "channel")
-    ((200, 112), (200, 126))
+    ((256, 224), (256, 238))
     """
     geom: _Geom | None
     per_channel = PngScale(png_scale) is PngScale.channel
@@ -560,7 +564,14 @@ def _info(scale: Scale | str, lo: np.ndarray, hi: np.ndarray, per_channel: bool
 
 def _strongest(x: np.ndarray, names: list[str] | None) -> list[str]:
     """The largest values (NaN last, ties to the smaller index), one line each."""
-    order = np.argsort(-np.nan_to_num(x, nan=-np.inf), kind="stable")[:_TOP_K]
+    key = -np.nan_to_num(x, nan=-np.inf)
+    if key.size > _TOP_K:  # a partial sort: a full one of 9216 values costs more than drawing
+        # ties at the k-th value: every tied index joins, and the stable sort keeps the smallest
+        cut = np.partition(key, _TOP_K - 1)[_TOP_K - 1]
+        near = np.flatnonzero(key <= cut)
+        order = near[np.argsort(key[near], kind="stable")][:_TOP_K]
+    else:
+        order = np.argsort(key, kind="stable")
     lines = []
     for rank, i in enumerate(order.tolist(), 1):
         what = f"{i} {names[i]}" if names else f"{i}"
@@ -646,7 +657,16 @@ def _matrix(rows: int, cols: int, h: int, w: int, f: int, gap: int, row_unit: in
 def _grid_layout(c: int, h: int, w: int, per_channel: bool = False) -> _Geom | None:
     if c * h * w == 0:
         return None
-    return _tiles(c, h, w, upscale_factor(h, w), 1 if per_channel else 0)  # a caption line
+    return _tiles(c, h, w, _tile_factor(c, h, w), 1 if per_channel else 0)  # a caption line
+
+
+def _tile_factor(n: int, h: int, w: int) -> int:
+    """Tiles of ~32 px, and a grid of few tiles ~256 px wide: LeNet's six 28x28 maps are
+    drawn at 84 px, while AlexNet's 384 maps of 13x13 stay at 26 px (pixels cost encoding
+    time, and a wide grid is legible already)."""
+    cols = 1 if n == 1 else math.ceil(math.sqrt(n))
+    wide = round(_GRID_PX / max(cols * w, 1))
+    return max(upscale_factor(h, w), min(16, wide))
 
 
 def _vector_layout(n: int) -> _Geom | None:

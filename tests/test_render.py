@@ -53,6 +53,13 @@ def lut_end(scale: Scale, which: float) -> tuple[int, int, int]:
     return r, g, b
 
 
+def factor(n: int, h: int, w: int) -> int:
+    """The upscaling of a grid of n tiles: tiles of ~32 px, few tiles ~256 px wide, at most 16."""
+    cols = 1 if n == 1 else math.ceil(math.sqrt(n))
+    tile = max(1, min(16, round(32 / max(h, w))))
+    return max(tile, min(16, round(256 / (cols * w))))
+
+
 def tiles_layout(n: int, tile_h: int, tile_w: int, labels: bool = True
                  ) -> tuple[int, int, int, int, int]:
     """(width, height, left, cols, band) of a tile grid, from its stated rules."""
@@ -107,7 +114,7 @@ def says(img: Image.Image, note: str) -> bool:
 )
 def test_map_grid_size(shape: tuple[int, int, int], cols: int, rows: int) -> None:
     c, h, w = shape
-    f = upscale_factor(h, w)
+    f = factor(c, h, w)
     img = map_grid(torch.randn(shape))
     assert img.mode == "P"
     width, height, *_ = tiles_layout(c, h * f, w * f)
@@ -116,7 +123,7 @@ def test_map_grid_size(shape: tuple[int, int, int], cols: int, rows: int) -> Non
 
 
 def test_upscale_factor() -> None:
-    assert upscale_factor(5, 5) == 6  # LeNet's 5x5 maps become 30 px
+    assert upscale_factor(5, 5) == 6  # 5x5 maps become 30 px tiles (more in a small grid)
     assert upscale_factor(6, 6) == 5  # AlexNet's 6x6 maps become 30 px
     assert upscale_factor(13, 13) == 2  # 26 px: nearer 32 than 39 is
     assert upscale_factor(28, 28) == 1
@@ -127,9 +134,10 @@ def test_upscale_factor() -> None:
 
 def test_tiles_are_upscaled_with_nearest_neighbour_and_numbered() -> None:
     torch.manual_seed(0)
-    maps = torch.randn(5, 4, 6)  # factor round(32/6) = 5: 20 x 30 px tiles
+    maps = torch.randn(5, 4, 6)  # 3 columns of 6 values: factor 14, a ~256 px wide grid
     img = map_grid(maps)
-    f = 5
+    f = factor(5, 4, 6)
+    assert f == 14
     _, _, left, cols, band = tiles_layout(5, 4 * f, 6 * f)
     lo, hi = (float(v) for v in img.info["convmaps-range"].split(","))
     expected = colorize(((maps - lo) / (hi - lo)), Scale.DIVERGING)  # (5, 3, 4, 6)
@@ -143,21 +151,24 @@ def test_tiles_are_upscaled_with_nearest_neighbour_and_numbered() -> None:
 
 
 def test_small_tiles_carry_no_numbers() -> None:
-    img = map_grid(torch.rand(3, 50, 20))  # factor 1: 20 px wide tiles, under 24
-    width, height, *_ = tiles_layout(3, 50, 20, labels=False)
+    img = map_grid(torch.rand(100, 50, 20))  # factor 1: 20 px wide tiles, under 24
+    assert factor(100, 50, 20) == 1
+    width, height, *_ = tiles_layout(100, 50, 20, labels=False)
     assert img.size == (width, height)
 
 
 def test_map_grid_max_tiles_draws_first_channels() -> None:
     img = map_grid(torch.randn(100, 8, 8), max_tiles=9)
-    assert img.size == tiles_layout(9, 32, 32)[:2]
+    f = factor(9, 8, 8)
+    assert img.size == tiles_layout(9, 8 * f, 8 * f)[:2]
 
 
 def test_layer_scale_uses_one_range_for_all_tiles() -> None:
     maps = torch.stack([torch.full((4, 4), 1.0), torch.full((4, 4), 4.0)])
     img = map_grid(maps, Scale.SEQUENTIAL)
-    _, _, left, cols, band = tiles_layout(2, 32, 32)
-    a, b = (px(img, *tile_xy(i, 32, 32, left, cols, band)) for i in range(2))
+    t = 4 * factor(2, 4, 4)
+    _, _, left, cols, band = tiles_layout(2, t, t)
+    a, b = (px(img, *tile_xy(i, t, t, left, cols, band)) for i in range(2))
     assert a != b  # a per-tile range would draw both constant tiles alike
     assert img.info["convmaps-range"] == "0,4"
 
@@ -169,16 +180,17 @@ def test_channel_scale_gives_each_tile_its_own_range() -> None:
     ranges = [tuple(float(v) for v in r.split(",")) for r in img.info["convmaps-range"].split(";")]
     assert ranges == [pytest.approx(robust_limit(m, Scale.SEQUENTIAL), rel=1e-5) for m in maps]
     assert img.info["convmaps-png-scale"] == "channel"
-    _, height, left, cols, band = tiles_layout(2, 32, 32)
+    t = 8 * factor(2, 8, 8)
+    _, height, left, cols, band = tiles_layout(2, t, t)
     pixels = rgb(img)
-    tiles = [pixels[y : y + 32, x : x + 32]
-             for x, y in (tile_xy(i, 32, 32, left, cols, band) for i in range(2))]
+    tiles = [pixels[y : y + t, x : x + t]
+             for x, y in (tile_xy(i, t, t, left, cols, band) for i in range(2))]
     # the same pattern up to a factor 100: the same colours, tile for tile
     maps2 = torch.stack([maps[0], maps[0] * 100])
     img2 = map_grid(maps2, png_scale="channel")
     pixels2 = rgb(img2)
-    a, b = (pixels2[y : y + 32, x : x + 32]
-            for x, y in (tile_xy(i, 32, 32, left, cols, band) for i in range(2)))
+    a, b = (pixels2[y : y + t, x : x + t]
+            for x, y in (tile_xy(i, t, t, left, cols, band) for i in range(2)))
     assert np.array_equal(a, b)
     assert not np.array_equal(tiles[0], tiles[1])
     # the bar says so instead of numbers, on a line of its own
@@ -191,8 +203,8 @@ def test_channel_scale_gives_each_tile_its_own_range() -> None:
 
 
 def test_diverging_zero_is_neutral_and_signs_differ() -> None:
-    img = map_grid(torch.tensor([[[-2.0, 0.0, 2.0]]]))  # one 1x3 tile, factor 11
-    f = upscale_factor(1, 3)
+    img = map_grid(torch.tensor([[[-2.0, 0.0, 2.0]]]))  # one 1x3 tile, factor 16
+    f = factor(1, 1, 3)
     _, _, left, cols, band = tiles_layout(1, f, 3 * f)
     neg, zero, pos = (px(img, left + i * f, band) for i in range(3))
     assert zero == NEUTRAL
@@ -205,7 +217,8 @@ def test_colour_bar_shows_the_range_and_zero() -> None:
     img = map_grid(maps)
     lo, hi = robust_limit(maps, Scale.DIVERGING)
     assert img.info["convmaps-range"] == f"{lo:.6g},{hi:.6g}"
-    width, height, *_ = tiles_layout(4, 30, 30)
+    t = 10 * factor(4, 10, 10)
+    width, height, *_ = tiles_layout(4, t, t)
     bar_y, text_y = height - LEGEND + 4, height - LEGEND + 4 + 10 + 3
     bar_w = (width - 8) - 1 + (width - 8) % 2  # odd: one middle column
     bar = rgb(img)[bar_y + 5, 4 : 4 + bar_w]
@@ -256,7 +269,7 @@ def test_choose_scale() -> None:
 
 def test_nan_and_inf_colours() -> None:
     img = map_grid(torch.tensor([[[float("nan"), float("inf"), float("-inf"), -1.0, 1.0]]]))
-    f = upscale_factor(1, 5)
+    f = factor(1, 1, 5)
     _, _, left, _, band = tiles_layout(1, f, 5 * f)
     nan, pinf, ninf, neg, pos = (px(img, left + i * f, band) for i in range(5))
     assert nan == BLACK
@@ -270,7 +283,8 @@ def test_channels_last_and_half_precision_draw_the_same() -> None:
     assert not last.is_contiguous()
     assert png_bytes(map_grid(last)) == png_bytes(map_grid(t[0]))
     half = map_grid(torch.randn(4, 8, 8, dtype=torch.bfloat16))
-    assert half.size == tiles_layout(4, 32, 32)[:2]
+    t = 8 * factor(4, 8, 8)
+    assert half.size == tiles_layout(4, t, t)[:2]
 
 
 # --- robust ranges ------------------------------------------------------------------------------
@@ -428,6 +442,15 @@ def test_vector_names_its_strongest_classes() -> None:
     assert png_bytes(wrong) == png_bytes(plain)
 
 
+def test_strongest_ties_go_to_the_smaller_index() -> None:
+    v = torch.zeros(50)
+    v[[40, 3, 17, 9, 30, 44, 2]] = 1.0  # seven tied maxima: the five smallest indices win
+    img = render_activation(v)
+    top = img.height - 5 * LINE - 2
+    for rank, i in enumerate([2, 3, 9, 17, 30], 1):
+        assert shows_text(img, f"{rank}. {i}: 1", 4, top + (rank - 1) * LINE)
+
+
 def test_long_class_names_are_cut_to_the_picture() -> None:
     img = render_activation(torch.arange(4.0), classes=["x" * 200] * 4)
     assert img.size == image_size("activation", (4,))
@@ -462,26 +485,27 @@ def test_filter_grid_rgb_tiles() -> None:
     weight[0, 0] = 1.0  # filter 0: red kernel positive
     weight[9, 2] = -1.0  # filter 9: blue kernel negative
     img, note = filter_grid(weight)
-    f = upscale_factor(11, 11)
-    assert note is None and img.mode == "RGB" and f == 3
-    width, height, left, cols, band = tiles_layout(10, 33, 33)
+    t = 11 * factor(10, 11, 11)
+    assert note is None and img.mode == "RGB"
+    width, height, left, cols, band = tiles_layout(10, t, t)
     assert img.size == (width, height)
-    assert px(img, *tile_xy(0, 33, 33, left, cols, band)) == (255, 128, 128)
-    assert px(img, *tile_xy(9, 33, 33, left, cols, band)) == (128, 128, 0)
-    assert px(img, *tile_xy(5, 33, 33, left, cols, band)) == GREY  # zero weights: mid grey
-    assert shows_text(img, "9", *np.add(tile_xy(9, 33, 33, left, cols, band), (0, -band)))
+    assert px(img, *tile_xy(0, t, t, left, cols, band)) == (255, 128, 128)
+    assert px(img, *tile_xy(9, t, t, left, cols, band)) == (128, 128, 0)
+    assert px(img, *tile_xy(5, t, t, left, cols, band)) == GREY  # zero weights: mid grey
+    assert shows_text(img, "9", *np.add(tile_xy(9, t, t, left, cols, band), (0, -band)))
 
 
 def test_filter_grid_one_input_channel_is_tiles_not_a_strip() -> None:
     torch.manual_seed(0)
     weight = torch.randn(6, 1, 5, 5)  # LeNet's C1
     img, note = filter_grid(weight)
-    assert note is None and img.size == tiles_layout(6, 30, 30)[:2]
-    _, _, left, cols, band = tiles_layout(6, 30, 30)
+    f = factor(6, 5, 5)
+    assert note is None and img.size == tiles_layout(6, 5 * f, 5 * f)[:2]
+    _, _, left, cols, band = tiles_layout(6, 5 * f, 5 * f)
     lo, hi = robust_limit(weight, Scale.DIVERGING)
-    x, y = tile_xy(4, 30, 30, left, cols, band)
+    x, y = tile_xy(4, 5 * f, 5 * f, left, cols, band)
     want = colorize((weight[4, 0] - lo) / (hi - lo), Scale.DIVERGING).permute(1, 2, 0).numpy()
-    assert np.array_equal(rgb(img)[y : y + 30 : 6, x : x + 30 : 6], want)
+    assert np.array_equal(rgb(img)[y : y + 5 * f : f, x : x + 5 * f : f], want)
 
 
 def test_filter_grid_rows_per_filter_with_ticks() -> None:
@@ -506,7 +530,8 @@ def test_filter_grid_caps_and_says_so() -> None:
     assert says(img, note)
     img, note = filter_grid(torch.randn(96, 3, 11, 11), max_filters=64)
     assert note == "drew 64 of 96 filters (cap: --png-cap)"
-    width, height, *_ = tiles_layout(64, 33, 33)
+    t = 11 * factor(64, 11, 11)
+    width, height, *_ = tiles_layout(64, t, t)
     assert img.size == (width, height + len(textwrap.wrap(note, (width - 8) // 6)) * LINE + 2)
     assert says(img, note)
 
