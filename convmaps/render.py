@@ -49,6 +49,7 @@ __all__ = [
     "robust_limit",
     "tap_mosaic",
     "upscale_factor",
+    "vector_grid",
 ]
 
 # "A few standard deviations": the range shown is k·σ (lovely-tensors summarises with ±3σ).
