@@ -36,7 +36,7 @@ def test_types_are_converted_and_dashes_accepted(tmp_path):
         ("batch_size = true", "batch_size must be an integer"),
         ("png = 1", "png must be true or false"),
         ('dtype = "int8"', "dtype must be one of float32, float16, bfloat16"),
-        ('png-scale = "tile"', "png_scale must be one of layer, channel"),
+        ('png-scale = "tile"', "png-scale must be one of layer, channel"),
         ('inputs = "photos"', "inputs must be a list of strings"),
         ("inputs = [1, 2]", "inputs must be a list of strings"),
         ("model = ", "is not valid TOML"),
