@@ -19,7 +19,7 @@ from rich.text import Text
 
 from convmaps import __version__
 from convmaps.errors import ConvmapsError
-from convmaps.options import DType, DumpOptions, FilterOptions, Mode
+from convmaps.options import DType, DumpOptions, FilterOptions, Mode, PngScale
 
 app = typer.Typer(
     name="convmaps",
@@ -266,6 +266,10 @@ def dump(
     png_cap: Annotated[
         int, typer.Option("--png-cap", min=0, help="Kernel/tap-map PNGs for at most N filters.")
     ] = 16,
+    png_scale: Annotated[
+        str, typer.Option("--png-scale", help="Colour range of a PNG grid: `layer` (one for "
+                          "all tiles, so they compare) or `channel` (each tile its own).")
+    ] = "layer",
     shard: Annotated[
         str | None,
         typer.Option("--shard", help="I/N: do shard I (0-based) of N, e.g. a SLURM array task."),
@@ -290,8 +294,12 @@ def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> di
             continue
         if name == "dtype" and value not in DType.__members__:
             raise ConvmapsError(f"--dtype {value!r}: choose float32, float16 or bfloat16")
+        if name == "png_scale" and value not in PngScale.__members__:
+            raise ConvmapsError(f"--png-scale {value!r}: choose layer or channel")
         if name == "inputs":
             value = [str(p) for p in value or []]
+        if name == "png_scale":
+            value = PngScale(value)
         out[name] = DType(value) if name == "dtype" else str(value) if name == "out" else value
     return out
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -102,6 +103,18 @@ def test_dump_and_show(tmp_path):
     assert result.exit_code == 0 and "int64" in result.output
 
 
+def test_png_scale_channel_from_the_command_line(tmp_path):
+    img = write_image(tmp_path / "in" / "x.png")
+    result = run("dump", "lenet", img, "-w", "none", "--out", tmp_path / "o", "--layers", "C1",
+                 "--png-scale", "channel")
+    assert result.exit_code == 0, result.output
+    png = Image.open(tmp_path / "o" / "x.png" / "png" / "C1.png")
+    assert png.info["convmaps-png-scale"] == "channel"
+    assert len(png.info["convmaps-range"].split(";")) == 6
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["options"]["png_scale"] == "channel"
+
+
 def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
     args = ["dump", "lenet", tmp_path / "bad.png", "-w", "none", "--out", tmp_path / "o"]
@@ -117,6 +130,7 @@ def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
         (["dump", "lenet", "-w", "none", "--layers", "C9"], "no layer 'C9'"),
         (["dump", "lenet", "-w", "none", "--kernels", "relu1"], "conv layers only"),
         (["dump", "lenet", "-w", "none", "--dtype", "int8"], "--dtype"),
+        (["dump", "lenet", "-w", "none", "--png-scale", "tile"], "--png-scale"),
         (["dump", "lenet", "-w", "none", "/no/such/file.png"], "/no/such/file.png"),
         (["dump", "alexnet", "-w", "none"], "give INPUT"),
         (["dump", "lenet", "-w", "none", "--max-bytes", "10B"], "--max-bytes"),

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from convmaps.cli import app
 from convmaps.config import load_config, options_from
 from convmaps.errors import ConvmapsError
-from convmaps.options import DType
+from convmaps.options import DType, PngScale
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
@@ -22,10 +22,10 @@ def test_shipped_configs_are_valid(path):
 def test_types_are_converted_and_dashes_accepted(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('model = "lenet"\nbatch-size = 3\ndtype = "float16"\npng = false\n'
-                    'inputs = ["a", "b"]\n')
+                    'inputs = ["a", "b"]\npng-scale = "channel"\n')
     values = load_config(path)
     assert values == {"model": "lenet", "batch_size": 3, "dtype": DType.float16, "png": False,
-                      "inputs": ["a", "b"]}
+                      "inputs": ["a", "b"], "png_scale": PngScale.channel}
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,7 @@ def test_types_are_converted_and_dashes_accepted(tmp_path):
         ("batch_size = true", "batch_size must be an integer"),
         ("png = 1", "png must be true or false"),
         ('dtype = "int8"', "dtype must be one of float32, float16, bfloat16"),
+        ('png-scale = "tile"', "png-scale must be one of layer, channel"),
         ('inputs = "photos"', "inputs must be a list of strings"),
         ("inputs = [1, 2]", "inputs must be a list of strings"),
         ("model = ", "is not valid TOML"),
