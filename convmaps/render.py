@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -369,14 +371,12 @@ def png_bytes(img: Image.Image, compress_level: int = 1, note: str | None = None
     """Encode `img` as PNG, with its `convmaps-*` info (value range, scale) and `note` as text.
 
     Grids are palette images already (a byte per pixel, no adaptive row filters); an RGB
-    image of at most 256 colours is stored as one too, losslessly; any other is stored as
-    it is. Level 1 is the default. Measured on AlexNet's 21 activation grids of one photo
-    (4.9 Mpx; `benchmarks/bench_png.py`, a busy 2-core box; drawing them took 27 ms), levels
-    0/1/2/3/6 took 11/71/91/109/167 ms for 4842/1062/1034/1008/956 KiB: level 1 stores 4.6x
-    less than level 0, and higher levels save 3-10% more for 1.3-2.4x the time. zlib is now
-    most of a PNG's cost; level 0 would make a dump with PNGs ~1.9x one without (instead of
-    ~3x) at 4.6x the bytes on disk.
-    Pillow writes no timestamp, so the same image gives the same bytes.
+    image of at most 256 colours is stored as one too, losslessly; any other is stored by
+    Pillow as it is. Palette images are deflated by ISA-L (`isal`) rather than zlib: on
+    AlexNet's 64x55x55 grid, ISA-L's level 1 took 0.6 ms for 137 KB where zlib's took 3.9 ms
+    for 145 KB (zlib level 0: 0.1 ms for 264 KB), and zlib was most of a dump's PNG cost
+    (`benchmarks/bench_png.py`). The chunks are in a fixed order and carry no timestamp, so
+    the same image gives the same bytes.
 
     >>> from PIL import Image as I
     >>> import io
@@ -388,12 +388,45 @@ def png_bytes(img: Image.Image, compress_level: int = 1, note: str | None = None
     }
     if note is not None:
         text["convmaps-note"] = note
+    img = _lossless_palette(img)
+    if img.mode == "P" and img.width * img.height:
+        return _palette_png(img, dict(sorted(text.items())), compress_level)
     info = PngImagePlugin.PngInfo()
     for key in sorted(text):  # a fixed chunk order keeps the bytes deterministic
         info.add_text(key, text[key])  # Pillow falls back to iTXt for non-Latin-1 text
     buf = io.BytesIO()
-    _lossless_palette(img).save(buf, format="PNG", compress_level=compress_level, pnginfo=info)
+    img.save(buf, format="PNG", compress_level=compress_level, pnginfo=info)
     return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def _text_chunk(key: str, value: str) -> bytes:
+    try:  # tEXt is Latin-1; anything else goes in an uncompressed iTXt, as Pillow does
+        return _chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode())
+
+
+def _palette_png(img: Image.Image, text: dict[str, str], level: int) -> bytes:
+    """A palette image as PNG: IHDR, PLTE, text chunks, one IDAT of unfiltered rows deflated
+    by ISA-L, IEND (the format's own layout; Pillow reads every file back in the tests)."""
+    from isal import isal_zlib
+
+    rows = np.asarray(img, dtype=np.uint8)
+    raw = np.zeros((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)  # filter byte 0: none
+    raw[:, 1:] = rows
+    palette = bytes(img.getpalette() or [0, 0, 0])  # RGB triples
+    head = struct.pack(">IIBBBBB", img.width, img.height, 8, 3, 0, 0, 0)
+    parts = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", head), _chunk(b"PLTE", palette)]
+    parts += [_text_chunk(k, v) for k, v in text.items()]
+    level = min(max(level, 0), isal_zlib.ISAL_BEST_COMPRESSION)  # ISA-L has levels 0-3
+    deflated = isal_zlib.compress(raw.tobytes(), level)
+    parts += [_chunk(b"IDAT", deflated), _chunk(b"IEND", b"")]
+    return b"".join(parts)
 
 
 def image_size(kind: str, shape: tuple[int, ...],

@@ -698,3 +698,22 @@ GOLDEN = {
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_picture(name: str, golden) -> None:
     golden(f"render_{name}", png_bytes(GOLDEN[name]()))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (454, 580)])
+def test_palette_pngs_read_back_exactly(size):
+    """convmaps writes palette PNGs itself (ISA-L deflate): Pillow, an independent decoder,
+    reads back the same pixels, palette and text, and the bytes are deterministic."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 200, size[::-1], dtype=np.uint8), "L").convert("P")
+    img.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    img.info["convmaps-range"] = "-1,1"
+    data = png_bytes(img, note="crème brûlée 世界")
+    back = Image.open(io.BytesIO(data))
+    back.load()
+    assert back.mode == "P" and back.size == size
+    assert np.array_equal(np.asarray(back), np.asarray(img))
+    assert back.getpalette() == img.getpalette()
+    assert back.info["convmaps-range"] == "-1,1"
+    assert back.info["convmaps-note"] == "crème brûlée 世界"
+    assert png_bytes(img, note="crème brûlée 世界") == data
