@@ -482,6 +482,20 @@ def project(
                       f"list: {out / 'projections.json'}", highlight=False)
 
 
+@app.command()
+@reports_errors
+def report(
+    out: Annotated[Path, typer.Argument(help="An output folder: a dump, projections, filters/ "
+                                        "and/or topk/.")] = Path("convmaps_out"),
+) -> None:
+    """Write OUT/report/, a static HTML site of what OUT holds; open OUT/report/index.html from
+    disk in any browser (no server, no network)."""
+    from convmaps.report import build_report
+
+    index = build_report(out)
+    out_console.print(f"wrote {index.parent}; open {index.resolve().as_uri()}", highlight=False)
+
+
 def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:
     table = Table(title=title, title_justify="left")
     # min/max/mean/std leave NaN out; the NaN column counts them, shown only when there are.

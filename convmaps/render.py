@@ -452,6 +452,24 @@ def image_size(kind: str, shape: tuple[int, ...],
     return (geom.width, geom.height) if geom else (1, 1)
 
 
+def grid_geometry(shape: tuple[int, ...], png_scale: PngScale | str = PngScale.layer
+                  ) -> dict[str, int] | None:
+    """Where each channel's tile lies in the activation picture of a tensor of `shape`
+    (None for vectors and empty tensors): tile i's values start at (left + (i % cols) * px,
+    top + (i // cols) * py + band) and span w x h pixels. The report uses it to name the
+    channel under the mouse."""
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or shape[1] * shape[2] == 1:
+        return None
+    geom = _grid_layout(*shape, PngScale(png_scale) is PngScale.channel)
+    if geom is None:
+        return None
+    return {"left": geom.left, "top": geom.top, "px": geom.pitch_x, "py": geom.pitch_y,
+            "band": geom.band, "w": geom.w * geom.f, "h": geom.h * geom.f, "cols": geom.cols,
+            "n": geom.n, "width": geom.width, "height": geom.height}
+
+
 def png_bound(kind: str, shape: tuple[int, ...], png_scale: PngScale | str = PngScale.layer
               ) -> int:
     """An upper bound of the PNG bytes `png_bytes` writes for that picture: its raw palette

@@ -717,3 +717,21 @@ def test_palette_pngs_read_back_exactly(size):
     assert back.info["convmaps-range"] == "-1,1"
     assert back.info["convmaps-note"] == "crème brûlée 世界"
     assert png_bytes(img, note="crème brûlée 世界") == data
+
+
+def test_grid_geometry_finds_each_channels_tile():
+    from convmaps.render import grid_geometry
+
+    maps = torch.zeros(6, 7, 9)
+    for c in range(6):
+        maps[c] = c  # each tile one value: its channel number
+    img = np.asarray(map_grid(maps).convert("RGB"))
+    g = grid_geometry((6, 7, 9))
+    assert g is not None and (g["width"], g["height"]) == (img.shape[1], img.shape[0])
+    colours = []
+    for c in range(6):
+        x = g["left"] + (c % g["cols"]) * g["px"] + g["w"] // 2
+        y = g["top"] + (c // g["cols"]) * g["py"] + g["band"] + g["h"] // 2
+        colours.append(tuple(img[y, x]))
+    assert len(set(colours)) == 6  # six channels, six different colours at the tile centres
+    assert grid_geometry((10,)) is None
