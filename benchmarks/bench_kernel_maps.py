@@ -1,6 +1,6 @@
 """Kernel maps of every AlexNet conv, three ways, timed in one run (medians, as ratios).
 
-    python benchmarks/bench_kernel_maps.py [--images 4] [--repeats 5] [--device cpu]
+    python benchmarks/bench_kernel_maps.py [--images 4] [--repeats 5] [--device cpu] [--busy]
 
 - forward: the plain forward pass through `features` (the part every method pays).
 - floor:   the same forward pass plus writing as many bytes as the kernel maps take, raw,
@@ -13,6 +13,12 @@
 - recipe-compute / convmaps-compute: the maps alone, written nowhere (inputs captured
            beforehand), to separate computing from writing.
 
+- convmaps-all-cores: convmaps with one torch thread per core (torch's own default), to show
+           what convmaps' `--threads` default (every core but one) avoids on a busy machine.
+
+Every method but convmaps-all-cores runs with convmaps' default thread count (`--threads`).
+`--busy` keeps one CPU-bound process spinning beside the benchmark, as a shared machine has.
+
 Work = time beyond the plain forward pass. Goals (issue 4): convmaps work <= 0.5x the
 recipe's, and convmaps total within 1.3x of the floor.
 """
@@ -20,7 +26,10 @@ recipe's, and convmaps total within 1.3x of the floor.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,9 +41,13 @@ from torch import nn
 
 from convmaps import decompose
 from convmaps.capture import trace
+from convmaps.dump import default_threads, threads
 from convmaps.models import build
 from convmaps.options import DumpOptions
 from convmaps.store import TensorSpec, parse_bytes, write_safetensors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/
+from tests.reference import forum_kernel_maps  # noqa: E402
 
 
 def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -44,6 +57,14 @@ def _convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 def _inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     names = [n for n, _ in _convs(model)]
     return {k: v[0] for k, v in trace(model, x, [], names).inputs.items()}
+
+
+def _kernel_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Bytes of each conv's float32 kernel maps for one image, from its real output shape."""
+    convs = dict(_convs(model))
+    outputs = trace(model, x, list(convs)).outputs
+    return {name: convs[name].in_channels // convs[name].groups * out[0].numel() * 4
+            for name, out in outputs.items()}
 
 
 def forward(model: nn.Module, x: torch.Tensor, out: Path) -> None:
@@ -64,20 +85,19 @@ def floor(model: nn.Module, x: torch.Tensor, out: Path, nbytes: int) -> None:
 
 def recipe(model: nn.Module, x: torch.Tensor, out: Path) -> None:
     inputs = _inputs(model, x)
-    maps = {name: decompose.forum_kernel_maps(conv, inputs[name]).contiguous()
+    maps = {name: forum_kernel_maps(conv, inputs[name]).contiguous()
             for name, conv in _convs(model)}
     save_file(maps, out)
 
 
-def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20) -> None:
+def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20,
+             nbytes: dict[str, int] | None = None) -> None:
     inputs = _inputs(model, x)
     specs, streams = [], []
     for name, conv in _convs(model):
-        c_in, h, w = inputs[name].shape
-        nbytes = decompose.kernel_maps_bytes(conv, (c_in, h, w))
         sample = decompose.kernel_maps(conv, inputs[name], filters=slice(0, 1))
         specs.append(TensorSpec(name, torch.float32, (conv.out_channels, *sample.shape[1:])))
-        assert specs[-1].nbytes == nbytes
+        assert nbytes is None or specs[-1].nbytes == nbytes[name]
         streams.append((name, decompose.kernel_map_chunks(conv, inputs[name], chunk)))
 
     def chunks():
@@ -90,7 +110,7 @@ def convmaps(model: nn.Module, x: torch.Tensor, out: Path, chunk: int = 64 << 20
 
 def recipe_compute(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
     for name, conv in _convs(model):
-        decompose.forum_kernel_maps(conv, inputs[name]).contiguous()
+        forum_kernel_maps(conv, inputs[name]).contiguous()
 
 
 def convmaps_compute(model: nn.Module, inputs: dict[str, torch.Tensor], chunk: int) -> None:
@@ -111,24 +131,47 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunk", default=DumpOptions.chunk_bytes, help="convmaps' chunk size")
+    ap.add_argument("--threads", type=int, default=None, help="default: convmaps' own default")
+    ap.add_argument("--busy", action="store_true", help="a competing CPU-bound process runs")
     args = ap.parse_args()
+    busy = None
+    if args.busy:  # bounded: it ends by itself after an hour if this process is killed
+        busy = subprocess.Popen([sys.executable, "-c",
+                                 "import time\nend = time.time() + 3600\n"
+                                 "while time.time() < end: pass"])
+    try:
+        run(args)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+
+def run(args: argparse.Namespace) -> None:
     chunk = parse_bytes(args.chunk)
     torch.manual_seed(0)
     model = build("alexnet").eval().to(args.device)
     images = [torch.randn(1, 3, 224, 224, device=args.device) for _ in range(args.images)]
-    nbytes = sum(decompose.kernel_maps_bytes(c, tuple(v.shape))
-                 for (n, c), v in zip(_convs(model), _inputs(model, images[0]).values(),
-                                      strict=True))
+    per_conv = _kernel_bytes(model, images[0])
+    nbytes = sum(per_conv.values())
     tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-"))
     captured = {id(x): _inputs(model, x) for x in images}
     methods: dict[str, Callable[[torch.Tensor, Path], None]] = {
         "forward": lambda x, p: forward(model, x, p),
         "floor": lambda x, p: floor(model, x, p, nbytes),
         "recipe": lambda x, p: recipe(model, x, p),
-        "convmaps": lambda x, p: convmaps(model, x, p, chunk),
+        "convmaps": lambda x, p: convmaps(model, x, p, chunk, per_conv),
         "recipe-compute": lambda x, p: recipe_compute(model, captured[id(x)]),
         "convmaps-compute": lambda x, p: convmaps_compute(model, captured[id(x)], chunk),
+        "convmaps-all-cores": lambda x, p: convmaps(model, x, p, chunk, per_conv),
     }
+    n_threads = args.threads or default_threads()
+    cores = len(os.sched_getaffinity(0))
+
+    def timed(name: str, fn: Callable[[], None]) -> float:
+        with threads(cores if name == "convmaps-all-cores" else n_threads):
+            return _time(fn)
+
     for fn in methods.values():  # warm-up: allocator, kernels, page cache
         fn(images[0], tmp / "warm")
     times: dict[str, list[float]] = {k: [] for k in methods}
@@ -137,19 +180,22 @@ def main() -> None:
             total = 0.0
             for i, x in enumerate(images):
                 path = tmp / f"{name}-{i}.bin"
-                total += _time(lambda: fn(x, path))  # noqa: B023
+                total += timed(name, lambda: fn(x, path))  # noqa: B023
                 path.unlink(missing_ok=True)
             times[name].append(total / len(images))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"AlexNet, all 5 convs, {nbytes / 1e6:.1f} MB of kernel maps per image, "
           f"{args.images} images x {args.repeats} repeats on {args.device}, chunks of "
-          f"{args.chunk}; median s/image:")
+          f"{args.chunk}, {n_threads} thread(s) of {cores} cores"
+          f"{', beside a busy process' if args.busy else ''}; median s/image:")
     for k, v in med.items():
         print(f"  {k:16s} {v:7.3f}")
     work = {k: med[k] - med["forward"] for k in ("floor", "recipe", "convmaps")}
     print(f"convmaps work / recipe work = {work['convmaps'] / work['recipe']:.2f}  (goal <= 0.5)")
     print(f"convmaps / floor            = {med['convmaps'] / med['floor']:.2f}  (goal <= 1.3)")
     print(f"convmaps work / floor work  = {work['convmaps'] / work['floor']:.2f}")
+    print(f"one thread per core / convmaps' threads = "
+          f"{med['convmaps-all-cores'] / med['convmaps']:.2f}")
     ratio = med["convmaps-compute"] / med["recipe-compute"]
     print(f"computing alone: convmaps / recipe = {ratio:.2f}")
 

@@ -1,3 +1,3 @@
 from convmaps.cli import main
 
-main()
+raise SystemExit(main())

@@ -96,14 +96,19 @@ def list_layers(model: nn.Module) -> list[Layer]:
     return out
 
 
-def _spec_help(layers: Sequence[Layer], root_name: str) -> str:
+def _spec_help(layers: Sequence[Layer], root_name: str, conv_only: bool = False) -> str:
+    if conv_only:
+        convs = [layer.name for layer in layers if layer.kind == Kind.conv]
+        return f"conv layers: {_listing(convs)}" if convs else "the model has no conv layers"
     indexed = [layer.index for layer in layers if layer.index is not None]
     where = root_name or "the model's top level"
-    names = [layer.name for layer in layers]
-    shown = ", ".join(names[:40]) + (f", … (+{len(names) - 40})" if len(names) > 40 else "")
     idx = f"indices 0-{max(indexed)} (into {where}); " if indexed else ""
     words = ", ".join(k.value for k in Kind if k != Kind.other)
-    return f"{idx}names: {shown}; type words: {words}, all"
+    return f"{idx}names: {_listing([layer.name for layer in layers])}; type words: {words}, all"
+
+
+def _listing(names: Sequence[str], cap: int = 40) -> str:
+    return ", ".join(names[:cap]) + (f", … (+{len(names) - cap})" if len(names) > cap else "")
 
 
 def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag: str = "--layers"
@@ -112,52 +117,62 @@ def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag:
 
     SPEC items (comma-separated): an index into the feature extractor (`3`), a range (`0-5`), a
     qualified module name (`features.3`, `C3`), or a type word (`conv`, `relu`, `pool`,
-    `linear`, `all`). With `conv_only`, type words keep only Conv2d layers and naming any other
-    layer is an error.
+    `linear`, `all`). `None` means `all`; a SPEC with no item (`""`, `","`) is an error, as is
+    an item that selects nothing (`pool` on a model without pools). With `conv_only`, type
+    words keep only Conv2d layers (so `relu` selects nothing) and naming any other layer is an
+    error. (The CLI passes its own default, e.g. `all` for `--layers ""`, before calling this.)
 
     Raises:
-        UnknownLayerError: an item matches nothing; the message lists what exists.
+        UnknownLayerError: an empty SPEC, or an item that matches nothing; the message names
+            `flag` and lists what exists.
     """
     layers = list_layers(model)
     root_name, _ = _root(model)
-    by_index = {layer.index: layer for layer in layers if layer.index is not None}
-    by_name = {layer.name: layer for layer in layers}
-    modules = dict(model.named_modules())
+    items = [raw.strip() for raw in ("all" if spec is None else spec).split(",")]
+    if not any(items):
+        raise UnknownLayerError(f"{flag}: empty SPEC {spec!r} selects nothing; "
+                                f"{_spec_help(layers, root_name, conv_only)}")
     chosen: dict[str, Layer] = {}
-    for raw in (spec or "all").split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        found: list[Layer]
-        if item == "all" or item in Kind.__members__:
-            found = [x for x in layers if item == "all" or x.kind == item]
-            if conv_only:
-                found = [x for x in found if x.kind == Kind.conv]
-        elif m := re.fullmatch(r"(\d+)(?:-(\d+))?", item):
-            lo, hi = int(m[1]), int(m[2] or m[1])
-            top = max(by_index, default=-1)
-            if lo > hi or hi > top or any(i not in by_index for i in range(lo, hi + 1)):
-                raise UnknownLayerError(
-                    f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}"
-                )
-            found = [by_index[i] for i in range(lo, hi + 1)]
-        elif item in by_name:
-            found = [by_name[item]]
-        elif item in modules and item:
-            found = [Layer(item, None, modules[item])]
-        else:
-            raise UnknownLayerError(f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}")
-        if conv_only and item != "all" and item not in Kind.__members__:
-            for x in found:
-                if x.kind != Kind.conv:
-                    raise UnknownLayerError(
-                        f"{flag} takes conv layers only; {x.name} is "
-                        f"{type(x.module).__name__} (try {flag} conv)"
-                    )
+    for item in filter(None, items):
+        found = _select_item(model, layers, root_name, item, conv_only, flag)
+        if not found:
+            what = f"conv layer ({flag} takes conv layers only)" if conv_only else "layer"
+            raise UnknownLayerError(f"{flag}: {item!r} selects no {what}; "
+                                    f"{_spec_help(layers, root_name, conv_only)}")
         for x in found:
             chosen.setdefault(x.name, x)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(chosen.values(), key=lambda x: order[x.name])
+
+
+def _select_item(model: nn.Module, layers: list[Layer], root_name: str, item: str,
+                 conv_only: bool, flag: str) -> list[Layer]:
+    """The layers one non-empty SPEC item names (possibly none, for a type word)."""
+    if item == "all" or item in Kind.__members__:
+        found = [x for x in layers if item == "all" or x.kind == item]
+        return [x for x in found if x.kind == Kind.conv] if conv_only else found
+    by_index = {layer.index: layer for layer in layers if layer.index is not None}
+    by_name = {layer.name: layer for layer in layers}
+    modules = dict(model.named_modules())
+    if m := re.fullmatch(r"(\d+)(?:-(\d+))?", item):
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        top = max(by_index, default=-1)
+        if lo > hi or hi > top or any(i not in by_index for i in range(lo, hi + 1)):
+            raise UnknownLayerError(f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}")
+        found = [by_index[i] for i in range(lo, hi + 1)]
+    elif item in by_name:
+        found = [by_name[item]]
+    elif item in modules:
+        found = [Layer(item, None, modules[item])]
+    else:
+        raise UnknownLayerError(f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}")
+    for x in found if conv_only else []:
+        if x.kind != Kind.conv:
+            raise UnknownLayerError(
+                f"{flag} takes conv layers only; {x.name} is "
+                f"{type(x.module).__name__} (try {flag} conv)"
+            )
+    return found
 
 
 @dataclass
@@ -181,27 +196,50 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 
 @contextmanager
-def _no_inplace(model: nn.Module) -> Iterator[None]:
-    """Turn off `inplace` (torchvision's ReLU(inplace=True)) so a conv's captured output is not
-    overwritten by the next ReLU; restored afterwards."""
-    flipped = [m for m in model.modules() if getattr(m, "inplace", None) is True]
-    for m in flipped:
-        m.inplace = False  # type: ignore[assignment]
+def _borrowed(model: nn.Module) -> Iterator[None]:
+    """Give back every submodule's `training` and `inplace` flags and every buffer as found.
+
+    `model.train(flag)` recurses, so restoring only the top-level flag would set every
+    submodule to it (a model with some submodules frozen in eval mode would come back all in
+    training mode). Buffers are restored into the same tensor objects, only when changed.
+    """
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    inplace = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
+    buffers = [(m, k, b, b._version, b.clone()) for m in modules
+               for k, b in m._buffers.items() if b is not None]
     try:
         yield
     finally:
-        for m in flipped:
-            m.inplace = True  # type: ignore[assignment]
+        for m, flag in zip(modules, training, strict=True):
+            m.training = flag
+        for m, value in inplace:
+            m.inplace = value
+        with torch.no_grad():
+            for m, k, b, version, saved in buffers:
+                if m._buffers.get(k) is not b:
+                    m._buffers[k] = b
+                if b._version != version:
+                    b.copy_(saved)
+
+
+def _where(name: str, prefix: str, model: nn.Module) -> str:
+    """The innermost running module as the caller knows it: its qualified name under `prefix`
+    (the part of the traced module that is the caller's model), else the model's own class."""
+    if name.startswith(prefix) and name != prefix:
+        return name.removeprefix(prefix)
+    own = model.get_submodule(prefix.removesuffix(".")) if prefix else model
+    return f"{type(own).__name__}'s own forward code"
 
 
 def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs: Collection[str],
-         clone: bool) -> tuple[Trace, list[str]]:
+         clone: bool, prefix: str = "") -> tuple[Trace, list[str]]:
     """Forward with hooks; returns the trace and the keys whose tensors changed after capture."""
     got_out: dict[str, torch.Tensor] = {}
     got_in: dict[str, torch.Tensor] = {}
     versions: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
     calls: dict[str, int] = {}
-    current = [""]
+    running: list[str] = []  # the modules whose forward has begun and not returned
 
     def keep(kind: str, store: dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
         t = t.detach()
@@ -212,7 +250,7 @@ def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs
 
     def pre_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            current[0] = name
+            running.append(name)
             if name in inputs and (t := _first_tensor(args)) is not None:
                 n = calls.get(name, 0)
                 keep("in", got_in, name if n == 0 else f"{name}@{n}", t)
@@ -221,6 +259,8 @@ def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs
 
     def post_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
+            while running and running.pop() != name:
+                pass  # a module whose error the model's own code caught never returned
             n = calls.get(name, 0)
             calls[name] = n + 1
             if name in outputs and (t := _first_tensor(result)) is not None:
@@ -229,28 +269,30 @@ def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs
         return hook
 
     handles = []
-    was_training = model.training
-    try:
-        for name, module in model.named_modules():
-            if name in outputs or name in inputs:
+    with _borrowed(model):
+        try:
+            for name, module in model.named_modules():
                 handles.append(module.register_forward_pre_hook(pre_hook(name)))
                 handles.append(module.register_forward_hook(post_hook(name)))
-            elif not any(True for _ in module.children()):
-                handles.append(module.register_forward_pre_hook(pre_hook(name)))
-        model.eval()
-        with torch.no_grad(), _no_inplace(model):
-            try:
+            for module in model.modules():
+                if isinstance(getattr(module, "inplace", None), bool):
+                    # In-place ReLUs would overwrite a captured conv output; _borrowed restores.
+                    module.inplace = False  # type: ignore[assignment]
+            model.eval()
+            with torch.no_grad():
                 model(batch)
-            except RuntimeError as e:
-                where = f" in {current[0]}" if current[0] else ""
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise ConvmapsError(
-                    f"forward pass failed{where} for input {tuple(batch.shape)}: {first}"
-                ) from e
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        except ConvmapsError:
+            raise
+        except Exception as e:
+            # Any error of the model's own code (shape asserts raise AssertionError, ...).
+            where = _where(running[-1] if running else prefix, prefix, model)
+            text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConvmapsError(
+                f"forward pass failed in {where} for input {tuple(batch.shape)}: {text}"
+            ) from e
+        finally:
+            for h in handles:
+                h.remove()
     changed = [key for (_, key), (t, v) in versions.items() if t._version != v]
     return Trace(got_out, got_in), changed
 
@@ -259,18 +301,30 @@ def trace(model: nn.Module, batch: torch.Tensor, outputs: Collection[str],
           inputs: Collection[str] = ()) -> Trace:
     """Outputs of the modules named in `outputs` and inputs of those in `inputs`, exactly.
 
-    In-place modules are switched off for the pass. Should the model's own forward code still
-    modify a captured tensor in place afterwards (e.g. ResNet's `out += identity`), the
-    tensor's version counter shows it and the pass is redone with every capture cloned.
-    Hooks are always removed and `model.training` restored.
+    The pass runs in eval mode under `torch.no_grad()` with in-place modules switched off.
+    Should the model's own forward code still modify a captured tensor in place afterwards
+    (e.g. ResNet's `out += identity`), the tensor's version counter shows it and the pass is
+    redone with every capture cloned. The model is left exactly as found: hooks removed, and
+    every submodule's `training` and `inplace` flags and buffers restored.
+
+    Raises:
+        UnknownLayerError: a name that is no module of `model`.
+        ConvmapsError: the forward pass failed (any exception of the model's code, kept as
+            `__cause__`); the message names the innermost running module and the input shape.
     """
+    return _trace(model, batch, outputs, inputs)
+
+
+def _trace(model: nn.Module, batch: torch.Tensor, outputs: Collection[str],
+           inputs: Collection[str], prefix: str = "") -> Trace:
+    """`trace`, where the caller's model is the submodule `prefix` (empty: all of `model`)."""
     names = dict(model.named_modules())
-    unknown = [n for n in [*outputs, *inputs] if n not in names]
+    unknown = [n.removeprefix(prefix) for n in [*outputs, *inputs] if n not in names]
     if unknown:
         raise UnknownLayerError(f"no module named {', '.join(unknown)}")
-    result, changed = _run(model, batch, set(outputs), set(inputs), clone=False)
+    result, changed = _run(model, batch, set(outputs), set(inputs), clone=False, prefix=prefix)
     if changed:
-        result, _ = _run(model, batch, set(outputs), set(inputs), clone=True)
+        result, _ = _run(model, batch, set(outputs), set(inputs), clone=True, prefix=prefix)
     return result
 
 
@@ -308,10 +362,7 @@ def _meta_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Collecti
     wrapper = _Call()
     wrapper.add_module("model", model)
     prefixed = [f"model.{n}" for n in names]
-    try:
-        t = trace(wrapper, x, prefixed, prefixed)
-    except ConvmapsError as e:
-        raise ConvmapsError(str(e).replace(" in model.", " in ", 1)) from e.__cause__
+    t = _trace(wrapper, x, prefixed, prefixed, prefix="model.")
     strip = len("model.")
     return Trace({k[strip:]: v for k, v in t.outputs.items()},
                  {k[strip:]: v for k, v in t.inputs.items()})

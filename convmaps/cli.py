@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -19,7 +19,7 @@ from rich.text import Text
 
 from convmaps import __version__
 from convmaps.errors import ConvmapsError
-from convmaps.options import DType, DumpOptions, FilterOptions, Mode
+from convmaps.options import DType, DumpOptions, FilterOptions, Mode, PngScale
 
 app = typer.Typer(
     name="convmaps",
@@ -277,6 +277,10 @@ def dump(
     png_cap: Annotated[
         int, typer.Option("--png-cap", min=0, help="Kernel/tap-map PNGs for at most N filters.")
     ] = 16,
+    png_scale: Annotated[
+        str, typer.Option("--png-scale", help="Colour range of a PNG grid: `layer` (one for "
+                          "all tiles, so they compare) or `channel` (each tile its own).")
+    ] = "layer",
     shard: ShardOpt = None,
 ) -> None:
     """Run images through MODEL and write activations, switches, kernel and tap maps.
@@ -298,8 +302,12 @@ def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> di
             continue
         if name == "dtype" and value not in DType.__members__:
             raise ConvmapsError(f"--dtype {value!r}: choose float32, float16 or bfloat16")
+        if name == "png_scale" and value not in PngScale.__members__:
+            raise ConvmapsError(f"--png-scale {value!r}: choose layer or channel")
         if name == "inputs":
             value = [str(p) for p in value or []]
+        if name == "png_scale":
+            value = PngScale(value)
         out[name] = DType(value) if name == "dtype" else str(value) if name == "out" else value
     return out
 
@@ -562,13 +570,31 @@ def topk(
                           f"writes {plan.folder}", highlight=False)
 
 
+@app.command()
+@reports_errors
+def report(
+    out: Annotated[Path, typer.Argument(help="An output folder: a dump, projections, filters/ "
+                                        "and/or topk/.")] = Path("convmaps_out"),
+) -> None:
+    """Write OUT/report/, a static HTML site of what OUT holds; open OUT/report/index.html from
+    disk in any browser (no server, no network)."""
+    from convmaps.report import build_report
+
+    index = build_report(out)
+    out_console.print(f"wrote {index.parent}; open {index.resolve().as_uri()}", highlight=False)
+
+
 def _stats_table(title: str, stats: list[Any], per_image: bool = False) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "zeros"):
+    # min/max/mean/std leave NaN out; the NaN column counts them, shown only when there are.
+    nan_column = any(s.nans for s in stats)
+    for col in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "zeros",
+                *(["NaN"] if nan_column else [])):
         table.add_column(col, justify="left" if col in ("tensor", "dtype") else "right")
     for s in stats:
         table.add_row(s.name, _shape(s.shape), s.dtype, f"{s.min:.4g}", f"{s.max:.4g}",
-                      f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.zeros:.1%}")
+                      f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.zeros:.1%}",
+                      *([f"{s.nans:,}"] if nan_column else []))
     return table
 
 
@@ -649,5 +675,33 @@ def train_lenet(
         out_console.print(f"wrote sample images to {samples}")
 
 
-def main() -> None:
-    app()
+# click's UsageError (base of BadParameter, NoSuchOption, MissingParameter, ...), whether typer
+# uses click itself or its own copy of it, as newer typers do.
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _usage_line(e: Exception) -> str:
+    """A click usage error as one line, with the command whose --help tells more."""
+    text = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "convmaps"
+    return f"{text} (see `{path} --help`)"
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """The `convmaps` entry point: run the app on `args` (default: sys.argv) and return the exit
+    code. A usage error (a bad option value, an unknown option, a missing argument) is one line
+    on stderr and exit code 2, as click's own; `--help` and `--version` work as usual."""
+    try:
+        code = app(args, prog_name="convmaps", standalone_mode=False)
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `convmaps`: the help is shown
+            if message := e.format_message().strip():  # type: ignore[attr-defined]
+                out_console.print(message, markup=False, highlight=False)
+            return int(e.exit_code)  # type: ignore[attr-defined]
+        _fail(_usage_line(e))
+        return int(e.exit_code)  # type: ignore[attr-defined]
+    except typer.Abort:
+        _fail("aborted")
+        return 1
+    return code if isinstance(code, int) else 0

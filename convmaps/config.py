@@ -30,6 +30,9 @@ COMMANDS: dict[str, type[DumpOptions] | type[FilterOptions]] = {
     "dump": DumpOptions, "filters": FilterOptions,
 }
 
+# Size options: a string such as "8GB" or an integer number of bytes.
+_SIZES = frozenset({"max_bytes", "chunk_bytes"})
+
 
 def _allowed(hint: Any) -> tuple[tuple[type, ...], type | None, str]:
     """(accepted TOML value types, list item type or None, words for an error)."""
@@ -43,7 +46,24 @@ def _allowed(hint: Any) -> tuple[tuple[type, ...], type | None, str]:
     return tuple(args), None, " or ".join(words.get(a, a.__name__) for a in args)
 
 
+def _check_size(path: Path, key: str, value: Any) -> str:
+    """A size option (`max_bytes = "8GB"` or a whole number of bytes), checked now so that the
+    error names the file; kept as the string the option's field holds."""
+    from convmaps.store import parse_bytes  # here: store imports torch, this module does not
+
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConvmapsError(f"{path}: {key} must be a size such as \"8GB\" or a whole number "
+                            f"of bytes, not {value!r}")
+    try:
+        parse_bytes(value)
+    except ConvmapsError as e:
+        raise ConvmapsError(f"{path}: {key}: {e}") from None
+    return str(value)
+
+
 def _check(path: Path, key: str, value: Any, hint: Any) -> Any:
+    if key.replace("-", "_") in _SIZES:
+        return _check_size(path, key, value)
     accepted, item, words = _allowed(hint)
     # TOML's true is not an integer here, whatever Python's bool subclassing says.
     ok = isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)
@@ -60,7 +80,10 @@ def _check(path: Path, key: str, value: Any, hint: Any) -> Any:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
+    except UnicodeDecodeError as e:
+        raise ConvmapsError(f"{path} is not UTF-8 text, as TOML must be: byte "
+                            f"0x{e.object[e.start]:02x} at offset {e.start}") from e
     except OSError as e:
         raise ConvmapsError(f"cannot read config {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:

@@ -38,7 +38,7 @@ image concatenated chunks are bit-for-bit the unchunked result.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "forum_kernel_maps",
     "kernel_map_chunks",
     "kernel_maps",
-    "kernel_maps_bytes",
     "tap_map_chunks",
     "tap_maps",
-    "tap_maps_bytes",
 ]
 
 # A tile is at most this many filters and this many bytes of maps in the compute dtype.
@@ -149,18 +146,6 @@ def _filter_range(filters: slice | None, c_out: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
-def _shape_hw(in_shape: Sequence[int], g: _Geometry) -> tuple[int, int, int]:
-    """(N, H, W) of an input shape (C, H, W) or (N, C, H, W), checked against the conv."""
-    shape = tuple(int(s) for s in in_shape)
-    if len(shape) not in (3, 4):
-        raise ValueError(f"expected an input shape (C, H, W) or (N, C, H, W), got {shape}")
-    n = shape[0] if len(shape) == 4 else 1
-    c, h, w = shape[-3:]
-    if c != g.c_in:
-        raise ValueError(f"the conv expects {g.c_in} input channels, the input has {c}")
-    return n, h, w
-
-
 def _check_storage(max_bytes: int, dtype: torch.dtype) -> None:
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -168,63 +153,90 @@ def _check_storage(max_bytes: int, dtype: torch.dtype) -> None:
         raise ValueError(f"maps are stored as a floating dtype, got {dtype}")
 
 
+# -- tiles: which filters are computed together (pure functions of the layer's numbers) ------
+
+
+def _tile_size(per_filter_elements: int, itemsize: int) -> int:
+    """Filters per tile; depends on the layer and image size only, never on a chunk."""
+    per_filter_bytes = per_filter_elements * itemsize
+    return max(1, min(_TILE_FILTERS, _TILE_BYTES // max(1, per_filter_bytes)))
+
+
+def _tiles(o0: int, o1: int, size: int, unit: int) -> Iterator[tuple[int, int]]:
+    """The fixed tiles (start, stop) that cover filters [o0, o1): `size` filters from the start
+    of each `unit` (a tile never crosses one), the last tile of a unit shorter."""
+    for base in range(o0 - o0 % unit, o1, unit):
+        end = base + unit
+        if max(o0, base) >= min(o1, end):
+            continue
+        first = base + (max(o0, base) - base) // size * size
+        for t0 in range(first, min(o1, end), size):
+            yield t0, min(t0 + size, end)
+
+
+def _plan_chunks(
+    c_out: int, unit: int, size: int, per_filter_bytes: int, max_bytes: int
+) -> list[tuple[range, list[range]]]:
+    """(computed block, chunks yielded from it) pairs covering every filter in order.
+
+    Chunks are whole units (groups) or whole tiles when max_bytes allows, so no chunk pays for
+    a partial tile; when one tile is larger than max_bytes, each tile is computed once and
+    handed out in pieces, so no filter is ever computed twice.
+    """
+    fit = max(1, max_bytes // per_filter_bytes)
+    if fit >= unit:
+        step = fit - fit % unit
+        blocks = [range(o, min(o + step, c_out)) for o in range(0, c_out, step)]
+    elif fit >= size:
+        step = fit - fit % size
+        blocks = [
+            range(o, min(o + step, base + unit))
+            for base in range(0, c_out, unit)
+            for o in range(base, base + unit, step)
+        ]
+    else:
+        return [
+            (range(t0, t1), [range(o, min(o + fit, t1)) for o in range(t0, t1, fit)])
+            for t0, t1 in _tiles(0, c_out, size, unit)
+        ]
+    return [(block, [block]) for block in blocks]
+
+
+# -- the prepared layer -----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
 class _Layer:
-    """One conv and its (padded) input, ready to produce any range of filters' maps."""
+    """One conv and its padded input in the compute dtype, ready for any range of filters."""
 
-    def __init__(self, conv: nn.Conv2d, x: Tensor) -> None:
-        g = _geometry(conv)
-        if x.dim() not in (3, 4):
-            raise ValueError(f"expected x of shape (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
-        if x.shape[-3] != g.c_in:
-            raise ValueError(f"the conv expects {g.c_in} input channels, x has {x.shape[-3]}")
-        weight = conv.weight.detach()
-        if x.device != weight.device:
-            raise ValueError(f"x is on {x.device} but the conv's weight is on {weight.device}")
-        dtype = torch.promote_types(x.dtype, weight.dtype)
-        if not dtype.is_floating_point:
-            raise TypeError(f"expected a floating-point input, got {x.dtype}")
-        # At least fp32: half-precision sums of many products lose the small kernel maps
-        # that make a decomposition worth looking at; fp64 stays fp64.
-        self.dtype = torch.promote_types(dtype, torch.float32)
-        self.g = g
-        self.batched = x.dim() == 4
-        # Detached inputs: no autograd graph, and bmm(out=...) is allowed.
-        x4 = (x if self.batched else x.unsqueeze(0)).detach().to(self.dtype)
-        if any(g.pad):
-            mode = "constant" if g.padding_mode == "zeros" else g.padding_mode
-            x4 = F.pad(x4, g.pad, mode=mode)
-        self.xp = x4.contiguous()
-        self.n = self.xp.shape[0]
-        left, right, top, bottom = g.pad
-        self.ho, self.wo = g.out_hw(
-            self.xp.shape[-2] - top - bottom, self.xp.shape[-1] - left - right
-        )
-        self.length = self.ho * self.wo
-        self.w = weight.to(self.dtype).reshape(g.c_out, g.cg, g.taps)
-        self._cols: Tensor | None = None
-        self._w_taps: Tensor | None = None
+    g: _Geometry
+    dtype: torch.dtype  # the compute dtype: the input's, at least float32
+    batched: bool  # whether the caller's x had a batch axis
+    xp: Tensor  # (N, C_in, H + pads, W + pads), contiguous
+    w: Tensor  # (C_out, C_in/groups, kh*kw)
+    ho: int
+    wo: int
+    _cols: Tensor | None = None  # every channel's im2col, once cache_cols() kept it
+    _w_taps: Tensor | None = None  # w as (kh*kw, C_out, C_in/groups), built on first use
 
-    # -- shared pieces ------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.xp.shape[0]
 
-    def tile_size(self, per_filter_elements: int) -> int:
-        """Filters per tile; depends on the layer and image size only, never on a chunk."""
-        per_filter_bytes = per_filter_elements * self.dtype.itemsize
-        return max(1, min(_TILE_FILTERS, _TILE_BYTES // max(1, per_filter_bytes)))
+    @property
+    def length(self) -> int:
+        return self.ho * self.wo
 
+    @property
     def unit(self) -> int:
         """Tiles never cross this many filters: a group when filters share input channels."""
         return self.g.co_g if self.g.cg > 1 else self.g.c_out
 
+    def tile_size(self, per_filter_elements: int) -> int:
+        return _tile_size(per_filter_elements, self.dtype.itemsize)
+
     def tiles(self, o0: int, o1: int, size: int) -> Iterator[tuple[int, int]]:
-        """The fixed tiles (start, stop) that cover filters [o0, o1)."""
-        unit = self.unit()
-        for base in range(o0 - o0 % unit, o1, unit):
-            end = base + unit
-            if max(o0, base) >= min(o1, end):
-                continue
-            first = base + (max(o0, base) - base) // size * size
-            for t0 in range(first, min(o1, end), size):
-                yield t0, min(t0 + size, end)
+        return _tiles(o0, o1, size, self.unit)
 
     def cols(self, c0: int, c1: int) -> Tensor:
         """im2col of input channels [c0, c1): (N, c1 - c0, kh*kw, H_out*W_out)."""
@@ -245,6 +257,11 @@ class _Layer:
         if self._cols is None:
             self._cols = self.cols(0, self.g.c_in)
 
+    def w_taps(self) -> Tensor:
+        if self._w_taps is None:
+            self._w_taps = self.w.permute(2, 0, 1).contiguous()
+        return self._w_taps
+
     def inputs_of(self, o0: int, o1: int) -> Tensor:
         """The padded input channel of each filter in [o0, o1) when groups == C_in."""
         if self.g.co_g == 1:
@@ -252,144 +269,171 @@ class _Layer:
         index = torch.arange(o0, o1, device=self.xp.device) // self.g.co_g
         return self.xp.index_select(1, index)
 
-    # -- kernel maps ----------------------------------------------------------------------
-
-    def kernel_maps(self, o0: int, o1: int, channel_block: int | None = None) -> Tensor:
-        """Kernel maps of filters [o0, o1) as (N, n, C_in/groups, H_out*W_out)."""
-        g = self.g
-        per_filter = g.cg * self.length
-        out = _aligned_empty(
-            (self.n, o1 - o0, g.cg, self.length), o0 * per_filter, self.dtype, self.xp.device
-        )
-        size = self.tile_size(per_filter)
-        if g.cg == 1:
-            for t0, t1 in self.tiles(o0, o1, size):
-                a, b = max(t0, o0), min(t1, o1)
-                # Depthwise: each kernel map is the conv's own output channel, so one
-                # grouped conv over the tile's channels gives them with no im2col.
-                y = F.conv2d(
-                    self.inputs_of(t0, t1),
-                    self.w[t0:t1].view(t1 - t0, 1, g.kh, g.kw),
-                    None,
-                    g.stride,
-                    0,
-                    g.dilation,
-                    t1 - t0,
-                )
-                out[:, a - o0 : b - o0, 0].copy_(y[:, a - t0 : b - t0].flatten(-2))
-            return out
-        block = g.cg if channel_block is None else max(1, min(g.cg, channel_block))
-        unit = self.unit()
-        for base in range(o0 - o0 % unit, o1, unit):
-            group_tiles = list(self.tiles(max(o0, base), min(o1, base + unit), size))
-            # A tile wholly inside [o0, o1) is written in place; a partial one (only at the
-            # ends) goes through a scratch tile, computed whole so its bits never change.
-            targets = [
-                out[:, t0 - o0 : t1 - o0]
-                if o0 <= t0 and t1 <= o1
-                else _aligned_empty(
-                    (self.n, t1 - t0, g.cg, self.length), t0 * per_filter, self.dtype, out.device
-                )
-                for t0, t1 in group_tiles
-            ]
-            c_base = base // g.co_g * g.cg
-            for c0 in range(0, g.cg, block):
-                c1 = min(g.cg, c0 + block)
-                cols = self.cols(c_base + c0, c_base + c1)
-                for (t0, t1), target in zip(group_tiles, targets, strict=True):
-                    w = self.w[t0:t1, c0:c1].transpose(0, 1)  # (channels, tile, taps)
-                    for i in range(self.n):
-                        # One GEMM per input channel: (tile, taps) @ (taps, L), written
-                        # straight into the (filter, channel, L) layout: BLAS takes the row
-                        # stride as its leading dimension, so no permute copy is needed.
-                        torch.bmm(w, cols[i], out=target[i, :, c0:c1].transpose(0, 1))
-            for (t0, t1), target in zip(group_tiles, targets, strict=True):
-                if not (o0 <= t0 and t1 <= o1):
-                    a, b = max(t0, o0), min(t1, o1)
-                    out[:, a - o0 : b - o0].copy_(target[:, a - t0 : b - t0])
-        return out
-
-    # -- tap maps -------------------------------------------------------------------------
-
-    def tap_maps_into(self, o0: int, o1: int, out: Tensor) -> None:
-        """Fill out (N, n, H_out*W_out, kh*kw), of any float dtype, with filters [o0, o1)."""
-        g = self.g
-        size = self.tile_size(self.length * g.taps)
-        if g.cg == 1:
-            for t0, t1 in self.tiles(o0, o1, size):
-                a, b = max(t0, o0), min(t1, o1)
-                cols = F.unfold(
-                    self.inputs_of(a, b), (g.kh, g.kw), dilation=g.dilation, stride=g.stride
-                ).view(self.n, b - a, g.taps, self.length)
-                # One product per tap and nothing to sum: exact, and cast on store.
-                torch.mul(
-                    cols.transpose(-1, -2),
-                    self.w[a:b].view(1, b - a, 1, g.taps),
-                    out=out[:, a - o0 : b - o0],
-                )
-            return
-        if self._w_taps is None:
-            self._w_taps = self.w.permute(2, 0, 1).contiguous()  # (taps, C_out, C_in/groups)
-        unit = self.unit()
-        for base in range(o0 - o0 % unit, o1, unit):
-            c_base = base // g.co_g * g.cg
-            cols = self.cols(c_base, c_base + g.cg)
-            for t0, t1 in self.tiles(max(o0, base), min(o1, base + unit), size):
-                a, b = max(t0, o0), min(t1, o1)
-                for i in range(self.n):
-                    # Per tap, (tile, C_in/g) @ (C_in/g, L): the sum over input channels
-                    # in one GEMM. Taps-last output cannot be a BLAS target, so the result
-                    # is permuted on the copy, which also casts to the storage dtype.
-                    prod = torch.bmm(self._w_taps[:, t0:t1], cols[i].transpose(0, 1))
-                    out[i, a - o0 : b - o0].copy_(prod[:, a - t0 : b - t0].permute(1, 2, 0))
-
-    def tap_maps(self, o0: int, o1: int, dtype: torch.dtype | None = None) -> Tensor:
-        out = torch.empty(
-            (self.n, o1 - o0, self.length, self.g.taps),
-            dtype=dtype or self.dtype,
-            device=self.xp.device,
-        )
-        self.tap_maps_into(o0, o1, out)
-        return out
-
-    # -- shapes ---------------------------------------------------------------------------
-
     def shape_kernel(self, maps: Tensor) -> Tensor:
+        """(N, n, C_in/groups, L) -> (N, n, C_in/groups, H_out, W_out), N dropped if unbatched."""
         maps = maps.view(self.n, maps.shape[1], self.g.cg, self.ho, self.wo)
         return maps if self.batched else maps[0]
 
     def shape_tap(self, maps: Tensor) -> Tensor:
+        """(N, n, L, kh*kw) -> (N, n, H_out, W_out, kh, kw), N dropped if unbatched."""
         g = self.g
         maps = maps.view(self.n, maps.shape[1], self.ho, self.wo, g.kh, g.kw)
         return maps if self.batched else maps[0]
 
-    def plan_chunks(
-        self, per_filter_bytes: int, max_bytes: int, size: int
-    ) -> list[tuple[range, list[range]]]:
-        """(computed block, chunks yielded from it) pairs covering every filter in order.
+    def plan_chunks(self, per_filter_bytes: int, max_bytes: int, size: int
+                    ) -> list[tuple[range, list[range]]]:
+        return _plan_chunks(self.g.c_out, self.unit, size, per_filter_bytes, max_bytes)
 
-        Chunks are whole groups or whole tiles when max_bytes allows, so no chunk pays for
-        a partial tile; when one tile is larger than max_bytes, each tile is computed once
-        and handed out in pieces, so no filter is ever computed twice.
-        """
-        fit = max(1, max_bytes // per_filter_bytes)
-        unit, c_out = self.unit(), self.g.c_out
-        if fit >= unit:
-            step = fit - fit % unit
-            blocks = [range(o, min(o + step, c_out)) for o in range(0, c_out, step)]
-        elif fit >= size:
-            step = fit - fit % size
-            blocks = [
-                range(o, min(o + step, base + unit))
-                for base in range(0, c_out, unit)
-                for o in range(base, base + unit, step)
-            ]
-        else:
-            return [
-                (range(t0, t1), [range(o, min(o + fit, t1)) for o in range(t0, t1, fit)])
-                for t0, t1 in self.tiles(0, c_out, size)
-            ]
-        return [(block, [block]) for block in blocks]
+
+def _prepare(conv: nn.Conv2d, x: Tensor) -> _Layer:
+    """Check x against the conv, pad it as the conv would, and cast both to the compute dtype."""
+    g = _geometry(conv)
+    if x.dim() not in (3, 4):
+        raise ValueError(f"expected x of shape (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
+    if x.shape[-3] != g.c_in:
+        raise ValueError(f"the conv expects {g.c_in} input channels, x has {x.shape[-3]}")
+    weight = conv.weight.detach()
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the conv's weight is on {weight.device}")
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if not dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    # At least fp32: half-precision sums of many products lose the small kernel maps that make
+    # a decomposition worth looking at; fp64 stays fp64.
+    dtype = torch.promote_types(dtype, torch.float32)
+    batched = x.dim() == 4
+    # Detached inputs: no autograd graph, and bmm(out=...) is allowed.
+    x4 = (x if batched else x.unsqueeze(0)).detach().to(dtype)
+    if any(g.pad):
+        mode = "constant" if g.padding_mode == "zeros" else g.padding_mode
+        x4 = F.pad(x4, g.pad, mode=mode)
+    left, right, top, bottom = g.pad
+    ho, wo = g.out_hw(x4.shape[-2] - top - bottom, x4.shape[-1] - left - right)
+    w = weight.to(dtype).reshape(g.c_out, g.cg, g.taps)
+    return _Layer(g, dtype, batched, x4.contiguous(), w, ho, wo)
+
+
+# -- kernel maps ------------------------------------------------------------------------------
+
+
+def _kernel_maps(layer: _Layer, o0: int, o1: int, channel_block: int | None = None) -> Tensor:
+    """Kernel maps of filters [o0, o1) as (N, n, C_in/groups, H_out*W_out)."""
+    g = layer.g
+    per_filter = g.cg * layer.length
+    out = _aligned_empty(
+        (layer.n, o1 - o0, g.cg, layer.length), o0 * per_filter, layer.dtype, layer.xp.device
+    )
+    size = layer.tile_size(per_filter)
+    if g.cg == 1:
+        _depthwise_kernel_maps(layer, o0, o1, size, out)
+    else:
+        block = g.cg if channel_block is None else max(1, min(g.cg, channel_block))
+        _grouped_kernel_maps(layer, o0, o1, size, block, out)
+    return out
+
+
+def _depthwise_kernel_maps(layer: _Layer, o0: int, o1: int, size: int, out: Tensor) -> None:
+    """One kernel per filter: each kernel map is the conv's own output channel, so one grouped
+    conv over a tile's channels gives them with no im2col."""
+    g = layer.g
+    for t0, t1 in layer.tiles(o0, o1, size):
+        a, b = max(t0, o0), min(t1, o1)
+        y = F.conv2d(
+            layer.inputs_of(t0, t1),
+            layer.w[t0:t1].view(t1 - t0, 1, g.kh, g.kw),
+            None,
+            g.stride,
+            0,
+            g.dilation,
+            t1 - t0,
+        )
+        out[:, a - o0 : b - o0, 0].copy_(y[:, a - t0 : b - t0].flatten(-2))
+
+
+def _grouped_kernel_maps(
+    layer: _Layer, o0: int, o1: int, size: int, block: int, out: Tensor
+) -> None:
+    """Several kernels per filter: one GEMM per input channel and tile, `block` channels'
+    im2col at a time."""
+    g = layer.g
+    per_filter = g.cg * layer.length
+    for base in range(o0 - o0 % layer.unit, o1, layer.unit):
+        group_tiles = list(layer.tiles(max(o0, base), min(o1, base + layer.unit), size))
+        # A tile wholly inside [o0, o1) is written in place; a partial one (only at the ends)
+        # goes through a scratch tile, computed whole so its bits never change.
+        targets = [
+            out[:, t0 - o0 : t1 - o0]
+            if o0 <= t0 and t1 <= o1
+            else _aligned_empty(
+                (layer.n, t1 - t0, g.cg, layer.length), t0 * per_filter, layer.dtype, out.device
+            )
+            for t0, t1 in group_tiles
+        ]
+        c_base = base // g.co_g * g.cg
+        for c0 in range(0, g.cg, block):
+            c1 = min(g.cg, c0 + block)
+            cols = layer.cols(c_base + c0, c_base + c1)
+            for (t0, t1), target in zip(group_tiles, targets, strict=True):
+                w = layer.w[t0:t1, c0:c1].transpose(0, 1)  # (channels, tile, taps)
+                for i in range(layer.n):
+                    # One GEMM per input channel: (tile, taps) @ (taps, L), written straight
+                    # into the (filter, channel, L) layout: BLAS takes the row stride as its
+                    # leading dimension, so no permute copy is needed.
+                    torch.bmm(w, cols[i], out=target[i, :, c0:c1].transpose(0, 1))
+        for (t0, t1), target in zip(group_tiles, targets, strict=True):
+            if not (o0 <= t0 and t1 <= o1):
+                a, b = max(t0, o0), min(t1, o1)
+                out[:, a - o0 : b - o0].copy_(target[:, a - t0 : b - t0])
+
+
+# -- tap maps ---------------------------------------------------------------------------------
+
+
+def _tap_maps(layer: _Layer, o0: int, o1: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Tap maps of filters [o0, o1) as (N, n, H_out*W_out, kh*kw), in `dtype` (default: the
+    compute dtype); a storage dtype is cast on the final copy, never rounded twice."""
+    g = layer.g
+    out = torch.empty(
+        (layer.n, o1 - o0, layer.length, g.taps), dtype=dtype or layer.dtype,
+        device=layer.xp.device,
+    )
+    size = layer.tile_size(layer.length * g.taps)
+    if g.cg == 1:
+        _depthwise_tap_maps(layer, o0, o1, size, out)
+    else:
+        _grouped_tap_maps(layer, o0, o1, size, out)
+    return out
+
+
+def _depthwise_tap_maps(layer: _Layer, o0: int, o1: int, size: int, out: Tensor) -> None:
+    """One product per tap and nothing to sum: exact, and cast on store."""
+    g = layer.g
+    for t0, t1 in layer.tiles(o0, o1, size):
+        a, b = max(t0, o0), min(t1, o1)
+        cols = F.unfold(
+            layer.inputs_of(a, b), (g.kh, g.kw), dilation=g.dilation, stride=g.stride
+        ).view(layer.n, b - a, g.taps, layer.length)
+        torch.mul(
+            cols.transpose(-1, -2),
+            layer.w[a:b].view(1, b - a, 1, g.taps),
+            out=out[:, a - o0 : b - o0],
+        )
+
+
+def _grouped_tap_maps(layer: _Layer, o0: int, o1: int, size: int, out: Tensor) -> None:
+    """Per tap, (tile, C_in/g) @ (C_in/g, L): the sum over input channels in one GEMM."""
+    g = layer.g
+    w_taps = layer.w_taps()  # (taps, C_out, C_in/groups)
+    for base in range(o0 - o0 % layer.unit, o1, layer.unit):
+        c_base = base // g.co_g * g.cg
+        cols = layer.cols(c_base, c_base + g.cg)
+        for t0, t1 in layer.tiles(max(o0, base), min(o1, base + layer.unit), size):
+            a, b = max(t0, o0), min(t1, o1)
+            for i in range(layer.n):
+                # Taps-last output cannot be a BLAS target, so the result is permuted on the
+                # copy, which also casts to the storage dtype.
+                prod = torch.bmm(w_taps[:, t0:t1], cols[i].transpose(0, 1))
+                out[i, a - o0 : b - o0].copy_(prod[:, a - t0 : b - t0].permute(1, 2, 0))
 
 
 def _one_image(x: Tensor) -> None:
@@ -420,9 +464,9 @@ def kernel_maps(conv: nn.Conv2d, x: Tensor, filters: slice | None = None) -> Ten
     >>> torch.allclose(km.sum(1), conv(x)[2:5], atol=1e-5)
     True
     """
-    layer = _Layer(conv, x)
+    layer = _prepare(conv, x)
     o0, o1 = _filter_range(filters, layer.g.c_out)
-    return layer.shape_kernel(layer.kernel_maps(o0, o1))
+    return layer.shape_kernel(_kernel_maps(layer, o0, o1))
 
 
 def tap_maps(conv: nn.Conv2d, x: Tensor, filters: slice | None = None) -> Tensor:
@@ -441,9 +485,9 @@ def tap_maps(conv: nn.Conv2d, x: Tensor, filters: slice | None = None) -> Tensor
     >>> torch.allclose(tm.sum((-2, -1)) + conv.bias[:, None, None], conv(x), atol=1e-5)
     True
     """
-    layer = _Layer(conv, x)
+    layer = _prepare(conv, x)
     o0, o1 = _filter_range(filters, layer.g.c_out)
-    return layer.shape_tap(layer.tap_maps(o0, o1))
+    return layer.shape_tap(_tap_maps(layer, o0, o1))
 
 
 def kernel_map_chunks(
@@ -484,7 +528,7 @@ def _chunk_plan(
     """The layer and its chunk plan, given the values one filter's maps hold."""
     _one_image(x)
     _check_storage(max_bytes, dtype)
-    layer = _Layer(conv, x)
+    layer = _prepare(conv, x)
     n = per_filter(layer)
     return layer, layer.plan_chunks(n * dtype.itemsize, max_bytes, layer.tile_size(n))
 
@@ -502,7 +546,7 @@ def _kernel_chunks(
         else:
             channel_block = max(1, block_elements // column_elements)
     for block, pieces in plan:
-        maps = layer.kernel_maps(block.start, block.stop, channel_block)
+        maps = _kernel_maps(layer, block.start, block.stop, channel_block)
         for r in pieces:
             part = layer.shape_kernel(maps[:, r.start - block.start : r.stop - block.start])
             # Pieces of one tile get their own memory, so no two chunks ever alias.
@@ -544,78 +588,7 @@ def _tap_chunks(
     if layer.g.cg > 1:
         layer.cache_cols()
     for block, pieces in plan:
-        maps = layer.tap_maps(block.start, block.stop, dtype)
+        maps = _tap_maps(layer, block.start, block.stop, dtype)
         for r in pieces:
             part = layer.shape_tap(maps[:, r.start - block.start : r.stop - block.start])
             yield slice(r.start, r.stop), part.clone() if len(pieces) > 1 else part
-
-
-def kernel_maps_bytes(
-    conv: nn.Conv2d, in_shape: Sequence[int], dtype: torch.dtype = torch.float32
-) -> int:
-    """Bytes of the kernel maps for an input of shape `(C, H, W)` (or `(N, C, H, W)`).
-
-    >>> from torch import nn
-    >>> kernel_maps_bytes(nn.Conv2d(64, 192, 5, padding=2), (64, 27, 27))
-    35831808
-    """
-    g = _geometry(conv)
-    n, h, w = _shape_hw(in_shape, g)
-    ho, wo = g.out_hw(h, w)
-    return n * g.c_out * g.cg * ho * wo * dtype.itemsize
-
-
-def tap_maps_bytes(
-    conv: nn.Conv2d, in_shape: Sequence[int], dtype: torch.dtype = torch.float32
-) -> int:
-    """Bytes of the tap maps for an input of shape `(C, H, W)` (or `(N, C, H, W)`).
-
-    >>> import torch
-    >>> from torch import nn
-    >>> tap_maps_bytes(nn.Conv2d(3, 64, 11, stride=4, padding=2), (3, 224, 224), torch.float16)
-    46851200
-    """
-    g = _geometry(conv)
-    n, h, w = _shape_hw(in_shape, g)
-    ho, wo = g.out_hw(h, w)
-    return n * g.c_out * ho * wo * g.taps * dtype.itemsize
-
-
-def forum_kernel_maps(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """The common forum recipe, kept as an independent reference for tests and benchmarks.
-
-    A depthwise conv (groups = C_in) whose weight is the filters regrouped by input
-    channel, `(C_in*C_out, 1, kh, kw)`, then the result permuted back to
-    `(C_out, C_in, H_out, W_out)`. Done right, the bias stays out of the maps. Only
-    groups=1 with zeros padding; it pads through `F.conv2d` itself, independently of
-    `kernel_maps`.
-
-    Raises:
-        NotImplementedError: for grouped convs or non-zero padding modes.
-
-    >>> import torch
-    >>> from torch import nn
-    >>> conv = nn.Conv2d(2, 3, 3, padding="same")
-    >>> x = torch.randn(2, 7, 7)
-    >>> torch.allclose(forum_kernel_maps(conv, x), kernel_maps(conv, x), atol=1e-6)
-    True
-    """
-    if conv.groups != 1 or conv.padding_mode != "zeros":
-        raise NotImplementedError(
-            "forum_kernel_maps handles groups=1 with zeros padding only; use kernel_maps"
-        )
-    batched = x.dim() == 4
-    x4 = (x if batched else x.unsqueeze(0)).detach()
-    weight = conv.weight.detach()
-    c_out, c_in, kh, kw = weight.shape
-    y = F.conv2d(
-        x4,
-        weight.transpose(0, 1).reshape(c_in * c_out, 1, kh, kw),  # channel-major order
-        None,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        c_in,
-    )
-    maps = y.unflatten(1, (c_in, c_out)).transpose(1, 2).contiguous()
-    return maps if batched else maps[0]

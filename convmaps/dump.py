@@ -37,7 +37,7 @@ from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
 from convmaps.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
 from convmaps.layout import ImageLayout
 from convmaps.models import LoadedModel, bundled_lenet_path, load_model
-from convmaps.options import DType, DumpOptions
+from convmaps.options import DType, DumpOptions, PngScale
 from convmaps.store import (
     TensorSpec,
     fsync_dir,
@@ -140,7 +140,7 @@ def plan_dump(o: DumpOptions) -> Plan:
     plan = Plan(
         o, loaded, layers, pools, kernels, taps, sources, table, lay, fingerprint,
         _header(o, loaded, table, lay, fingerprint, sources), _reprs(model),
-        categories, _image_bytes(lay, shapes, kernels, taps, table, itemsize),
+        categories, _image_bytes(lay, shapes, kernels, taps, table, itemsize, o.png_scale),
         skips=skips, earlier=earlier, shard=resolve_shard(o.shard),
     )
     plan.batches = batches(len(sources), o.batch_size, plan.shard)
@@ -210,7 +210,7 @@ def _fingerprint(o: DumpOptions, loaded: LoadedModel, lay: ImageLayout) -> str:
     """Everything that changes the bytes of an image's outputs (not batch size or workers)."""
     what = {
         **model_identity(loaded), "layout": asdict(lay),
-        "png_cap": o.png_cap, "dtype": o.dtype,
+        "png_cap": o.png_cap, "png_scale": str(o.png_scale), "dtype": o.dtype,
         "memory": str(memory_format(torch.device(o.device))),  # a layout has its own low bits
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -371,7 +371,7 @@ def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
 
     def own_output(src: ImageSource) -> bool:
         # Images under OUT are inputs like any other, except the files convmaps wrote there.
-        path = src.path.resolve()
+        path = Path(os.path.realpath(src.path))  # resolve() raises on a symlink loop
         if not path.is_relative_to(root):
             return False
         rel = PurePosixPath(path.relative_to(root).as_posix())
@@ -397,7 +397,7 @@ def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
 
 
 def _image_bytes(lay: ImageLayout, shapes: Trace, kernels: list[Layer], taps: list[Layer],
-                 table: list[LayerRow], itemsize: int) -> int:
+                 table: list[LayerRow], itemsize: int, png_scale: PngScale) -> int:
     """An upper bound of one image's files: the tensors exactly, PNGs at their raw size."""
     from convmaps import render
 
@@ -421,9 +421,11 @@ def _image_bytes(lay: ImageLayout, shapes: Trace, kernels: list[Layer], taps: li
                 shape = ((conv.in_channels // conv.groups, h, w) if kind == "kernels"
                          else (h, w, *conv.kernel_size))
                 n = min(dict(lay.kernels if kind == "kernels" else lay.taps)[x.name], c_out)
-                total += n * render.png_bound(kind, shape)
+                total += n * render.png_bound(kind, shape,
+                                              png_scale if kind == "kernels" else "layer")
     if lay.png:
-        total += sum(render.png_bound("activation", per_key[k]) for k in lay.activations)
+        total += sum(render.png_bound("activation", per_key[k], png_scale)
+                     for k in lay.activations)
     return total + 4096 * len(lay.tensor_files())  # headers and metadata
 
 
@@ -642,7 +644,7 @@ def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
                 for o in range(filters.start, min(filters.stop, n_png)):
                     maps = chunk[o - filters.start].float()
                     if kind == "kernels":
-                        img, note = render.map_grid(maps), None
+                        img, note = render.map_grid(maps, png_scale=plan.options.png_scale), None
                     else:
                         img, note = render.tap_mosaic(maps)
                     rel = plan.layout.filter_png(kind, layer.name, o)
@@ -668,8 +670,10 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
     # PNGs first and activations.safetensors last: a resumed run trusts an image whose
     # safetensors carry its sha256, so everything else must already be new by then.
     if lay.png:
+        named = _classifier_key(plan, got, i)
         for k in lay.activations:
-            img = render.render_activation(got.outputs[k][i].float().cpu())
+            img = render.render_activation(got.outputs[k][i], png_scale=plan.options.png_scale,
+                                           classes=plan.categories if k == named else None)
             write_bytes(folder / lay.activation_png(k), render.png_bytes(img), sync=False)
             written.append(lay.activation_png(k))
     if lay.switches:
@@ -697,6 +701,16 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
     written.append(layout.ACTIVATIONS)
     assert sorted(written) == lay.files(), "layout and writer disagree"
     return sorted(written)
+
+
+def _classifier_key(plan: Plan, got: Trace, i: int) -> str | None:
+    """The activation whose PNG names its classes: the last one (in `plan.layers` order)
+    with one value per class name, which is the model's output when it is selected."""
+    if not plan.categories:
+        return None
+    n = len(plan.categories)
+    return next((k for k in reversed(plan.layout.activations)
+                 if got.outputs[k][i].numel() == n), None)
 
 
 def _write_batch(plan: Plan, items: list[dict[str, Any]], got: Trace | None,

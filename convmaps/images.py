@@ -18,6 +18,7 @@ manifest can record. Preprocessing (resize, normalise, tensors) is the caller's 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -55,8 +56,6 @@ always gives the same RGB values whatever viewer or library made it."""
 MAX_PIXELS = 64_000_000
 """Default limit on width x height, checked from the header before any pixel is decoded."""
 
-_CHUNK = 1 << 20
-
 
 @dataclass(frozen=True)
 class ImageSource:
@@ -86,7 +85,11 @@ def find_images(inputs: Sequence[str | Path]) -> list[ImageSource]:
       * symlinks are followed, to files and to folders, also out of the INPUT folder; each real
         folder is walked once (the real tree under an INPUT wins over symlinked aliases of
         it), so symlink loops terminate;
-      * one real file appears once, under the first key that reaches it;
+      * a file symlink that loops (`ln -s a b; ln -s b a`) counts like a dangling one: `decode`
+        and `sha256_file` report it as "unreadable: symlink loop";
+      * one real file appears once, under the first key that reaches it (compared by
+        `os.path.realpath`, which, unlike `Path.resolve` before Python 3.13, never raises on a
+        symlink loop);
       * keys are unique, compared case-insensitively (so outputs cannot clash on macOS or
         Windows either): a key already taken becomes `<root folder name>/<key>`, and if that
         is taken too `<root folder name>~2/<key>`, `~3`, ... .
@@ -175,19 +178,23 @@ def _unique_key(key: str, root: Path, taken: set[str]) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks so large files never sit in memory.
+    """Hex sha256 of a file's bytes, streamed by `hashlib.file_digest` (never all in memory).
 
     Raises:
         BadImageError: the file cannot be read.
     """
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
-        raise BadImageError(f"unreadable: {e.strerror or e}") from e
-    return digest.hexdigest()
+        raise BadImageError(_unreadable(e)) from e
+
+
+def _unreadable(e: OSError) -> str:
+    """The reason an OS error gives for a file that cannot be read."""
+    if e.errno == errno.ELOOP:  # `ln -s a b; ln -s b a`: no file at the end of the links
+        return "unreadable: symlink loop"
+    return f"unreadable: {e.strerror or e}"
 
 
 # --- decoding ----------------------------------------------------------------------------
@@ -222,7 +229,7 @@ def _check_regular_file(path: Path) -> None:
     try:
         info = path.stat()
     except OSError as e:
-        raise BadImageError(f"unreadable: {e.strerror or e}") from e
+        raise BadImageError(_unreadable(e)) from e
     if stat.S_ISDIR(info.st_mode):
         raise BadImageError("unreadable: is a directory")
     if not stat.S_ISREG(info.st_mode):  # opening a FIFO would hang
@@ -255,7 +262,7 @@ def _read_first_frame(path: Path, max_pixels: int) -> Image.Image:
         raise BadImageError("not an image (cannot identify format)") from e
     except OSError as e:
         if e.errno is not None:  # the OS failed (permissions, I/O); Pillow's errors have none
-            raise BadImageError(f"unreadable: {e.strerror or e}") from e
+            raise BadImageError(_unreadable(e)) from e
         raise BadImageError(f"truncated or corrupt: {e}") from e
     except Exception as e:
         # Pillow's plugins raise all sorts (SyntaxError, ValueError, struct.error, EOFError...)

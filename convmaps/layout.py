@@ -9,6 +9,8 @@ module which files an image gets; none of them rebuilds the list.
     ['activations.safetensors', 'kernels.safetensors', 'png/C1.kernels/0.png',
      'png/C1.kernels/1.png', 'png/C1.png', 'png/relu.png', 'png/relu@1.png',
      'switches.safetensors']
+    >>> ImageLayout(taps=(("C3", 12),), png=True).filter_png("taps", "C3", 7)
+    'png/C3.taps/07.png'
 """
 
 from __future__ import annotations
@@ -101,7 +103,10 @@ class ImageLayout:
         return f"png/{key}.png"
 
     def filter_png(self, kind: str, conv: str, filter_index: int) -> str:
-        return f"png/{conv}.{kind}/{filter_index}.png"
+        """`png/<conv>.<kind>/<filter>.png`, the filter number zero-padded to the width of
+        the conv's PNG count (`07.png` of 16), so that names sort in filter order."""
+        count = dict(self.kernels if kind == "kernels" else self.taps).get(conv, filter_index + 1)
+        return f"png/{conv}.{kind}/{filter_index:0{len(str(count))}d}.png"
 
     def png_files(self) -> list[str]:
         if not self.png:

@@ -50,6 +50,7 @@ __all__ = [
     "load_state_file",
     "model_names",
     "normalisation",
+    "preset",
 ]
 
 # Fashion-MNIST training-set statistics; `train-lenet` normalises with the same numbers.
@@ -393,7 +394,7 @@ def _num_classes(state: dict[str, torch.Tensor], model: nn.Module) -> int | None
     return int(state[key].shape[0]) if key in state else None
 
 
-def _preset(arch: str) -> Callable[[Any], torch.Tensor]:
+def preset(arch: str) -> Callable[[Any], torch.Tensor]:
     if arch == "lenet":
         return lenet_preset()
     transforms: Callable[[Any], torch.Tensor] = _weights_enum(arch).DEFAULT.transforms()
@@ -468,7 +469,7 @@ def _finish(net: nn.Module, arch: str, weights: str, meta: dict[str, str]) -> Lo
         model=net,
         arch=arch,
         weights=weights,
-        preprocess=_preset(arch),
+        preprocess=preset(arch),
         input_size=_input_size(arch),
         in_channels=first.in_channels if first is not None else 3,
         meta=meta,

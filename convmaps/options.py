@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DType", "DumpOptions", "FilterOptions", "Mode", "ProjectOptions", "TopkOptions"]
+__all__ = ["DType", "DumpOptions", "FilterOptions", "Mode", "PngScale", "ProjectOptions",
+           "TopkOptions"]
 
 
 class DType(StrEnum):
@@ -32,6 +33,13 @@ class DType(StrEnum):
 
         dtype: torch.dtype = getattr(torch, self.value)
         return dtype
+
+
+class PngScale(StrEnum):
+    """Which values share one colour range in a PNG grid."""
+
+    layer = "layer"  # one range for every tile: tiles compare with each other
+    channel = "channel"  # each tile its own range: every channel shows its own detail
 
 
 class Mode(StrEnum):
@@ -65,6 +73,7 @@ class DumpOptions:
     resume: bool = True
     strict: bool = False
     png_cap: int = 16
+    png_scale: PngScale = PngScale.layer
     chunk_bytes: str = "16MB"  # below glibc's mmap threshold: chunk memory is reused
     shard: str | None = None  # "I/N": this process does shard I (0-based) of N
     config: str | None = None  # the TOML file the options came from, if any

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
@@ -243,11 +244,28 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "tib": 2**40}
 
 
+_MAX_BYTES = 2**63 - 1  # what an int64 byte count holds; anything larger is a typo
+
+
 def parse_bytes(text: str | int) -> int:
-    """`"500MB"`, `"2GiB"`, `"1e9"` or an int -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m[2].lower() not in _UNITS or float(m[1]) <= 0:
-        raise ConvmapsError(f"size {text!r} not understood; write e.g. 500MB, 8GB or 2GiB")
-    return int(float(m[1]) * _UNITS[m[2].lower()])
+    """`"500MB"`, `"2GiB"`, `"1e9"` or an int -> bytes, at least 1 and at most 2**63 - 1.
+
+    Raises:
+        ConvmapsError: text that is no size, or a size below 1 byte, infinite or too large.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if 1 <= text <= _MAX_BYTES:
+            return text
+        raise ConvmapsError(f"size {text!r} is out of range; give 1 to {_MAX_BYTES} bytes")
+    hint = "write e.g. 500MB, 8GB or 2GiB"
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m[2].lower() not in _UNITS:
+        raise ConvmapsError(f"size {text!r} not understood; {hint}")
+    # Decimal, not float: exact for any digits, and "1e999" is a number, not inf.
+    value = Decimal(m[1]) * _UNITS[m[2].lower()]
+    if value >= _MAX_BYTES + 1:
+        raise ConvmapsError(f"size {text!r} is too large (at most {_MAX_BYTES} bytes); {hint}")
+    if value < 1:
+        raise ConvmapsError(f"size {text!r} is less than one byte; {hint}")
+    return int(value)
+

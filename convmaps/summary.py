@@ -30,49 +30,64 @@ class Stats:
     max: float
     mean: float
     std: float
-    zeros: float  # share of exact zeros, 0..1
+    zeros: float  # share of exact zeros among all values, 0..1
     count: int = 1  # how many tensors (images) went into these figures
+    nans: int = 0  # NaN values, which min/max/mean/std leave out
 
 
 @dataclass
 class _Running:
     """Streaming min/max/mean/std/zeros over many tensors of one key, in float64 so that fp16
-    maps do not overflow the sums."""
+    maps do not overflow the sums.
+
+    NaN values are counted and left out of min/max/mean/std (as numpy's nanmin ... nanstd), so
+    the figures do not depend on where a NaN sits or in which image; with no other value they
+    are NaN. The share of zeros is taken over all values.
+    """
 
     shape: tuple[int, ...] = ()
     dtype: str = ""
     count: int = 0
-    n: int = 0
+    size: int = 0  # all values
+    n: int = 0  # values that are not NaN
     total: float = 0.0
     squares: float = 0.0
     lo: float = math.inf
     hi: float = -math.inf
     zeros: int = 0
+    nans: int = 0
 
     def add(self, t: torch.Tensor) -> None:
         x = t.detach().to(torch.float64).reshape(-1)
         self.shape, self.dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
         self.count += 1
+        self.size += x.numel()
+        self.zeros += int((x == 0).sum().item())
+        nan = torch.isnan(x)
+        if n_nan := int(nan.sum().item()):
+            self.nans += n_nan
+            x = x[~nan]
         if x.numel():
             self.n += x.numel()
             self.total += x.sum().item()
             self.squares += (x * x).sum().item()
             self.lo = min(self.lo, x.min().item())
             self.hi = max(self.hi, x.max().item())
-            self.zeros += int((x == 0).sum().item())
 
     def stats(self, name: str) -> Stats:
+        zeros = self.zeros / self.size if self.size else 0.0
         if not self.n:
             nan = float("nan")
-            return Stats(name, self.shape, self.dtype, nan, nan, nan, nan, 0.0, self.count)
+            return Stats(name, self.shape, self.dtype, nan, nan, nan, nan, zeros, self.count,
+                         self.nans)
         mean = self.total / self.n
         var = max(self.squares / self.n - mean * mean, 0.0) * self.n / max(self.n - 1, 1)
         return Stats(name, self.shape, self.dtype, self.lo, self.hi, mean, math.sqrt(var),
-                     self.zeros / self.n, self.count)
+                     zeros, self.count, self.nans)
 
 
 def tensor_stats(name: str, t: torch.Tensor) -> Stats:
-    """Shape, dtype, min/max, mean/std and the share of zeros of one tensor."""
+    """Shape, dtype, min/max, mean/std (NaN left out), the share of zeros and the NaN count."""
     acc = _Running()
     acc.add(t)
     return acc.stats(name)

@@ -271,7 +271,7 @@ def plan_topk(o: TopkOptions) -> TopkPlan:
         "options": {"layers": o.layers, "k": o.k, "project": o.project, "png": o.png,
                     "png_cap": o.png_cap, "batch_size": o.batch_size, "max_bytes": o.max_bytes},
         "run": fingerprint, "inputs_id": inputs_id(sources), "layers": layer_rows(table),
-        "selected": keys,
+        "modules": keys,
     }
     plan = TopkPlan(o, loaded, keys, shapes, sizes, sources, lay, fingerprint, header,
                     {name: repr(m) for name, m in model.named_modules() if name},

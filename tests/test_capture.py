@@ -164,3 +164,176 @@ def test_layer_table_indices():
     rows = layer_table(build("alexnet"), (3, 224, 224))
     assert [r.index for r in rows[:13]] == list(range(13))
     assert rows[13].name == "avgpool" and rows[13].index is None
+
+
+# --- the model comes back exactly as found ---------------------------------------------------
+
+
+def _state(model: nn.Module) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]],
+                                       dict[str, torch.Tensor]]:
+    """Every submodule's training flag, every inplace flag, and a copy of every buffer."""
+    modules = list(model.named_modules())
+    return ([(n, m.training) for n, m in modules],
+            [(n, m.inplace) for n, m in modules if hasattr(m, "inplace")],
+            {k: v.clone() for k, v in model.named_buffers()})
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, so equal means bit-identical (NaN and -0.0 included)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _assert_same_state(model: nn.Module, before) -> None:
+    flags, inplace, buffers = _state(model)
+    assert flags == before[0]
+    assert inplace == before[1]
+    assert buffers.keys() == before[2].keys()
+    for k, v in buffers.items():
+        assert v.dtype == before[2][k].dtype and torch.equal(_bits(v), _bits(before[2][k])), k
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def _mixed_bn_model() -> nn.Sequential:
+    """Submodules with mixed training flags, BatchNorm (buffers) and a mixed set of inplace."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=False),
+                          nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a model that trains
+    model[6].eval()
+    with torch.no_grad():  # non-trivial running stats, so a changed one shows
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("call", ["trace", "capture", "layer_table", "select", "list_layers",
+                                  "failing_trace"])
+def test_every_capture_function_leaves_the_model_as_found(call):
+    model = _mixed_bn_model()
+    before = _state(model)
+    x = torch.randn(2, 3, 8, 8)
+    names = [n for n, _ in model.named_modules() if n]
+    if call == "trace":
+        trace(model, x, names, names)
+    elif call == "capture":
+        capture(model, x, names)
+    elif call == "layer_table":
+        layer_table(model, (3, 8, 8))
+    elif call == "select":
+        select(model, "all")
+    elif call == "list_layers":
+        list_layers(model)
+    else:
+        with pytest.raises(ConvmapsError):
+            capture(model, torch.randn(2, 5, 8, 8), names)
+    _assert_same_state(model, before)
+    # The model still behaves as a training model would: its BatchNorm in train mode moves.
+    model(x)
+    assert not torch.equal(model[4].running_mean, before[2]["4.running_mean"])
+    assert torch.equal(model[1].running_mean, before[2]["1.running_mean"])
+
+
+def test_layer_table_leaves_vgg11_bn_as_found_and_its_next_forward_unchanged():
+    model = build("vgg11_bn").eval()
+    before = _state(model)
+    layer_table(model, (3, 32, 32))
+    _assert_same_state(model, before)
+    model(torch.randn(1, 3, 32, 32))  # in eval mode, so BatchNorm must not move its stats
+    _assert_same_state(model, before)
+
+
+class _MovesBuffer(nn.Module):
+    """A module whose eval-mode forward changes a buffer in place and replaces another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("last", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        self.last = x.detach()[0, :3].clone()
+        return x * 2
+
+
+def test_buffers_changed_by_forward_code_are_restored_in_place():
+    model = nn.Sequential(_MovesBuffer())
+    count, last = model[0].count, model[0].last
+    trace(model, torch.randn(2, 3), ["0"])
+    assert model[0].count is count and model[0].last is last
+    assert count.item() == 0 and torch.equal(last, torch.zeros(3))
+
+
+# --- forward failures are one line --------------------------------------------------------
+
+
+class _Asserts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Identity(), _Check())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class _Check(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-1] == 4, f"Wrong width! Expected 4 but got {x.shape[-1]}"
+        return x
+
+
+class _TopAsserts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.lin(x)  # a module ran and returned, then the model's own code fails
+        raise KeyError("no such head")
+
+
+@pytest.mark.parametrize("model,where,words", [
+    (_Asserts(), "inner.1", "Wrong width! Expected 4 but got 5"),
+    (_TopAsserts(), "_TopAsserts's own forward code", "'no such head'"),
+])
+def test_any_forward_exception_becomes_one_line_naming_module_and_shape(model, where, words):
+    x = torch.randn(2, 5) if isinstance(model, _Asserts) else torch.randn(2, 4)
+    for fn in (lambda: capture(model, x, ["inner" if isinstance(model, _Asserts) else "lin"]),
+               lambda: layer_table(model, tuple(x.shape[1:]))):
+        with pytest.raises(ConvmapsError) as e:
+            fn()
+        msg = str(e.value)
+        assert f"forward pass failed in {where} for input (" in msg and words in msg, msg
+        assert "\n" not in msg and e.value.__cause__ is not None
+        assert not isinstance(e.value.__cause__, ConvmapsError)
+
+
+# --- selections that select nothing ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,kw,words", [
+    ("relu", {"conv_only": True, "flag": "--kernels"}, "--kernels: 'relu' selects no conv layer"),
+    ("pool", {"conv_only": True, "flag": "--kernels"}, "--kernels: 'pool' selects no conv layer"),
+    ("linear", {"conv_only": True, "flag": "--taps"}, "--taps: 'linear' selects no conv layer"),
+    ("conv,relu", {"conv_only": True, "flag": "--taps"}, "'relu' selects no conv layer"),
+    ("", {"conv_only": True, "flag": "--kernels"}, "--kernels: empty SPEC ''"),
+    (" , ", {}, "--layers: empty SPEC ' , '"),
+    ("pool", {"conv_only": True, "flag": "--layers"}, "--layers: 'pool' selects no conv layer"),
+])
+def test_select_refuses_a_spec_that_selects_nothing(spec, kw, words):
+    with pytest.raises(UnknownLayerError) as e:
+        select(build("lenet"), spec, **kw)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg
+    assert ("C1, C3, C5" in msg) if kw.get("conv_only") else ("names: C1" in msg)
+
+
+def test_select_type_word_the_model_lacks_is_an_error():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU())
+    with pytest.raises(UnknownLayerError, match="'pool' selects no layer"):
+        select(model, "pool")
+    assert [x.name for x in select(model, None)] == ["0", "1"]  # None still means all

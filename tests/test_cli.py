@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from convmaps.cli import app
+from convmaps.cli import app, main
 
 from .conftest import write_image
 
@@ -102,6 +103,18 @@ def test_dump_and_show(tmp_path):
     assert result.exit_code == 0 and "int64" in result.output
 
 
+def test_png_scale_channel_from_the_command_line(tmp_path):
+    img = write_image(tmp_path / "in" / "x.png")
+    result = run("dump", "lenet", img, "-w", "none", "--out", tmp_path / "o", "--layers", "C1",
+                 "--png-scale", "channel")
+    assert result.exit_code == 0, result.output
+    png = Image.open(tmp_path / "o" / "x.png" / "png" / "C1.png")
+    assert png.info["convmaps-png-scale"] == "channel"
+    assert len(png.info["convmaps-range"].split(";")) == 6
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["options"]["png_scale"] == "channel"
+
+
 def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
     args = ["dump", "lenet", tmp_path / "bad.png", "-w", "none", "--out", tmp_path / "o"]
@@ -117,6 +130,7 @@ def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
         (["dump", "lenet", "-w", "none", "--layers", "C9"], "no layer 'C9'"),
         (["dump", "lenet", "-w", "none", "--kernels", "relu1"], "conv layers only"),
         (["dump", "lenet", "-w", "none", "--dtype", "int8"], "--dtype"),
+        (["dump", "lenet", "-w", "none", "--png-scale", "tile"], "--png-scale"),
         (["dump", "lenet", "-w", "none", "/no/such/file.png"], "/no/such/file.png"),
         (["dump", "alexnet", "-w", "none"], "give INPUT"),
         (["dump", "lenet", "-w", "none", "--max-bytes", "10B"], "--max-bytes"),
@@ -128,13 +142,21 @@ def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
         (["dump", "lenet", "-w", "none", "--device", "foo"], "--device"),
         (["dump", "lenet", "-w", "none", "--max-bytes", "1.2.3"], "not understood"),
         (["dump", "lenet", "-w", "none", "--layers", "0-99999999999"], "no layer"),
-        (["dump", "lenet", "-w", "none", "--layers", ","], "nothing selected"),
+        (["dump", "lenet", "-w", "none", "--layers", ","], "--layers: empty SPEC ','"),
+        (["dump", "lenet", "-w", "none", "--kernels", "relu"], "'relu' selects no conv layer"),
+        (["dump", "lenet", "-w", "none", "--kernels", "pool"], "'pool' selects no conv layer"),
+        (["dump", "lenet", "-w", "none", "--taps", "linear"], "'linear' selects no conv layer"),
+        (["dump", "lenet", "-w", "none", "--kernels", ""], "--kernels: empty SPEC ''"),
+        (["filters", "lenet", "-w", "none", "--layers", "pool"], "'pool' selects no conv layer"),
+        (["layers", "vit_b_16", "--input-size", "100,100"],
+         "forward pass failed in VisionTransformer's own forward code for input (1, 3, 100, 100)"
+         ": Wrong image height!"),
         (["dump", "googlenet", "-w", "none", "x.png", "--kernels", "aux1.conv.conv"],
          "never run"),
     ],
 )
 def test_errors_are_one_line(args, words, tmp_path):
-    result = run(*args, *(["--out", tmp_path] if args[0] == "dump" else []))
+    result = run(*args, *(["--out", tmp_path] if args[0] in ("dump", "filters") else []))
     assert result.exit_code == 1, result.output
     assert words in result.output.replace("\n", " ")
     assert "Traceback" not in result.output
@@ -157,6 +179,54 @@ def test_broken_torchrun_environment_is_one_line(tmp_path, monkeypatch, env, wor
     result = run("dump", "lenet", "-w", "none", "--out", tmp_path)
     assert result.exit_code == 1 and result.output.startswith("error: ")
     assert words in result.output
+
+
+@pytest.mark.parametrize("args,words", [
+    (["dump", "lenet", "--batch-size", "0"],
+     "Invalid value for '--batch-size' / '-b': Input should be greater than or equal to 1 "
+     "(see `convmaps dump --help`)"),
+    (["dump", "lenet", "--no-such-option"], "No such option: --no-such-option"),
+    (["layers"], "Missing argument"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["dump", "lenet", "--workers", "x"], "Invalid value for '--workers'"),
+])
+def test_usage_errors_are_one_line_exit_2(args, words, capsys):
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert words in err
+
+
+def test_main_keeps_help_version_and_command_exit_codes(capsys, tmp_path):
+    assert main(["dump", "--help"]) == 0
+    assert "Usage: convmaps dump" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("convmaps ")
+    assert main(["show", str(tmp_path / "missing")]) == 1  # a ConvmapsError: exit code 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert main([]) == 2  # no arguments: the help, as click does
+    assert "Usage: convmaps" in capsys.readouterr().out
+
+
+def test_python_dash_m_usage_error_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "convmaps", "dump", "lenet", "--batch-size", "0"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error: Invalid value for '--batch-size'")
+    assert out.stderr.count("\n") == 1, out.stderr
+
+
+def test_dump_records_a_file_symlink_loop_as_a_skip(tmp_path):
+    folder = tmp_path / "in"
+    write_image(folder / "c.png")
+    (folder / "b.png").symlink_to("a.png")
+    (folder / "a.png").symlink_to("b.png")
+    for inputs in ([folder], [folder / "a.png", folder / "c.png"]):
+        result = run("dump", "lenet", *inputs, "-w", "none", "--out", tmp_path / "o",
+                     "--no-png", "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output
+        assert "unreadable: symlink loop" in result.output
 
 
 def test_counts_are_truthful_and_show_prints_predictions(tmp_path):

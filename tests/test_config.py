@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from convmaps.cli import app
 from convmaps.config import load_config, options_from
 from convmaps.errors import ConvmapsError
-from convmaps.options import DType
+from convmaps.options import DType, PngScale
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
@@ -22,10 +22,10 @@ def test_shipped_configs_are_valid(path):
 def test_types_are_converted_and_dashes_accepted(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('model = "lenet"\nbatch-size = 3\ndtype = "float16"\npng = false\n'
-                    'inputs = ["a", "b"]\n')
+                    'inputs = ["a", "b"]\npng-scale = "channel"\n')
     values = load_config(path)
     assert values == {"model": "lenet", "batch_size": 3, "dtype": DType.float16, "png": False,
-                      "inputs": ["a", "b"]}
+                      "inputs": ["a", "b"], "png_scale": PngScale.channel}
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,7 @@ def test_types_are_converted_and_dashes_accepted(tmp_path):
         ("batch_size = true", "batch_size must be an integer"),
         ("png = 1", "png must be true or false"),
         ('dtype = "int8"', "dtype must be one of float32, float16, bfloat16"),
+        ('png-scale = "tile"', "png-scale must be one of layer, channel"),
         ('inputs = "photos"', "inputs must be a list of strings"),
         ("inputs = [1, 2]", "inputs must be a list of strings"),
         ("model = ", "is not valid TOML"),
@@ -103,3 +104,49 @@ def test_dump_only_options_on_a_filters_config_are_refused(tmp_path):
     assert result.output.startswith("error: --kernels, --batch-size: not an option of "
                                     "`convmaps filters`")
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ('max_bytes = "1e999"', "max_bytes: size '1e999' is too large"),
+        ('max_bytes = "1e30"', "max_bytes: size '1e30' is too large"),
+        ('chunk_bytes = "inf"', "chunk_bytes: size 'inf' not understood"),
+        ('max_bytes = "nan"', "max_bytes: size 'nan' not understood"),
+        ("max_bytes = 1.5e9", "max_bytes must be a size such as \"8GB\" or a whole number"),
+        ("max_bytes = inf", "max_bytes must be a size such as"),
+        ("max_bytes = nan", "max_bytes must be a size such as"),
+        ("max-bytes = true", "max-bytes must be a size such as"),
+        ("max_bytes = 0", "max_bytes: size 0 is out of range"),
+        ("max_bytes = 9223372036854775807", None),
+        ("batch_size = 1e999", "batch_size must be an integer, not inf"),
+        ("png_cap = 2.0", "png_cap must be an integer, not 2.0"),
+    ],
+)
+def test_sizes_and_numbers_in_configs_are_one_line_errors(tmp_path, text, words):
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    if words is None:
+        assert load_config(path)["max_bytes"] == "9223372036854775807"
+        return
+    with pytest.raises(ConvmapsError) as e:
+        load_config(path)
+    assert words in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_integer_size_is_taken_as_bytes(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("max_bytes = 20000000000\n")
+    assert load_config(path) == {"max_bytes": "20000000000"}
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe", b'model = "lenet"\n# caf\xe9\n'])
+def test_a_config_that_is_not_utf8_is_one_line_naming_it(tmp_path, data):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConvmapsError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path} is not UTF-8 text") and "\n" not in str(e.value)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 1 and result.output.startswith("error: ")
+    assert "Traceback" not in result.output

@@ -11,14 +11,13 @@ from torch import nn
 
 from convmaps import decompose
 from convmaps.decompose import (
-    forum_kernel_maps,
     kernel_map_chunks,
     kernel_maps,
-    kernel_maps_bytes,
     tap_map_chunks,
     tap_maps,
-    tap_maps_bytes,
 )
+
+from .reference import forum_kernel_maps
 
 C_IN, C_OUT, H, W = 4, 6, 9, 8
 KERNELS = [3, 2, (2, 3)]  # odd, even, non-square (even x odd)
@@ -278,31 +277,33 @@ def _output_hw(conv, shape):
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("size", [(9, 8), (16, 11)])
-def test_bytes_follow_the_conv_output_formula(config, size):
+def test_map_sizes_follow_the_real_conv_output(config, size):
     conv, _ = _make(*config, dtype=torch.float32)
-    shape = (C_IN, *size)
-    ho, wo = _output_hw(conv, shape)
+    x = torch.randn(5, C_IN, *size)
+    ho, wo = _output_hw(conv, x.shape[1:])  # from the module itself, not from a formula
     cg, (kh, kw) = C_IN // conv.groups, conv.kernel_size
-    assert kernel_maps_bytes(conv, shape) == conv.out_channels * cg * ho * wo * 4
-    assert tap_maps_bytes(conv, shape, torch.float16) == conv.out_channels * ho * wo * kh * kw * 2
-    assert kernel_maps_bytes(conv, (5, *shape), torch.float64) == 5 * kernel_maps_bytes(
-        conv, shape, torch.float64
-    )
+    assert kernel_maps(conv, x).shape == (5, conv.out_channels, cg, ho, wo)
+    assert tap_maps(conv, x[0]).shape == (conv.out_channels, ho, wo, kh, kw)
 
 
 @pytest.mark.parametrize(("conv", "shape"), BYTES_CASES)
-def test_bytes_equal_the_real_maps(conv, shape):
+def test_maps_of_real_layer_shapes_have_the_expected_bytes(conv, shape):
     torch.manual_seed(4)
     x = torch.randn(shape)
+    ho, wo = _output_hw(conv, shape)
+    cg, (kh, kw) = shape[0] // conv.groups, conv.kernel_size
+    km_bytes = conv.out_channels * cg * ho * wo
+    tm_bytes = conv.out_channels * ho * wo * kh * kw
     km = kernel_maps(conv, x)
-    assert kernel_maps_bytes(conv, shape) == km.numel() * km.element_size()
-    assert kernel_maps_bytes(conv, shape, torch.bfloat16) == km.numel() * 2
-    if tap_maps_bytes(conv, shape) < 50 * 2**20:
+    assert km.numel() * km.element_size() == km_bytes * 4
+    chunks = kernel_map_chunks(conv, x, 2 * 2**20, torch.bfloat16)
+    assert sum(p.nbytes for _, p in chunks) == km_bytes * 2
+    if tm_bytes * 4 < 50 * 2**20:
         tm = tap_maps(conv, x)
-        assert tap_maps_bytes(conv, shape) == tm.numel() * tm.element_size()
+        assert tm.numel() * tm.element_size() == tm_bytes * 4
     else:  # AlexNet's first layer: stream the taps rather than hold 94 MB
         chunks = tap_map_chunks(conv, x, 16 * 2**20, torch.float16)
-        assert tap_maps_bytes(conv, shape, torch.float16) == sum(p.nbytes for _, p in chunks)
+        assert sum(p.nbytes for _, p in chunks) == tm_bytes * 2
 
 
 def test_errors_say_what_is_wrong():
@@ -311,11 +312,20 @@ def test_errors_say_what_is_wrong():
         kernel_maps(conv, torch.randn(2, 8, 8))
     with pytest.raises(ValueError, match="too small"):
         tap_maps(conv, torch.randn(3, 4, 8))
-    with pytest.raises(ValueError, match="too small"):
-        kernel_maps_bytes(conv, (3, 4, 8))
     with pytest.raises(TypeError, match="Conv2d"):
         kernel_maps(nn.Conv1d(3, 4, 5), torch.randn(3, 8))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_bytes"):
         kernel_map_chunks(conv, torch.randn(3, 8, 8), 0)
     with pytest.raises(ValueError, match="floating"):
         tap_map_chunks(conv, torch.randn(3, 8, 8), 100, torch.int32)
+
+
+def test_decompose_leaves_the_conv_as_found():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).train()
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    x = torch.randn(4, 7, 7)
+    kernel_maps(conv, x), tap_maps(conv, x)
+    list(kernel_map_chunks(conv, x, 500)), list(tap_map_chunks(conv, x, 500))
+    assert conv.training and conv.weight.requires_grad and conv.weight.grad is None
+    assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)

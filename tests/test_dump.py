@@ -589,3 +589,39 @@ def test_unusable_devices_are_refused_before_work(tmp_path, photos, device):
     with pytest.raises(ConvmapsError, match="--device"):
         _dump(tmp_path, [photos / "c.bmp"], device=device)
     assert not (tmp_path / "out").exists()
+
+
+def test_pngs_name_classes_and_follow_png_scale(tmp_path, photos):
+    from io import BytesIO
+
+    from PIL import Image
+
+    from convmaps import render
+    from convmaps.options import PngScale
+
+    o = DumpOptions(model="lenet", inputs=[str(photos / "c.bmp")], out=str(tmp_path / "o"),
+                    workers=0, kernels="C3", png_cap=12)
+    plan = plan_dump(o)
+    run_dump(plan)
+    folder = tmp_path / "o" / "c.bmp"
+    acts = load_file(folder / "activations.safetensors")
+    out = acts["OUTPUT"]
+    assert plan.categories and len(plan.categories) == out.numel() == 10  # bundled: named
+    # the classifier's output names its classes; F6 (84 values) does not
+    named = render.png_bytes(render.render_activation(out, classes=plan.categories))
+    assert (folder / "png" / "OUTPUT.png").read_bytes() == named
+    assert named != render.png_bytes(render.render_activation(out))
+    assert (folder / "png" / "F6.png").read_bytes() == \
+        render.png_bytes(render.render_activation(acts["F6"]))
+    # 12 kernel-map PNGs: two digits, so that they sort
+    kernels = sorted(p.name for p in (folder / "png" / "C3.kernels").iterdir())
+    assert kernels == [f"{i:02d}.png" for i in range(12)]
+    # --png-scale channel: another run configuration, per-channel ranges in the chunk
+    o.png_scale, o.resume = PngScale.channel, True
+    with pytest.raises(ConvmapsError, match="--overwrite"):
+        plan_dump(o)
+    o.resume = False
+    run_dump(plan_dump(o))
+    png = Image.open(BytesIO((folder / "png" / "C1.png").read_bytes()))
+    assert png.info["convmaps-png-scale"] == "channel"
+    assert len(png.info["convmaps-range"].split(";")) == acts["C1"].shape[0]

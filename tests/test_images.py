@@ -109,6 +109,26 @@ def test_symlink_loop_terminates_and_lists_each_file_once(tmp_path: Path) -> Non
     assert _keys(find_images([root])) == ["a/x.png"]
 
 
+def _file_loop(folder: Path) -> tuple[Path, Path]:
+    """`ln -s a.png b.png; ln -s b.png a.png` inside `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    a, b = folder / "a.png", folder / "b.png"
+    b.symlink_to("a.png")
+    a.symlink_to("b.png")
+    return a, b
+
+
+def test_file_symlink_loop_is_found_and_reported_as_a_reason(tmp_path: Path) -> None:
+    a, b = _file_loop(tmp_path / "in")
+    _touch_image(tmp_path / "in" / "c.png")
+    for inputs, keys in [([tmp_path / "in"], ["a.png", "b.png", "c.png"]), ([a], ["a.png"])]:
+        assert _keys(find_images(inputs)) == keys
+    for link in (a, b):
+        assert _bad_reason(link) == "unreadable: symlink loop"
+        with pytest.raises(BadImageError, match="^unreadable: symlink loop$"):
+            sha256_file(link)
+
+
 def test_real_tree_wins_over_a_symlinked_alias(tmp_path: Path) -> None:
     root = tmp_path / "in"
     _touch_image(root / "real" / "x.png")

@@ -62,6 +62,17 @@ def test_collisions(key, keys, clash):
     assert (reason is None) if clash is None else (clash in reason)
 
 
+def test_filter_pngs_are_zero_padded_so_they_sort_in_filter_order():
+    lay = ImageLayout(kernels=(("C3", 12),), taps=(("C1", 6),), png=True)
+    names = [p for p in lay.png_files() if ".kernels/" in p]
+    assert names[:3] == ["png/C3.kernels/00.png", "png/C3.kernels/01.png", "png/C3.kernels/02.png"]
+    assert sorted(names) == names  # 00 … 11: file order is filter order
+    assert lay.filter_png("kernels", "C3", 11) == "png/C3.kernels/11.png"
+    assert lay.filter_png("taps", "C1", 5) == "png/C1.taps/5.png"  # 6 filters: one digit
+    wide = ImageLayout(kernels=(("features.3", 192),), png=True)
+    assert wide.filter_png("kernels", "features.3", 7) == "png/features.3.kernels/007.png"
+
+
 def test_topk_layout_names_and_ownership():
     from convmaps.layout import TopkLayout, is_topk_output
 

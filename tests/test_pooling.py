@@ -67,3 +67,12 @@ def test_switches_of_a_channels_last_slice_are_the_contiguous_ones():
     idx = switches(pool, strided)
     assert torch.equal(idx, F.max_pool2d_with_indices(x[1:2].clone(), 3, 2)[1][0])
     assert torch.equal(pool(unpool(pool(strided), idx, pool, strided.shape)), pool(x[1]))
+
+
+def test_pooling_leaves_the_pool_as_found():
+    pool = nn.MaxPool2d(3, 2, padding=1, ceil_mode=True).train()
+    before = dict(vars(pool))
+    x = torch.rand(2, 3, 9, 9)
+    idx = switches(pool, x)
+    unpool(pool(x), idx, pool, x.shape[-2:])
+    assert vars(pool) == before and pool.training and not pool.return_indices

@@ -1,96 +1,246 @@
-"""Tests for convmaps.render: sizes, colours, robust ranges, caps and PNG encoding."""
+"""Tests for convmaps.render: layouts, colours, robust ranges, legends, caps and PNG encoding.
+
+Layouts are recomputed here from the numbers the pictures promise (tile side, gaps, a 12 px
+label band, a 30 px legend, a 200 px minimum width), not read from render's own geometry.
+"""
 
 from __future__ import annotations
 
 import io
 import math
+import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
+from convmaps.options import PngScale
 from convmaps.render import (
     Scale,
-    barcode,
     choose_scale,
     colorize,
     filter_grid,
+    image_size,
     map_grid,
+    png_bound,
     png_bytes,
     render_activation,
     robust_limit,
     tap_mosaic,
     upscale_factor,
+    vector_grid,
 )
 
 NEUTRAL = (221, 221, 221)  # coolwarm's middle
+WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128)
+BAND, GAP, LEGEND, MIN_W, LINE = 12, 2, 30, 200, 12
 
 
-def grid_side(n_tiles: int, tile_px: int, gutter: int = 1) -> int:
-    return n_tiles * tile_px + (n_tiles - 1) * gutter
+def rgb(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 pixels, whatever the mode."""
+    return np.asarray(img.convert("RGB"))
 
 
-def pixel(img: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
-    r, g, b = img.getpixel(xy)  # type: ignore[misc]
+def px(img: Image.Image, x: int, y: int) -> tuple[int, int, int]:
+    r, g, b = rgb(img)[y, x]
+    return int(r), int(g), int(b)
+
+
+def lut_end(scale: Scale, which: float) -> tuple[int, int, int]:
+    r, g, b = colorize(torch.tensor([[which]]), scale).flatten().tolist()
     return r, g, b
 
 
-# --- sizes and modes ----------------------------------------------------------------------
+def factor(n: int, h: int, w: int) -> int:
+    """The upscaling of a grid of n tiles: tiles of ~32 px, few tiles ~256 px wide, at most 16."""
+    cols = 1 if n == 1 else math.ceil(math.sqrt(n))
+    tile = max(1, min(16, round(32 / max(h, w))))
+    return max(tile, min(16, round(256 / (cols * w))))
+
+
+def tiles_layout(n: int, tile_h: int, tile_w: int, labels: bool = True
+                 ) -> tuple[int, int, int, int, int]:
+    """(width, height, left, cols, band) of a tile grid, from its stated rules."""
+    cols = 1 if n == 1 else math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    band = BAND if labels else 0
+    grid_w = cols * (tile_w + GAP) - GAP
+    grid_h = rows * (band + tile_h + GAP) - GAP
+    width = max(grid_w, MIN_W)
+    return width, grid_h + LEGEND, (width - grid_w) // 2, cols, band
+
+
+def tile_xy(i: int, tile_h: int, tile_w: int, left: int, cols: int, band: int
+            ) -> tuple[int, int]:
+    r, c = divmod(i, cols)
+    return left + c * (tile_w + GAP), r * (band + tile_h + GAP) + band
+
+
+def draw_text(s: str) -> np.ndarray:
+    """`s` drawn with Pillow's bitmap font, independently of render: a bool mask."""
+    font = ImageFont.load_default_imagefont()
+    img = Image.new("1", (6 * len(s), 11), 0)
+    draw = ImageDraw.Draw(img)
+    draw.fontmode = "1"
+    draw.text((0, 0), s, fill=1, font=font)
+    return np.array(img, dtype=bool)
+
+
+def shows_text(img: Image.Image, s: str, x: int, y: int) -> bool:
+    """Whether `s` is inked (black) at (x, y), exactly, in the picture."""
+    mask = draw_text(s)
+    h, w = mask.shape
+    region = rgb(img)[y : y + h, x : x + w]
+    ink = (region == 0).all(-1)
+    return region.shape[:2] == (h, w) and bool((ink == mask).all())
+
+
+def says(img: Image.Image, note: str) -> bool:
+    """Whether the picture ends with `note`, wrapped at spaces to its width."""
+    lines = textwrap.wrap(note, (img.width - 8) // 6)
+    top = img.height - 2 - len(lines) * LINE
+    return all(shows_text(img, line, 4, top + i * LINE) for i, line in enumerate(lines))
+
+
+# --- sizes, tiles and numbers ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("shape", "cols", "rows"),
-    [((6, 28, 28), 3, 2), ((16, 5, 5), 4, 4), ((1, 1, 1), 1, 1), ((10, 6, 6), 4, 3)],
+    [((6, 28, 28), 3, 2), ((16, 5, 5), 4, 4), ((10, 6, 6), 4, 3), ((64, 13, 13), 8, 8),
+     ((1, 40, 40), 1, 1)],
 )
 def test_map_grid_size(shape: tuple[int, int, int], cols: int, rows: int) -> None:
     c, h, w = shape
-    f = upscale_factor(h, w)
+    f = factor(c, h, w)
     img = map_grid(torch.randn(shape))
-    assert img.mode == "RGB"
-    assert img.size == (grid_side(cols, w * f), grid_side(rows, h * f))
+    assert img.mode == "P"
+    width, height, *_ = tiles_layout(c, h * f, w * f)
+    assert img.size == (width, height)
+    assert img.size == image_size("activation", shape)
 
 
 def test_upscale_factor() -> None:
-    assert upscale_factor(5, 5) == 7  # LeNet's 5x5 maps become 35 px
-    assert upscale_factor(6, 6) == 6  # AlexNet's 6x6 maps become 36 px
-    assert upscale_factor(32, 32) == 1
+    assert upscale_factor(5, 5) == 6  # 5x5 maps become 30 px tiles (more in a small grid)
+    assert upscale_factor(6, 6) == 5  # AlexNet's 6x6 maps become 30 px
+    assert upscale_factor(13, 13) == 2  # 26 px: nearer 32 than 39 is
+    assert upscale_factor(28, 28) == 1
     assert upscale_factor(55, 55) == 1
     assert upscale_factor(1, 1) == 16  # capped
     assert upscale_factor(0, 0) == 1
 
 
-def test_map_grid_upscales_with_nearest_neighbour() -> None:
-    maps = torch.tensor([[[-1.0, 1.0]]])  # one 1x2 tile, factor 16
+def test_tiles_are_upscaled_with_nearest_neighbour_and_numbered() -> None:
+    torch.manual_seed(0)
+    maps = torch.randn(5, 4, 6)  # 3 columns of 6 values: factor 14, a ~256 px wide grid
     img = map_grid(maps)
-    assert img.size == (32, 16)
-    left = {pixel(img, (x, y)) for x in range(16) for y in range(16)}
-    right = {pixel(img, (x, y)) for x in range(16, 32) for y in range(16)}
-    assert len(left) == 1 and len(right) == 1 and left != right
+    f = factor(5, 4, 6)
+    assert f == 14
+    _, _, left, cols, band = tiles_layout(5, 4 * f, 6 * f)
+    lo, hi = (float(v) for v in img.info["convmaps-range"].split(","))
+    expected = colorize(((maps - lo) / (hi - lo)), Scale.DIVERGING)  # (5, 3, 4, 6)
+    pixels = rgb(img)
+    for i in range(5):
+        x, y = tile_xy(i, 4 * f, 6 * f, left, cols, band)
+        tile = pixels[y : y + 4 * f, x : x + 6 * f]
+        want = expected[i].permute(1, 2, 0).numpy().repeat(f, 0).repeat(f, 1)
+        assert np.array_equal(tile, want), i
+        assert shows_text(img, str(i), x, y - band)  # its number, above it
+
+
+def test_small_tiles_carry_no_numbers() -> None:
+    img = map_grid(torch.rand(100, 50, 20))  # factor 1: 20 px wide tiles, under 24
+    assert factor(100, 50, 20) == 1
+    width, height, *_ = tiles_layout(100, 50, 20, labels=False)
+    assert img.size == (width, height)
 
 
 def test_map_grid_max_tiles_draws_first_channels() -> None:
     img = map_grid(torch.randn(100, 8, 8), max_tiles=9)
-    assert img.size == (grid_side(3, 32), grid_side(3, 32))
+    f = factor(9, 8, 8)
+    assert img.size == tiles_layout(9, 8 * f, 8 * f)[:2]
 
 
-def test_map_grid_uses_one_range_for_all_tiles() -> None:
+def test_layer_scale_uses_one_range_for_all_tiles() -> None:
     maps = torch.stack([torch.full((4, 4), 1.0), torch.full((4, 4), 4.0)])
     img = map_grid(maps, Scale.SEQUENTIAL)
-    # A per-tile range would draw both constant tiles in the same colour.
-    assert pixel(img, (0, 0)) != pixel(img, (img.width - 1, 0))
+    t = 4 * factor(2, 4, 4)
+    _, _, left, cols, band = tiles_layout(2, t, t)
+    a, b = (px(img, *tile_xy(i, t, t, left, cols, band)) for i in range(2))
+    assert a != b  # a per-tile range would draw both constant tiles alike
+    assert img.info["convmaps-range"] == "0,4"
 
 
-# --- colours -------------------------------------------------------------------------------
+def test_channel_scale_gives_each_tile_its_own_range() -> None:
+    torch.manual_seed(0)
+    maps = torch.stack([torch.rand(8, 8), 100 * torch.rand(8, 8)])
+    img = map_grid(maps, png_scale=PngScale.channel)
+    ranges = [tuple(float(v) for v in r.split(",")) for r in img.info["convmaps-range"].split(";")]
+    assert ranges == [pytest.approx(robust_limit(m, Scale.SEQUENTIAL), rel=1e-5) for m in maps]
+    assert img.info["convmaps-png-scale"] == "channel"
+    t = 8 * factor(2, 8, 8)
+    _, height, left, cols, band = tiles_layout(2, t, t)
+    pixels = rgb(img)
+    tiles = [pixels[y : y + t, x : x + t]
+             for x, y in (tile_xy(i, t, t, left, cols, band) for i in range(2))]
+    # the same pattern up to a factor 100: the same colours, tile for tile
+    maps2 = torch.stack([maps[0], maps[0] * 100])
+    img2 = map_grid(maps2, png_scale="channel")
+    pixels2 = rgb(img2)
+    a, b = (pixels2[y : y + t, x : x + t]
+            for x, y in (tile_xy(i, t, t, left, cols, band) for i in range(2)))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(tiles[0], tiles[1])
+    # the bar says so instead of numbers, on a line of its own
+    assert img.height == height + LINE + 2
+    assert shows_text(img, "each channel has its own range", 4, height)
+    assert img.size == image_size("activation", (2, 8, 8), "channel")
+
+
+# --- colours and the colour bar ------------------------------------------------------------------
 
 
 def test_diverging_zero_is_neutral_and_signs_differ() -> None:
-    maps = torch.tensor([[[-2.0, 0.0, 2.0]]])
-    img = map_grid(maps)
-    f = upscale_factor(1, 3)
-    neg, zero, pos = (pixel(img, (i * f, 0)) for i in range(3))
+    img = map_grid(torch.tensor([[[-2.0, 0.0, 2.0]]]))  # one 1x3 tile, factor 16
+    f = factor(1, 1, 3)
+    _, _, left, cols, band = tiles_layout(1, f, 3 * f)
+    neg, zero, pos = (px(img, left + i * f, band) for i in range(3))
     assert zero == NEUTRAL
-    assert neg[2] > neg[0]  # blue
-    assert pos[0] > pos[2]  # red
+    assert neg == lut_end(Scale.DIVERGING, 0.0) and pos == lut_end(Scale.DIVERGING, 1.0)
+
+
+def test_colour_bar_shows_the_range_and_zero() -> None:
+    torch.manual_seed(0)
+    maps = torch.randn(4, 10, 10)
+    img = map_grid(maps)
+    lo, hi = robust_limit(maps, Scale.DIVERGING)
+    assert img.info["convmaps-range"] == f"{lo:.6g},{hi:.6g}"
+    t = 10 * factor(4, 10, 10)
+    width, height, *_ = tiles_layout(4, t, t)
+    bar_y, text_y = height - LEGEND + 4, height - LEGEND + 4 + 10 + 3
+    bar_w = (width - 8) - 1 + (width - 8) % 2  # odd: one middle column
+    bar = rgb(img)[bar_y + 5, 4 : 4 + bar_w]
+    assert tuple(bar[0]) == lut_end(Scale.DIVERGING, 0.0)
+    assert tuple(bar[-1]) == lut_end(Scale.DIVERGING, 1.0)
+    assert tuple(bar[bar_w // 2]) == NEUTRAL
+    assert tuple(rgb(img)[bar_y + 5, 4 + bar_w]) == BLACK  # its frame
+    assert shows_text(img, f"{lo:.3g}", 4, text_y)
+    right = f"{hi:.3g}"
+    assert shows_text(img, right, 4 + bar_w - 6 * len(right), text_y)
+    assert shows_text(img, "0", 4 + bar_w // 2 - 3, text_y)
+
+
+def test_sequential_bar_starts_at_zero_without_a_middle_label() -> None:
+    img = map_grid(torch.tensor([[[0.0, 1.0, 2.0]]]))
+    assert choose_scale(torch.tensor([0.0, 1.0])) is Scale.SEQUENTIAL
+    width, height = img.size
+    text_y = height - LEGEND + 4 + 10 + 3
+    assert shows_text(img, "0", 4, text_y) and shows_text(img, "2", width - 11, text_y)
+    middle = rgb(img)[text_y : text_y + 11, width // 2 - 3 : width // 2 + 3]
+    assert (middle == 255).all()
 
 
 def test_colorize_lut_ends_and_middle() -> None:
@@ -103,19 +253,11 @@ def test_colorize_lut_ends_and_middle() -> None:
     seq = colorize(torch.linspace(0, 1, 256)[None], Scale.SEQUENTIAL)[:, 0]
     brightness = seq.float().sum(0)
     assert brightness[0] == brightness.min() and brightness[-1] == brightness.max()
+    assert tuple(seq[:, 0].tolist()) == (68, 1, 84) and tuple(seq[:, -1].tolist()) == (253, 231, 37)
 
 
 def test_colorize_keeps_leading_dims() -> None:
     assert colorize(torch.rand(2, 4, 5, 6), Scale.SEQUENTIAL).shape == (2, 4, 3, 5, 6)
-
-
-def test_sequential_zero_is_darkest() -> None:
-    maps = torch.tensor([[[0.0, 1.0, 2.0]]])
-    assert choose_scale(maps) is Scale.SEQUENTIAL
-    img = map_grid(maps)
-    darkest = tuple(colorize(torch.zeros(1, 1), Scale.SEQUENTIAL).flatten().tolist())
-    assert pixel(img, (0, 0)) == darkest
-    assert sum(pixel(img, (0, 0))) < sum(pixel(img, (img.width - 1, 0)))
 
 
 def test_choose_scale() -> None:
@@ -126,7 +268,70 @@ def test_choose_scale() -> None:
     assert choose_scale(torch.empty(0)) is Scale.SEQUENTIAL
 
 
-# --- robust ranges -------------------------------------------------------------------------
+def test_nan_and_inf_colours() -> None:
+    img = map_grid(torch.tensor([[[float("nan"), float("inf"), float("-inf"), -1.0, 1.0]]]))
+    f = factor(1, 1, 5)
+    _, _, left, _, band = tiles_layout(1, f, 5 * f)
+    nan, pinf, ninf, neg, pos = (px(img, left + i * f, band) for i in range(5))
+    assert nan == BLACK
+    assert pinf == pos and ninf == neg  # infinities are clipped to the ends
+
+
+def test_channels_last_and_half_precision_draw_the_same() -> None:
+    torch.manual_seed(0)
+    t = torch.randn(1, 6, 9, 9)
+    last = t.to(memory_format=torch.channels_last)[0]
+    assert not last.is_contiguous()
+    assert png_bytes(map_grid(last)) == png_bytes(map_grid(t[0]))
+    half = map_grid(torch.randn(4, 8, 8, dtype=torch.bfloat16))
+    t = 8 * factor(4, 8, 8)
+    assert half.size == tiles_layout(4, t, t)[:2]
+
+
+# --- robust ranges ------------------------------------------------------------------------------
+
+
+def reference_limit(t: torch.Tensor, scale: Scale) -> tuple[float, float]:
+    """The range rule written the slow, obvious way: copy the kept values every pass."""
+    x = t.flatten().double()
+    x = x[torch.isfinite(x) & (x != 0)]
+    centred = scale is Scale.SEQUENTIAL
+    x = x[x > 0] if centred else x.abs()
+    if x.numel() == 0:
+        return (0.0, 1.0) if centred else (-1.0, 1.0)
+
+    def stats(k: torch.Tensor) -> tuple[float, float]:
+        if centred:
+            return float(k.mean()), float(k.std(correction=0))
+        return 0.0, float(k.square().mean().sqrt())
+
+    keep = x
+    for _ in range(5):
+        c, s = stats(keep)
+        kept = keep[(keep - c).abs() <= 4 * s]
+        if kept.numel() in (0, keep.numel()):
+            break
+        keep = kept
+    c, s = stats(keep)
+    if centred:
+        hi = min(float(x.max()), c + 3 * s)
+        return (0.0, hi) if hi > 0 else (0.0, 1.0)
+    lim = min(float(x.max()), 3 * s)
+    return (-lim, lim) if lim > 0 else (-1.0, 1.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: torch.randn(5000, generator=g),
+    lambda g: torch.randn(5000, generator=g).exp(),  # heavy right tail
+    lambda g: torch.where(torch.rand(5000, generator=g) < 0.05, torch.rand(5000, generator=g), 0),
+    lambda g: torch.cat([torch.randn(3000, generator=g), torch.tensor([1e6, -5e5, 80.0])]),
+    lambda g: torch.randn(5000, generator=g) + 3,  # offset to one side
+    lambda g: torch.cat([torch.rand(4000, generator=g), torch.tensor([float("nan"), 1e30])]),
+])
+@pytest.mark.parametrize("scale", list(Scale))
+def test_robust_limit_matches_the_slow_rule(make, scale: Scale) -> None:
+    t = make(torch.Generator().manual_seed(1))
+    assert robust_limit(t, scale) == pytest.approx(reference_limit(t, scale), rel=1e-5)
 
 
 def test_one_outlier_does_not_wash_out_the_rest() -> None:
@@ -135,9 +340,7 @@ def test_one_outlier_does_not_wash_out_the_rest() -> None:
     t[17] = 1e6
     lo, hi = robust_limit(t, Scale.DIVERGING)
     assert lo == -hi and 2 < hi < 5
-    # The typical values still spread over many colours of the grid.
-    img = map_grid(t.reshape(1, 40, 25))
-    colours = img.getcolors(maxcolors=256)
+    colours = map_grid(t.reshape(1, 40, 25)).convert("RGB").getcolors(maxcolors=1024)
     assert colours is not None and len(colours) > 100
 
 
@@ -150,7 +353,6 @@ def test_one_outlier_sequential() -> None:
 
 
 def test_sparse_map_is_not_saturated() -> None:
-    # 95% zeros (ReLU): the spread of the few active values sets the range.
     torch.manual_seed(0)
     t = torch.where(torch.rand(10_000) < 0.05, torch.rand(10_000) + 1, torch.zeros(10_000))
     _, hi = robust_limit(t, Scale.SEQUENTIAL)
@@ -172,6 +374,7 @@ def test_robust_limit_never_exceeds_max() -> None:
         torch.tensor([float("nan")] * 4),
         torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0]),
         torch.empty(0),
+        torch.tensor([3e38, -3e38, 1.0]),  # squares overflow float32
     ],
 )
 @pytest.mark.parametrize("scale", list(Scale))
@@ -179,11 +382,7 @@ def test_robust_limit_degenerate(t: torch.Tensor, scale: Scale) -> None:
     lo, hi = robust_limit(t, scale)
     assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
     assert lo == (-hi if scale is Scale.DIVERGING else 0.0)
-
-
-def test_constant_maps_to_top_of_scale() -> None:
-    assert robust_limit(torch.full((5, 5), 3.0), Scale.SEQUENTIAL) == pytest.approx((0, 3))
-    assert robust_limit(torch.full((5, 5), -2.0), Scale.DIVERGING) == pytest.approx((-2, 2))
+    assert (lo, hi) == pytest.approx(reference_limit(t, scale), rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -197,57 +396,81 @@ def test_constant_maps_to_top_of_scale() -> None:
         torch.empty(3, 0, 5),
     ],
 )
-def test_map_grid_survives_odd_values(t: torch.Tensor) -> None:
-    img = map_grid(t)
-    assert img.mode == "RGB" and img.width >= 1 and img.height >= 1
+@pytest.mark.parametrize("png_scale", list(PngScale))
+def test_map_grid_survives_odd_values(t: torch.Tensor, png_scale: PngScale) -> None:
+    img = map_grid(t, png_scale=png_scale)
+    assert img.width >= 1 and img.height >= 1
+    assert img.size == image_size("activation", tuple(t.shape), png_scale)
+    png_bytes(img)
 
 
-def test_nan_and_inf_colours() -> None:
-    t = torch.tensor([[[float("nan"), float("inf"), float("-inf"), -1.0, 1.0]]])
-    img = map_grid(t)
-    f = upscale_factor(1, 5)
-    nan, pinf, ninf, neg, pos = (pixel(img, (i * f, 0)) for i in range(5))
-    assert nan == (0, 0, 0)
-    assert pinf == pos and ninf == neg  # infinities are clipped to the ends
+# --- vectors and dispatch ------------------------------------------------------------------------
 
 
-def test_half_precision_input() -> None:
-    img = map_grid(torch.randn(4, 8, 8, dtype=torch.bfloat16))
-    assert img.size == (grid_side(2, 32), grid_side(2, 32))
+def test_long_vector_wraps_into_a_square_grid_with_ticks() -> None:
+    torch.manual_seed(0)
+    v = torch.randn(1000)
+    img = vector_grid(v)
+    cols, cell = 32, 8  # ceil(sqrt(1000)), 256 px / 32
+    left = len("992") * 6 + 4  # row ticks name the index each row starts at
+    top = 14
+    lo, hi = robust_limit(v, Scale.DIVERGING)
+    expected = colorize(((v - lo) / (hi - lo))[None], Scale.DIVERGING)[:, 0].T  # (1000, 3)
+    pixels = rgb(img)
+    shift = (max(left + cols * cell, MIN_W) - left - cols * cell) // 2
+    for i in (0, 1, 31, 32, 500, 999):
+        r, c = divmod(i, cols)
+        y, x = top + r * cell, left + shift + c * cell
+        block = pixels[y : y + cell, x : x + cell].reshape(-1, 3)
+        assert (block == expected[i].numpy()).all(), i
+    # row 2 starts at index 64: its tick label ends 4 px left of the grid
+    assert shows_text(img, "64", left + shift - 4 - 12, top + 2 * cell + cell // 2 - 5)
+    assert img.size == image_size("activation", (1000,))
 
 
-# --- barcode and dispatch ------------------------------------------------------------------
+def test_vector_names_its_strongest_classes() -> None:
+    v = torch.tensor([0.1, 5.0, -2.0, 3.0, float("nan"), 4.0, 0.0, 1.0])
+    names = [f"class{i}" for i in range(8)]
+    img = render_activation(v, classes=names)
+    width, height = img.size
+    lines_top = height - 5 * LINE - 2
+    for rank, (i, value) in enumerate([(1, "5"), (5, "4"), (3, "3"), (7, "1"), (0, "0.1")], 1):
+        assert shows_text(img, f"{rank}. {i} class{i}: {value}", 4, lines_top + (rank - 1) * LINE)
+    plain = render_activation(v)
+    assert shows_text(plain, "1. 1: 5", 4, lines_top)  # no names: indices only
+    assert plain.size == img.size  # names never change the layout
+    wrong = render_activation(v, classes=names[:3])  # not one name per value: ignored
+    assert png_bytes(wrong) == png_bytes(plain)
 
 
-@pytest.mark.parametrize(("n", "width"), [(10, 260), (256, 256), (100, 300), (4096, 4096)])
-def test_barcode_size(n: int, width: int) -> None:
-    img = barcode(torch.randn(n))
-    assert img.size == (width, 24) and img.mode == "RGB"
+def test_strongest_ties_go_to_the_smaller_index() -> None:
+    v = torch.zeros(50)
+    v[[40, 3, 17, 9, 30, 44, 2]] = 1.0  # seven tied maxima: the five smallest indices win
+    img = render_activation(v)
+    top = img.height - 5 * LINE - 2
+    for rank, i in enumerate([2, 3, 9, 17, 30], 1):
+        assert shows_text(img, f"{rank}. {i}: 1", 4, top + (rank - 1) * LINE)
 
 
-def test_barcode_height_and_columns() -> None:
-    img = barcode(torch.tensor([-1.0, 0.0, 1.0]), height=5)
-    assert img.size == (258, 5)
-    assert pixel(img, (86, 4)) == NEUTRAL
-    assert pixel(img, (0, 0)) != pixel(img, (257, 0))
-
-
-def test_barcode_empty() -> None:
-    assert barcode(torch.empty(0)).mode == "RGB"
+def test_long_class_names_are_cut_to_the_picture() -> None:
+    img = render_activation(torch.arange(4.0), classes=["x" * 200] * 4)
+    assert img.size == image_size("activation", (4,))
 
 
 @pytest.mark.parametrize(
-    ("shape", "size"),
-    [
-        ((4, 6, 6), (grid_side(2, 36), grid_side(2, 36))),  # map grid
-        ((6, 6), (36, 36)),  # one tile
-        ((10,), (260, 24)),  # barcode
-        ((2, 2, 2, 4), (256, 24)),  # flattened to 32 values, 8 px each
-        ((), (256, 24)),  # a scalar: one column
-    ],
+    ("shape", "kind"),
+    [((4, 6, 6), "grid"), ((6, 6), "grid"), ((10,), "vector"), ((2, 2, 2, 4), "vector"),
+     ((), "vector"), ((512, 1, 1), "vector")],
 )
-def test_render_activation_dispatch(shape: tuple[int, ...], size: tuple[int, int]) -> None:
-    assert render_activation(torch.randn(shape)).size == size
+def test_render_activation_dispatch(shape: tuple[int, ...], kind: str) -> None:
+    t = torch.randn(shape)
+    img = render_activation(t)
+    if kind == "grid":
+        t3 = t if t.dim() == 3 else t[None]
+        assert png_bytes(img) == png_bytes(map_grid(t3))
+    else:
+        assert png_bytes(img) == png_bytes(vector_grid(t.flatten()))
+    assert img.size == image_size("activation", shape)
 
 
 def test_render_activation_picks_scale() -> None:
@@ -255,54 +478,63 @@ def test_render_activation_picks_scale() -> None:
     assert render_activation(torch.randn(3, 4, 4) - 1).info["convmaps-scale"] == "diverging"
 
 
-# --- filters -------------------------------------------------------------------------------
+# --- filters -------------------------------------------------------------------------------------
 
 
 def test_filter_grid_rgb_tiles() -> None:
-    weight = torch.randn(10, 3, 11, 11)
-    img, note = filter_grid(weight)
-    tile = 11 * upscale_factor(11, 11)
-    assert note is None
-    assert img.size == (grid_side(4, tile), grid_side(3, tile))  # 10 tiles, 4 x 3
-
-
-def test_filter_grid_rgb_channels_and_zero() -> None:
-    weight = torch.zeros(2, 3, 3, 3)
+    weight = torch.zeros(10, 3, 11, 11)
     weight[0, 0] = 1.0  # filter 0: red kernel positive
-    img, _ = filter_grid(weight)
-    assert pixel(img, (0, 0)) == (255, 128, 128)
-    assert pixel(img, (img.width - 1, 0)) == (128, 128, 128)  # zero weights: mid grey
-
-
-def test_filter_grid_rows_per_filter() -> None:
-    weight = torch.randn(16, 6, 5, 5)
+    weight[9, 2] = -1.0  # filter 9: blue kernel negative
     img, note = filter_grid(weight)
-    tile = 5 * upscale_factor(5, 5)
+    t = 11 * factor(10, 11, 11)
+    assert note is None and img.mode == "RGB"
+    width, height, left, cols, band = tiles_layout(10, t, t)
+    assert img.size == (width, height)
+    assert px(img, *tile_xy(0, t, t, left, cols, band)) == (255, 128, 128)
+    assert px(img, *tile_xy(9, t, t, left, cols, band)) == (128, 128, 0)
+    assert px(img, *tile_xy(5, t, t, left, cols, band)) == GREY  # zero weights: mid grey
+    assert shows_text(img, "9", *np.add(tile_xy(9, t, t, left, cols, band), (0, -band)))
+
+
+def test_filter_grid_one_input_channel_is_tiles_not_a_strip() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(6, 1, 5, 5)  # LeNet's C1
+    img, note = filter_grid(weight)
+    f = factor(6, 5, 5)
+    assert note is None and img.size == tiles_layout(6, 5 * f, 5 * f)[:2]
+    _, _, left, cols, band = tiles_layout(6, 5 * f, 5 * f)
+    lo, hi = robust_limit(weight, Scale.DIVERGING)
+    x, y = tile_xy(4, 5 * f, 5 * f, left, cols, band)
+    want = colorize((weight[4, 0] - lo) / (hi - lo), Scale.DIVERGING).permute(1, 2, 0).numpy()
+    assert np.array_equal(rgb(img)[y : y + 5 * f : f, x : x + 5 * f : f], want)
+
+
+def test_filter_grid_rows_per_filter_with_ticks() -> None:
+    weight = torch.zeros(16, 6, 5, 5)
+    weight[11, 4] = 1.0  # filter 11's kernel on input channel 4
+    img, note = filter_grid(weight)
     assert note is None
-    assert img.size == (grid_side(6, tile), grid_side(16, tile))
+    left, top, cell = len("15") * 6 + 4, 14, 30
+    grid_w = 6 * (cell + 1) - 1
+    width = max(left + grid_w, MIN_W)
+    left += (width - left - grid_w) // 2
+    assert img.size == (width, top + 16 * (cell + 1) - 1 + LEGEND)
+    assert px(img, left + 4 * 31, top + 11 * 31) == lut_end(Scale.DIVERGING, 1.0)
+    assert px(img, left + 3 * 31, top + 11 * 31) == NEUTRAL
+    assert px(img, left + 4 * 31 - 1, top + 11 * 31) == GREY  # the gutter
+    assert shows_text(img, "10", left - 4 - 12, top + 10 * 31 + 15 - 5)  # every 2nd row
 
 
-def test_filter_grid_row_holds_one_filter() -> None:
-    weight = torch.zeros(2, 4, 1, 1)
-    weight[1] = 1.0  # the second filter, every kernel
-    img, _ = filter_grid(weight)
-    top = {pixel(img, (x, 0)) for x in range(0, img.width, 17)}
-    bottom = {pixel(img, (x, img.height - 1)) for x in range(0, img.width, 17)}
-    assert top == {NEUTRAL} and len(bottom) == 1 and bottom != top
-
-
-def test_filter_grid_cap_kernels() -> None:
+def test_filter_grid_caps_and_says_so() -> None:
     img, note = filter_grid(torch.randn(20, 12, 3, 3), max_filters=8, max_kernels=5)
-    tile = 3 * upscale_factor(3, 3)
-    assert img.size == (grid_side(5, tile), grid_side(8, tile))
     assert note == "drew 8 of 20 filters x 5 of 12 kernels (cap: --png-cap)"
-
-
-def test_filter_grid_cap_rgb() -> None:
+    assert says(img, note)
     img, note = filter_grid(torch.randn(96, 3, 11, 11), max_filters=64)
-    tile = 11 * upscale_factor(11, 11)
-    assert img.size == (grid_side(8, tile), grid_side(8, tile))
     assert note == "drew 64 of 96 filters (cap: --png-cap)"
+    t = 11 * factor(64, 11, 11)
+    width, height, *_ = tiles_layout(64, t, t)
+    assert img.size == (width, height + len(textwrap.wrap(note, (width - 8) // 6)) * LINE + 2)
+    assert says(img, note)
 
 
 def test_filter_grid_rejects_wrong_rank() -> None:
@@ -310,60 +542,57 @@ def test_filter_grid_rejects_wrong_rank() -> None:
         filter_grid(torch.randn(3, 5, 5))
 
 
-# --- tap mosaics ---------------------------------------------------------------------------
-
-
-def test_tap_mosaic_size() -> None:
-    img, note = tap_mosaic(torch.randn(7, 9, 3, 3))
-    assert note is None
-    assert img.size == (9 * 3 + 8, 7 * 3 + 6)
+# --- tap mosaics ---------------------------------------------------------------------------------
 
 
 def test_tap_mosaic_places_window_patches() -> None:
     taps = torch.zeros(2, 3, 2, 2)
     taps[1, 2, 0, 1] = 1.0  # window (1, 2), patch pixel (0, 1)
-    img, _ = tap_mosaic(taps)
-    red_end = tuple(colorize(torch.ones(1, 1), Scale.DIVERGING).flatten().tolist())
-    assert pixel(img, (2 * 3 + 1, 1 * 3 + 0)) == red_end
-    assert pixel(img, (0, 0)) == NEUTRAL
+    img, note = tap_mosaic(taps)
+    f = upscale_factor(2, 2)  # 16: 32 px patches
+    cell = 2 * f
+    left, top = len("1") * 6 + 4, 14
+    grid_w = 3 * (cell + 1) - 1
+    left += (max(left + grid_w, MIN_W) - left - grid_w) // 2
+    assert note is None
+    assert img.size == (MIN_W, top + 2 * (cell + 1) - 1 + LEGEND)
+    x, y = left + 2 * (cell + 1) + 1 * f, top + 1 * (cell + 1)
+    assert px(img, x, y) == px(img, x + f - 1, y + f - 1) == lut_end(Scale.DIVERGING, 1.0)
+    assert px(img, x - 1, y) == NEUTRAL and px(img, left, top) == NEUTRAL
+    assert px(img, left + cell, top) == GREY  # gutter between windows
+    assert img.size == image_size("taps", (2, 3, 2, 2))
 
 
-def test_tap_mosaic_1x1_has_no_gutter() -> None:
+def test_tap_mosaic_1x1_is_the_upscaled_map_without_gutters() -> None:
     img, _ = tap_mosaic(torch.randn(5, 6, 1, 1))
-    assert img.size == (6, 5)
+    f = upscale_factor(5, 6)
+    left = len("4") * 6 + 4
+    assert img.size == (max(left + 6 * f, MIN_W), 14 + 5 * f + LEGEND)
 
 
-def test_tap_mosaic_crop() -> None:
-    img, note = tap_mosaic(torch.randn(30, 20, 3, 3), max_side=40)
-    assert img.size == (10 * 4 - 1, 10 * 4 - 1)
-    assert note == "drew the top-left 10x10 of 30x20 windows (cap: 40 px)"
+def test_tap_mosaic_cap() -> None:
+    img, note = tap_mosaic(torch.randn(30, 20, 3, 3), max_side=100)  # 33 px patches + 1
+    assert note == "drew the top-left 2x2 of 30x20 windows (cap: 100 px)"
+    assert says(img, note)
 
 
-# --- PNG -----------------------------------------------------------------------------------
+# --- PNG -----------------------------------------------------------------------------------------
 
 
 def test_png_bytes_round_trip_with_text() -> None:
     img = map_grid(torch.randn(4, 5, 5))
-    data = png_bytes(img, note="drew 4 of 9 filters")
-    back = Image.open(io.BytesIO(data))
-    assert back.mode == "P" and back.size == img.size  # stored as a palette image
-    assert back.convert("RGB").tobytes() == img.tobytes()
-    text = back.info  # Pillow reads tEXt chunks into info
-    assert text["convmaps-note"] == "drew 4 of 9 filters"
-    assert text["convmaps-scale"] == "diverging"
-    lo, hi = (float(v) for v in text["convmaps-range"].split(","))
+    back = Image.open(io.BytesIO(png_bytes(img, note="drew 4 of 9 filters")))
+    assert back.mode == "P" and back.size == img.size
+    assert np.array_equal(rgb(back), rgb(img))
+    assert back.info["convmaps-note"] == "drew 4 of 9 filters"
+    assert back.info["convmaps-scale"] == "diverging"
+    lo, hi = (float(v) for v in back.info["convmaps-range"].split(","))
     assert lo == -hi and hi > 0
 
 
 def test_png_bytes_deterministic() -> None:
     t = torch.randn(8, 6, 6)
     assert png_bytes(map_grid(t), note="x") == png_bytes(map_grid(t.clone()), note="x")
-
-
-def test_png_bytes_without_note() -> None:
-    back = Image.open(io.BytesIO(png_bytes(barcode(torch.rand(5)))))
-    assert "convmaps-note" not in back.info
-    assert back.info["convmaps-range"].startswith("0,")
 
 
 def test_png_bytes_compress_level_changes_size_not_pixels() -> None:
@@ -373,34 +602,68 @@ def test_png_bytes_compress_level_changes_size_not_pixels() -> None:
     assert Image.open(io.BytesIO(raw)).tobytes() == Image.open(io.BytesIO(packed)).tobytes()
 
 
-def test_png_bytes_keeps_every_pixel_whatever_the_mode():
-    import io
+def test_png_bytes_keeps_every_pixel_of_rgb_pictures() -> None:
+    rng = np.random.default_rng(0)
+    few = rng.integers(0, 4, (40, 50, 3), dtype=np.uint8) * 60  # 64 colours: a palette PNG
+    many = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    for arr, mode in ((few, "P"), (many, "RGB")):
+        back = Image.open(io.BytesIO(png_bytes(Image.fromarray(arr, "RGB"))))
+        assert back.mode == mode and np.array_equal(rgb(back), arr)
 
-    from PIL import Image as PILImage
 
-    from convmaps.render import map_grid, png_bytes
-
+def test_drawing_in_threads_gives_the_same_bytes() -> None:
+    # No shared mutable state: concurrent writers (dump's writer threads) cannot mix pictures.
     torch.manual_seed(0)
-    for img in (map_grid(torch.randn(64, 13, 13)),
-                PILImage.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy())):
-        back = PILImage.open(io.BytesIO(png_bytes(img)))
-        assert back.convert("RGB").tobytes() == img.tobytes()
-    grid = PILImage.open(io.BytesIO(png_bytes(map_grid(torch.randn(64, 13, 13)))))
-    assert grid.mode == "P"  # a colour-mapped grid is stored as a palette image
+    inputs = [torch.randn(c, 7, 7) for c in (3, 5, 8, 13)] + [torch.randn(300)]
+    expected = [png_bytes(render_activation(t)) for t in inputs]
+    got: dict[int, list[bytes]] = {}
+
+    def work(k: int) -> None:
+        got[k] = [png_bytes(render_activation(t)) for t in inputs for _ in range(3)][::3]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(v == expected for v in got.values())
+
+
+def _palette_picture(seed: int, size: int = 400) -> Image.Image:
+    """An RGB picture of 200 colours, a different (overlapping) set per seed, so that two
+    pictures give the same colour different palette indices."""
+    rng = np.random.default_rng(seed)
+    reds = rng.integers(0, 200, (size, size)) + 5 * seed
+    rgb = np.stack([reds, np.full_like(reds, 7), np.full_like(reds, 9)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def test_png_bytes_from_several_threads_equal_sequential() -> None:
+    pictures = [_palette_picture(seed) for seed in range(6)]
+    expected = [png_bytes(p) for p in pictures]
+    assert all(Image.open(io.BytesIO(b)).mode == "P" for b in expected)  # the palette path
+    barrier = threading.Barrier(len(pictures))
+
+    def encode(i: int) -> list[bytes]:
+        barrier.wait()  # start together, so the encodings overlap
+        return [png_bytes(pictures[i]) for _ in range(8)]
+
+    with ThreadPoolExecutor(len(pictures)) as pool:
+        results = list(pool.map(encode, range(len(pictures))))
+    for i, got in enumerate(results):
+        assert all(b == expected[i] for b in got), f"picture {i} changed under threads"
 
 
 @pytest.mark.parametrize("kind,shape", [
     ("activation", (6, 28, 28)), ("activation", (64, 55, 55)), ("activation", (1, 5, 5)),
     ("activation", (120,)), ("activation", (10,)), ("activation", (9216,)), ("activation", (7, 9)),
-    ("kernels", (6, 10, 10)), ("taps", (10, 10, 5, 5)), ("taps", (27, 27, 1, 1)),
-    ("taps", (300, 300, 5, 5)),
+    ("activation", (256, 1, 1)), ("kernels", (6, 10, 10)), ("taps", (10, 10, 5, 5)),
+    ("taps", (27, 27, 1, 1)), ("taps", (300, 300, 5, 5)),
 ])
 def test_png_bound_is_the_drawn_size_and_an_upper_bound(kind, shape):
-    from convmaps.render import image_size, png_bound
-
     torch.manual_seed(0)
-    t = torch.randn(shape)
-    t.view(-1)[::7] = float("nan")  # more than 256 colours: the PNG stays RGB
+    t = torch.rand(shape) * 2 - 1  # noise: the least compressible picture
+    t.view(-1)[::7] = float("nan")
     if kind == "taps":
         img, _ = tap_mosaic(t)
     elif kind == "kernels":
@@ -409,6 +672,69 @@ def test_png_bound_is_the_drawn_size_and_an_upper_bound(kind, shape):
         img = render_activation(t)
     assert img.size == image_size(kind, shape)
     assert len(png_bytes(img)) <= png_bound(kind, shape)
+
+
+# --- golden pictures (pytest --overwrite rewrites them) -------------------------------------------
+
+
+def _ramp(*shape: int) -> torch.Tensor:
+    """Deterministic values on every platform: a ramp folded into `shape`, centred on 0."""
+    n = math.prod(shape)
+    return (torch.arange(n, dtype=torch.float32) * 7 % n - n / 2).reshape(shape) / n
+
+
+GOLDEN = {
+    "map_grid": lambda: map_grid(_ramp(6, 5, 5)),
+    "map_grid_relu_per_channel": lambda: map_grid(
+        _ramp(4, 6, 6).clamp(min=0) * torch.arange(1.0, 5.0)[:, None, None], png_scale="channel"),
+    "classifier": lambda: render_activation(_ramp(10), classes=[f"class {i}" for i in range(10)]),
+    "long_vector": lambda: render_activation(_ramp(300)),
+    "filters_rows": lambda: filter_grid(_ramp(4, 3 + 2, 3, 3), max_filters=3)[0],
+    "filters_rgb": lambda: filter_grid(_ramp(5, 3, 3, 3))[0],
+    "tap_mosaic": lambda: tap_mosaic(_ramp(4, 5, 3, 3))[0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_picture(name: str, golden) -> None:
+    golden(f"render_{name}", png_bytes(GOLDEN[name]()))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (454, 580)])
+def test_palette_pngs_read_back_exactly(size):
+    """convmaps writes palette PNGs itself (ISA-L deflate): Pillow, an independent decoder,
+    reads back the same pixels, palette and text, and the bytes are deterministic."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 200, size[::-1], dtype=np.uint8), "L").convert("P")
+    img.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    img.info["convmaps-range"] = "-1,1"
+    data = png_bytes(img, note="crème brûlée 世界")
+    back = Image.open(io.BytesIO(data))
+    back.load()
+    assert back.mode == "P" and back.size == size
+    assert np.array_equal(np.asarray(back), np.asarray(img))
+    assert back.getpalette() == img.getpalette()
+    assert back.info["convmaps-range"] == "-1,1"
+    assert back.info["convmaps-note"] == "crème brûlée 世界"
+    assert png_bytes(img, note="crème brûlée 世界") == data
+
+
+def test_grid_geometry_finds_each_channels_tile():
+    from convmaps.render import grid_geometry
+
+    maps = torch.zeros(6, 7, 9)
+    for c in range(6):
+        maps[c] = c  # each tile one value: its channel number
+    img = np.asarray(map_grid(maps).convert("RGB"))
+    g = grid_geometry((6, 7, 9))
+    assert g is not None and (g["width"], g["height"]) == (img.shape[1], img.shape[0])
+    colours = []
+    for c in range(6):
+        x = g["left"] + (c % g["cols"]) * g["px"] + g["w"] // 2
+        y = g["top"] + (c // g["cols"]) * g["py"] + g["band"] + g["h"] // 2
+        colours.append(tuple(img[y, x]))
+    assert len(set(colours)) == 6  # six channels, six different colours at the tile centres
+    assert grid_geometry((10,)) is None
 
 
 def test_topk_figure_rows_are_the_patches_and_their_projections():
@@ -432,4 +758,4 @@ def test_topk_figure_rows_are_the_patches_and_their_projections():
     assert below[:, 0, 2 * col].tolist() == [192] * 3  # +limit / 2: 128 + 63.5
     assert img.info["convmaps-range"] == "-2,2"
     assert img.height == 8 * f + 4 + 14
-    assert topk_overview(patches).size == (2 * 5 * 7 + 2, 2 * 4 * 7 + 2)
+    assert topk_overview(patches).size == (2 * 5 * 6 + 2, 2 * 4 * 6 + 2)  # round(32 / 5)

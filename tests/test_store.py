@@ -126,6 +126,21 @@ def test_sizes():
     assert parse_bytes("500 mb") == 500 * 10**6
     with pytest.raises(ConvmapsError, match="not understood"):
         parse_bytes("lots")
+    assert parse_bytes("1.5kib") == 1536 and parse_bytes(" 7 ") == 7
+    assert parse_bytes(2**63 - 1) == parse_bytes(str(2**63 - 1)) == 2**63 - 1  # exact, no float
+    assert parse_bytes("9223372036854775807B") == 2**63 - 1
+
+
+@pytest.mark.parametrize("text,words", [
+    ("1e999", "too large"), ("1e19", "too large"), ("9223372036854775808", "too large"),
+    ("0.001EB", "not understood"), ("inf", "not understood"), ("nan", "not understood"),
+    ("-5GB", "not understood"), ("0", "less than one byte"), ("0.5", "less than one byte"),
+    (0, "out of range"), (-1, "out of range"), (2**63, "out of range"), (True, "not understood"),
+])
+def test_bad_sizes_are_one_line_errors(text, words):
+    with pytest.raises(ConvmapsError) as e:
+        parse_bytes(text)
+    assert words in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("header", [b"\xff" * 8, (2**40).to_bytes(8, "little") + b"{}",

@@ -383,7 +383,7 @@ def test_cli_topk_lenet_on_the_bundled_samples(tmp_path):
     assert result.exit_code == 0, result.output
     folder = tmp_path / "o" / "topk"
     m = json.loads((folder / "manifest.json").read_text())
-    assert len(m["inputs"]) == 8 and m["finished"] and m["selected"] == ["C1", "C3", "C5"]
+    assert len(m["inputs"]) == 8 and m["finished"] and m["modules"] == ["C1", "C3", "C5"]
     assert {p.name for p in folder.glob("*.safetensors")} == {
         "C1.safetensors", "C3.safetensors", "C5.safetensors"}
     assert (folder / "png" / "C3" / "0.png").is_file() and (folder / "png" / "C3.png").is_file()

@@ -1,0 +1,61 @@
+"""Drawing and encoding AlexNet's 21 activation PNGs of one photo, per zlib level: what
+`render.png_bytes`' default level rests on.
+
+    python benchmarks/bench_png.py [--photos 3] [--repeats 7]
+
+Random-init (seeded) AlexNet, `bench_dump.make_photos` pictures, one compute thread; medians
+of the per-photo sums. Speed does not depend on the weights' values much, the bytes do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_dump import make_photos
+
+from convmaps import render
+from convmaps.capture import trace
+from convmaps.images import decode
+from convmaps.models import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--photos", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    loaded = load_model("alexnet", "none", None)
+    model = loaded.model.to(memory_format=torch.channels_last)
+    files = make_photos(Path(tempfile.mkdtemp(prefix="convmaps-png-")), a.photos)
+    x = torch.stack([loaded.preprocess(decode(f)) for f in files])
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    got = trace(model, x.to(memory_format=torch.channels_last), leaves, [])
+    draw: list[float] = []
+    for _ in range(a.repeats):
+        start = time.perf_counter()
+        images = [[render.render_activation(got.outputs[k][i]) for k in leaves]
+                  for i in range(len(files))]
+        draw.append((time.perf_counter() - start) / len(files))
+    pixels = sum(img.width * img.height for img in images[0])
+    print(f"AlexNet, {len(leaves)} modules, {pixels / 1e6:.2f} Mpx per photo; median of "
+          f"{a.repeats}: drawing {statistics.median(draw) * 1e3:.1f} ms per photo")
+    for level in (0, 1, 2, 3, 6):
+        times, size = [], 0
+        for _ in range(a.repeats):
+            start = time.perf_counter()
+            size = sum(len(render.png_bytes(img, compress_level=level))
+                       for row in images for img in row) // len(files)
+            times.append((time.perf_counter() - start) / len(files))
+        print(f"  level {level}: {statistics.median(times) * 1e3:6.1f} ms, {size / 1024:6.0f} KiB"
+              " per photo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,663 @@
+"""Projections: one unit's signal carried back down to the input image.
+
+A *unit* is one value of a module's output (a channel at a position, or one entry of a 1-D
+output). Its projection puts 1.0 at the unit, zero elsewhere in that module's output, and
+carries this seed down to the input through each module's backward rule. Conv and linear use
+their transposed weights (never the bias), max-pools send the signal to their switches (adding
+where overlapping windows chose the same pixel), average pools spread it, eval BatchNorm
+scales it, dropout passes it. ReLUs follow the mode:
+
+- `gradient`: mask by the sign of the ReLU's forward input: exactly `torch.autograd.grad`.
+- `deconvnet` (Zeiler & Fergus 2014): rectify the signal itself, whatever the forward did.
+- `guided` (Springenberg et al. 2015): both.
+
+Two independent implementations compute this. The *chain* is the textbook DeconvNet for
+sequential models (LeNet, AlexNet, VGG): record each module's input and switches on the way
+up, then go down module by module with explicit transposed operations. The *autograd* path
+works for any model: autograd, with every ReLU call (module or functional, in-place or reused)
+replaced during the forward pass by a function whose backward is the mode's rule. Both project
+many units with one forward pass per image and one batched backward pass.
+
+    >>> import torch
+    >>> from convmaps.models import lenet5
+    >>> net = lenet5().eval()
+    >>> image = torch.rand(1, 28, 28)
+    >>> shapes = output_shapes(net, (1, 28, 28))
+    >>> units = [parse_unit("C3:4", net, shapes), parse_unit("OUTPUT:7", net, shapes)]
+    >>> [tuple(p.map.shape) for p in project(net, image, units, Mode.guided)]
+    [(1, 28, 28), (1, 28, 28)]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torchvision.models import VGG, AlexNet
+
+from convmaps.capture import select, trace
+from convmaps.errors import ConvmapsError
+from convmaps.options import Mode
+from convmaps.pooling import switches
+
+__all__ = [
+    "Method",
+    "Mode",
+    "Projection",
+    "Unit",
+    "output_shapes",
+    "parse_unit",
+    "project",
+    "project_each",
+]
+
+
+class Method(StrEnum):
+    """Which implementation computes projections: `chain` (sequential models only),
+    `autograd` (any model), or `auto` (the chain where the model is one)."""
+
+    auto = "auto"
+    chain = "chain"
+    autograd = "autograd"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One value of a module's output: `channel` at `position` (y, x) for a (C, H, W) output,
+    where `position=None` means the channel's strongest position in each image; or entry
+    `channel` of a 1-D output (position None)."""
+
+    module: str
+    channel: int
+    position: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        at = f"@{self.position[0]},{self.position[1]}" if self.position is not None else ""
+        return f"{self.module}:{self.channel}{at}"
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A unit's projection for one image: where the unit was (None for 1-D outputs), its forward
+    value, and the map `(C_in, H, W)` in the input tensor's space and dtype."""
+
+    unit: Unit
+    position: tuple[int, int] | None
+    value: float
+    map: torch.Tensor = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------- units
+
+
+def _floating(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def output_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Every module's per-image output shape for an input of `input_shape` (C, H, W), from one
+    forward pass on zeros. A module that runs k > 1 times also has keys `name@1` … `name@k-1`."""
+    names = [name for name, _ in model.named_modules() if name]
+    x = torch.zeros((1, *input_shape), dtype=_floating(model))
+    return {k: tuple(v.shape[1:]) for k, v in trace(model, x, names).outputs.items()}
+
+
+def _check_unit(unit: Unit, shape: tuple[int, ...], text: str) -> None:
+    """Raises ConvmapsError when `unit` does not fit an output of per-image `shape`."""
+    where = f"unit {text!r}: {unit.module} has output {shape}"
+    if len(shape) == 1:
+        if unit.position is not None:
+            raise ConvmapsError(
+                f"{where}, which is 1-D; write {unit.module}:I, I in 0-{shape[0] - 1}"
+            )
+        if not 0 <= unit.channel < shape[0]:
+            raise ConvmapsError(f"{where}; the index must be in 0-{shape[0] - 1}")
+        return
+    if len(shape) != 3:
+        raise ConvmapsError(f"{where}; units need a (C, H, W) or 1-D output")
+    c, h, w = shape
+    if not 0 <= unit.channel < c:
+        raise ConvmapsError(f"{where}; the channel must be in 0-{c - 1}")
+    if unit.position is not None:
+        y, x = unit.position
+        if not (0 <= y < h and 0 <= x < w):
+            raise ConvmapsError(
+                f"{where}; position ({y}, {x}) is outside it: y must be in 0-{h - 1}, "
+                f"x in 0-{w - 1}"
+            )
+
+
+def parse_unit(text: str, model: nn.Module, out_shapes: Mapping[str, Sequence[int]]) -> Unit:
+    """A UNIT (`MODULE:C`, `MODULE:C@Y,X`, or `MODULE:I` for a 1-D output) checked against the
+    module's output shape. MODULE is a qualified name or a SPEC index.
+
+    Args:
+        out_shapes: per-image output shapes by module name, as `output_shapes` gives them.
+
+    Raises:
+        ConvmapsError: a malformed unit, a module that is not exactly one module, runs more than
+            once per forward pass, or a channel or position out of range (the range is named).
+    """
+    m = re.fullmatch(r"\s*([^:\s]+)\s*:\s*(\d+)\s*(?:@\s*(\d+)\s*,\s*(\d+)\s*)?", text)
+    if not m:
+        raise ConvmapsError(
+            f"unit {text!r} is not MODULE:C, MODULE:C@Y,X or MODULE:I (e.g. features.10:5@3,4)"
+        )
+    modules = dict(model.named_modules())
+    if m[1] in modules:  # a name first: ResNet's module `relu` is also a SPEC type word
+        name = m[1]
+    else:
+        layers = select(model, m[1], flag="--unit")
+        if len(layers) != 1:
+            raise ConvmapsError(
+                f"unit {text!r}: {m[1]!r} names {len(layers)} modules "
+                f"({', '.join(x.name for x in layers[:5])}…); name one"
+            )
+        name = layers[0].name
+    if f"{name}@1" in out_shapes:
+        raise ConvmapsError(
+            f"unit {text!r}: {name} runs more than once per forward pass, so its output is "
+            "ambiguous; name a module that runs once"
+        )
+    if name not in out_shapes:
+        raise ConvmapsError(f"unit {text!r}: {name} gives no tensor output")
+    position = (int(m[3]), int(m[4])) if m[3] is not None else None
+    unit = Unit(name, int(m[2]), position)
+    _check_unit(unit, tuple(out_shapes[name]), text)
+    return unit
+
+
+# ------------------------------------------------------------------------ shared pieces
+
+
+def _relu_rule(mode: Mode, signal: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """A ReLU's backward rule; `positive` is `forward input > 0` (broadcastable to `signal`)."""
+    if mode == Mode.gradient:
+        return torch.where(positive, signal, 0)
+    rectified = signal.clamp(min=0)
+    return rectified if mode == Mode.deconvnet else torch.where(positive, rectified, 0)
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> Any:
+    """`module(x)` in x's dtype and device: floating parameters and buffers are cast for the call
+    only (no copy when they already match), so the module itself is never changed."""
+    cast = {
+        k: v.to(x.device, x.dtype) if v.is_floating_point() else v.to(x.device)
+        for k, v in [*module.named_parameters(), *module.named_buffers()]
+    }
+    if all(cast[k] is v for k, v in [*module.named_parameters(), *module.named_buffers()]):
+        return module(x)
+    return functional_call(module, cast, (x,))
+
+
+@dataclass
+class _Slot:
+    """One job in a chunk: projection number `job` of unit `unit`, in round `r` of the batched
+    backward pass, for image `m` of the chunk's images."""
+
+    job: int
+    r: int
+    m: int
+    unit: Unit
+    # filled in by _resolve on the unit module's output:
+    index: tuple[int, ...] = ()  # the unit's index in one image's output
+    position: tuple[int, int] | None = None
+    value: float = math.nan
+
+
+@dataclass
+class _Chunk:
+    images: list[int]  # indices of the images this chunk runs forward
+    rounds: int  # seeds per image; the backward pass is batched over them
+    slots: list[_Slot]
+
+
+def _plan(jobs: Sequence[tuple[int, Unit]], batch_size: int) -> list[_Chunk]:
+    """Group jobs so each chunk runs its images forward once and all its seeds backward at once,
+    with rounds * images <= batch_size (that product bounds the backward pass's memory)."""
+    by_image: dict[int, list[int]] = {}
+    for j, (image, _) in enumerate(jobs):
+        by_image.setdefault(image, []).append(j)
+    pieces = [
+        (image, js[i : i + batch_size])
+        for image, js in by_image.items()
+        for i in range(0, len(js), batch_size)
+    ]
+    chunks: list[_Chunk] = []
+    group: list[tuple[int, list[int]]] = []
+    for piece in pieces:
+        rounds = max([len(piece[1]), *(len(js) for _, js in group)])
+        if group and rounds * (len(group) + 1) > batch_size:
+            chunks.append(_chunk(group, jobs))
+            group = []
+        group.append(piece)
+    if group:
+        chunks.append(_chunk(group, jobs))
+    return chunks
+
+
+def _chunk(group: list[tuple[int, list[int]]], jobs: Sequence[tuple[int, Unit]]) -> _Chunk:
+    slots = [
+        _Slot(j, r, m, jobs[j][1]) for m, (_, js) in enumerate(group) for r, j in enumerate(js)
+    ]
+    return _Chunk([image for image, _ in group], max(len(js) for _, js in group), slots)
+
+
+def _resolve(out: torch.Tensor, slots: Sequence[_Slot]) -> None:
+    """Fill in each slot's index, position and value from its module's output `out` (M, ...).
+    Without a given position: the channel's maximum over space, ties to the first (flat) one."""
+    for slot in slots:
+        unit = slot.unit
+        _check_unit(unit, tuple(out.shape[1:]), str(unit))
+        position = unit.position
+        if out.dim() == 2:
+            slot.index = (unit.channel,)
+        else:
+            if position is None:
+                plane = out[slot.m, unit.channel]
+                flat = int(plane.flatten().argmax())  # argmax gives the first maximal index
+                position = divmod(flat, plane.shape[1])
+            slot.index = (unit.channel, *position)
+        slot.position = position
+        slot.value = float(out.detach()[(slot.m, *slot.index)])
+
+
+def _seed(out: torch.Tensor, slots: Sequence[_Slot], rounds: int) -> torch.Tensor:
+    """1.0 at each slot's unit in a zero `(rounds, *out.shape)` tensor; `slots` are resolved."""
+    seed = out.new_zeros((rounds, *out.shape))
+    for slot in slots:
+        seed[(slot.r, slot.m, *slot.index)] = 1.0
+    return seed
+
+
+# --------------------------------------------------------------------- (a) the chain
+
+
+_CHAIN_TYPES = (
+    nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.Flatten,
+)
+
+
+def _flat(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in seq.named_children():
+        if isinstance(child, nn.Sequential):
+            out += _flat(child, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", child))
+    return out
+
+
+def _chain_steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model as the list of modules its forward pass runs one after the other.
+
+    Raises:
+        ConvmapsError: the model is not such a chain, or a module has no DeconvNet rule here.
+    """
+    steps: list[tuple[str, nn.Module]]
+    if type(model) in (AlexNet, VGG):  # forward: features, avgpool, torch.flatten, classifier
+        steps = [
+            *_flat(model.features, "features."),  # type: ignore[arg-type]
+            ("avgpool", model.get_submodule("avgpool")),
+            ("", nn.Flatten()),  # the torch.flatten call in forward(); no unit can name it
+            *_flat(model.classifier, "classifier."),  # type: ignore[arg-type]
+        ]
+    elif isinstance(model, nn.Sequential):
+        steps = _flat(model, "")
+    else:
+        raise ConvmapsError(
+            f"{type(model).__name__} is not a sequential chain (nn.Sequential, AlexNet, VGG); "
+            "use the autograd method"
+        )
+    for name, module in steps:
+        if not isinstance(module, _CHAIN_TYPES) or not _chain_rule_exists(module):
+            raise ConvmapsError(
+                f"{name} ({type(module).__name__}) has no rule in the DeconvNet chain; "
+                "use the autograd method"
+            )
+    return steps
+
+
+def _chain_rule_exists(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if isinstance(module, nn.AvgPool2d):
+        return module.padding in (0, (0, 0)) and not module.ceil_mode and \
+            module.divisor_override is None
+    if isinstance(module, nn.BatchNorm2d):
+        return module.running_var is not None
+    if isinstance(module, nn.Flatten):
+        return module.start_dim != 0
+    return True
+
+
+def _chain_ends(steps: Sequence[tuple[str, nn.Module]]) -> dict[str, int]:
+    """Module name -> the step whose output is that module's output (containers: their last)."""
+    ends: dict[str, int] = {}
+    for i, (name, _) in enumerate(steps):
+        parts = name.split(".") if name else []
+        for k in range(1, len(parts) + 1):
+            ends[".".join(parts[:k])] = i
+    return ends
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (v[0], v[1])
+
+
+def _mean_matrix(starts: Sequence[int], ends: Sequence[int], n_in: int,
+                 like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): row i averages input cells starts[i] .. ends[i]-1 (1-D pooling)."""
+    mat = like.new_zeros((len(starts), n_in))
+    for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        mat[i, a:b] = 1.0 / (b - a)
+    return mat
+
+
+def _spread(signal: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Average pooling's transpose: a 2-D mean over a rectangle is the row mean of column means,
+    so each output cell's signal goes back to its window by the two 1-D matrices."""
+    return torch.einsum("...ij,ih,jw->...hw", signal, rows, cols)
+
+
+def _unpool_add(signal: torch.Tensor, switches_: torch.Tensor, in_hw: Sequence[int]
+                ) -> torch.Tensor:
+    """Each pooled value's signal goes to the input pixel its switch names; where overlapping
+    windows chose the same pixel, their signals add (max_unpool2d would keep only one, pytorch
+    issue 80827). `signal` (R, M, C, h, w), `switches_` (M, C, h, w) flat per plane."""
+    r, m, c = signal.shape[:3]
+    index = switches_.flatten(2).expand(r, m, c, -1)
+    out = signal.new_zeros((r, m, c, in_hw[0] * in_hw[1]))
+    return out.scatter_add_(3, index, signal.flatten(3)).view(r, m, c, *in_hw)
+
+
+def _down(module: nn.Module, signal: torch.Tensor, in_shape: Sequence[int],
+          state: torch.Tensor | None, mode: Mode) -> torch.Tensor:
+    """One step of the DeconvNet down pass: `signal` (R, M, *module output) -> (R, M, *input).
+
+    `in_shape` is the module's input shape (M, ...); `state` what the up pass recorded: the
+    ReLU's `input > 0`, or the max-pool's switches.
+    """
+    r, m = signal.shape[:2]
+    like = signal
+    if isinstance(module, nn.Conv2d):
+        weight = module.weight.to(like)
+        stride, dil = _pair(module.stride), _pair(module.dilation)
+        pad = _pair(module.padding)  # type: ignore[arg-type]  # str padding has no chain rule
+        k = weight.shape[-2:]
+        # The transposed conv gives (out-1)*s - 2p + d(k-1) + 1 rows; a stride that does not
+        # divide evenly left rows the forward pass never read (AlexNet conv1: 224 -> 55 -> 223)
+        extra = [
+            in_shape[2 + i] - ((signal.shape[3 + i] - 1) * stride[i] - 2 * pad[i]
+                               + dil[i] * (k[i] - 1) + 1)
+            for i in range(2)
+        ]
+        out = F.conv_transpose2d(signal.flatten(0, 1), weight, None, stride, pad, tuple(extra),
+                                 module.groups, dil)
+        return out.view(r, m, *out.shape[1:])
+    if isinstance(module, nn.Linear):
+        return signal @ module.weight.to(like)
+    if isinstance(module, nn.ReLU):
+        assert state is not None
+        return _relu_rule(mode, signal, state)
+    if isinstance(module, nn.MaxPool2d):
+        assert state is not None
+        return _unpool_add(signal, state, in_shape[-2:])
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        size = signal.shape[-2:]
+        mats = []
+        for n_in, n_out in zip(in_shape[-2:], size, strict=True):
+            starts = [(i * n_in) // n_out for i in range(n_out)]
+            ends = [-((-(i + 1) * n_in) // n_out) for i in range(n_out)]  # ceil
+            mats.append(_mean_matrix(starts, ends, n_in, like))
+        return _spread(signal, *mats)
+    if isinstance(module, nn.AvgPool2d):
+        kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        mats = [
+            _mean_matrix([i * stride[d] for i in range(n_out)],
+                         [i * stride[d] + kernel[d] for i in range(n_out)], n_in, like)
+            for d, (n_in, n_out) in enumerate(zip(in_shape[-2:], signal.shape[-2:], strict=True))
+        ]
+        return _spread(signal, *mats)
+    if isinstance(module, nn.BatchNorm2d):
+        var = module.running_var.to(like)  # type: ignore[union-attr]
+        scale = torch.rsqrt(var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight.to(like)
+        return signal * scale[:, None, None]
+    if isinstance(module, nn.Flatten):
+        return signal.reshape(r, m, *in_shape[1:])
+    return signal  # Dropout (eval) and Identity pass the signal unchanged
+
+
+def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
+                 ) -> torch.Tensor:
+    """DeconvNet by hand: returns the maps (rounds, M, C, H, W); resolves the chunk's slots."""
+    steps = _chain_steps(model)
+    ends = _chain_ends(steps)
+    at: dict[int, list[_Slot]] = {}
+    for slot in chunk.slots:
+        if slot.unit.module not in ends:
+            raise ConvmapsError(f"unit {slot.unit}: {slot.unit.module} is not in the chain")
+        at.setdefault(ends[slot.unit.module], []).append(slot)
+    last = max(at)
+    # Up: run the modules in order, keeping what the down pass needs: each input's shape, each
+    # ReLU's input sign and each max-pool's switches (taken before an in-place ReLU overwrites
+    # its input), and the seeds of the units, resolved on the outputs they are read from.
+    records: list[tuple[torch.Size, torch.Tensor | None]] = []
+    seeds: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for i, (_, module) in enumerate(steps[: last + 1]):
+            state = None
+            if isinstance(module, nn.ReLU):
+                state = x > 0
+            elif isinstance(module, nn.MaxPool2d):
+                state = switches(module, x)
+            records.append((x.shape, state))
+            x = _call(module, x)
+            if isinstance(x, tuple):
+                x = x[0]
+            if i in at:
+                _resolve(x, at[i])
+                seeds[i] = _seed(x, at[i], chunk.rounds)
+        # Down: from the deepest unit to the input, adding each unit's seed at its module.
+        signal = seeds[last]
+        for i in range(last, -1, -1):
+            if i != last and i in seeds:
+                signal = signal + seeds[i]
+            in_shape, state = records[i]
+            signal = _down(steps[i][1], signal, in_shape, state, mode)
+    return signal
+
+
+# ---------------------------------------------------------------------- (b) autograd
+
+
+class _Rectifier(torch.autograd.Function):
+    """A ReLU whose forward is the ReLU's own and whose backward is the mode's rule."""
+
+    generate_vmap_rule = True  # the backward runs under torch.func.vmap, one seed per slice
+
+    @staticmethod
+    def forward(x: torch.Tensor, mode: Mode, inplace: bool) -> torch.Tensor:
+        return torch.relu_(x) if inplace else torch.relu(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, ctx.mode, inplace = inputs
+        if inplace:
+            ctx.mark_dirty(x)
+        # output > 0 exactly where the forward input was > 0; a mask of its own, so that later
+        # in-place ops on the output cannot change it
+        ctx.save_for_backward(output > 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (positive,) = ctx.saved_tensors
+        return _relu_rule(ctx.mode, grad, positive), None, None
+
+
+def _relu_inplace(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+                  ) -> bool | None:
+    """Whether a torch call is an in-place ReLU (True), another ReLU (False), or no ReLU."""
+    if func is F.relu:
+        return bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+    if func in (torch.relu_, torch.Tensor.relu_):
+        return True
+    if func in (torch.relu, torch.Tensor.relu):
+        return False
+    return None
+
+
+class _RectifyReLUs(TorchFunctionMode):
+    """While active, every ReLU call (nn.ReLU goes through F.relu; forward code may call F.relu,
+    torch.relu, torch.relu_ or Tensor.relu_) becomes a `_Rectifier`. This replaces the function
+    itself, so in-place and reused ReLUs need no special case (backward hooks on them are where
+    other tools break)."""
+
+    def __init__(self, mode: Mode) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        inplace = _relu_inplace(func, args, kwargs)
+        if inplace is None:
+            return func(*args, **kwargs)
+        return _Rectifier.apply(args[0], self.mode, inplace)
+
+
+class _Stop(Exception):
+    """Ends the forward pass once every unit's module has run: nothing later matters."""
+
+
+def _autograd_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
+                    ) -> torch.Tensor:
+    """Autograd with rectified ReLUs: returns the maps (rounds, M, C, H, W); resolves slots.
+
+    One forward pass (`torch.func.vjp`), then the backward pass for all rounds of seeds at once
+    (`torch.func.vmap` of the vjp, whose batching rules batch the convolutions' backward).
+    """
+    names = list(dict.fromkeys(slot.unit.module for slot in chunk.slots))
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules or not n]
+    if missing:
+        raise ConvmapsError(f"no module named {', '.join(repr(n) for n in missing)}")
+
+    def forward(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs: dict[str, torch.Tensor] = {}
+
+        def hook(name: str) -> Any:
+            def keep(module: nn.Module, args: Any, out: Any) -> Any:
+                if name in outs:
+                    return None  # a module that runs again: its first output is the unit's
+                if not isinstance(out, torch.Tensor):
+                    raise ConvmapsError(f"{name} gives no tensor output; units need one")
+                outs[name] = out
+                if len(outs) == len(names):
+                    raise _Stop
+                return out.clone()  # later in-place ops (a ReLU, `out += x`) change the copy
+
+            return keep
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+        try:
+            with _RectifyReLUs(mode):
+                _call(model, inp.clone())  # a clone: an in-place first op must not hit `inp`
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(outs) != len(names):
+            raise ConvmapsError(f"{', '.join(n for n in names if n not in outs)} did not run")
+        return tuple(outs[n] for n in names)
+
+    with torch.no_grad():  # torch.func differentiates anyway; no graph for the parameters
+        outs, vjp = torch.func.vjp(forward, x)[:2]
+        seeds = []
+        for name, out in zip(names, outs, strict=True):
+            slots = [s for s in chunk.slots if s.unit.module == name]
+            _resolve(out, slots)
+            seeds.append(_seed(out, slots, chunk.rounds))
+        if chunk.rounds == 1:
+            (grad,) = vjp(tuple(s[0] for s in seeds))
+            return grad[None]
+        (grad,) = torch.func.vmap(vjp)(tuple(seeds))
+        return grad
+
+
+# ------------------------------------------------------------------------ the driver
+
+
+def _project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[int, Unit]],
+                  mode: Mode, batch_size: int, method: Method) -> list[Projection]:
+    mode, method = Mode(mode), Method(method)
+    if batch_size < 1:
+        raise ConvmapsError(f"batch_size must be at least 1, not {batch_size}")
+    if not images.is_floating_point():
+        raise ConvmapsError(f"images must be floating point, not {images.dtype}")
+    if method == Method.auto:
+        try:
+            ends = _chain_ends(_chain_steps(model))
+            method = Method.chain if all(u.module in ends for _, u in jobs) else Method.autograd
+        except ConvmapsError:
+            method = Method.autograd
+    engine = _chain_chunk if method == Method.chain else _autograd_chunk
+    results: list[Projection | None] = [None] * len(jobs)
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode(False):
+            for chunk in _plan(jobs, batch_size):
+                maps = engine(model, images[chunk.images].clone(), chunk, mode)
+                for s in chunk.slots:
+                    results[s.job] = Projection(s.unit, s.position, s.value,
+                                                maps[s.r, s.m].detach().clone())
+    finally:
+        for module, flag in training:
+            module.training = flag
+    return [p for p in results if p is not None]
+
+
+def project(model: nn.Module, image: torch.Tensor, units: Sequence[Unit],
+            mode: Mode = Mode.deconvnet, batch_size: int = 32, method: Method = Method.auto
+            ) -> list[Projection]:
+    """Project each unit of one image (C, H, W) down to the input, in `units` order.
+
+    One forward pass per `batch_size` units, and one batched backward pass for them; the
+    computation runs in the image's dtype and device (parameters are cast for the call, so a
+    float64 image gives float64 maps). The model is left as found; it runs in eval mode.
+
+    Raises:
+        ConvmapsError: a unit that does not fit its module's output, or (method=chain) a model
+            that is not a sequential chain.
+    """
+    if image.dim() != 3:
+        raise ConvmapsError(f"project takes one image (C, H, W), not {tuple(image.shape)}")
+    return _project_jobs(model, image[None], [(0, u) for u in units], mode, batch_size, method)
+
+
+def project_each(model: nn.Module, images: torch.Tensor, units: Sequence[Unit],
+                 mode: Mode = Mode.deconvnet, batch_size: int = 32,
+                 method: Method = Method.auto) -> list[Projection]:
+    """Project `units[i]` of `images[i]` (N, C, H, W) for every i, as `project` does: e.g. each
+    channel's top images in a data set, one unit each."""
+    if images.dim() != 4 or len(images) != len(units):
+        raise ConvmapsError(
+            f"project_each takes images (N, C, H, W) and N units, not {tuple(images.shape)} "
+            f"and {len(units)}"
+        )
+    return _project_jobs(model, images, list(enumerate(units)), mode, batch_size, method)
+

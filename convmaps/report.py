@@ -1,0 +1,499 @@
+"""Report: a static HTML site of an output folder (`convmaps report OUT`).
+
+`OUT/report/index.html` and its pages open from disk (`file://`) in any browser, with no
+server, network, CDN or web font: pictures are referenced where convmaps wrote them (never
+inlined), styles are one CSS file, and the little data a script needs sits in the page itself
+(browsers block `fetch` from `file://`). Every page reads without JavaScript; the script only
+names the channel under the mouse and sorts tables.
+
+It covers whatever OUT holds: a dump (`manifest.json`), projections (`projections.json`),
+`filters/` and `topk/`. It reads only files on disk and never runs the model; the pictures of
+the inputs are drawn from the source images with the run's own preprocessing, so receptive-
+field boxes land where the network looked.
+
+    >>> import tempfile
+    >>> build_report(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    convmaps.errors.ConvmapsError: ... holds nothing to report (no manifest.json, ...)
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from convmaps import __version__, layout
+from convmaps import manifest as manifests
+from convmaps.errors import ConvmapsError
+from convmaps.store import read_metadata, write_bytes
+
+__all__ = ["REPORT", "build_report"]
+
+REPORT = "report"
+_MARKER = ".convmaps-report"  # only a folder holding it is ever replaced
+_TOPK = "topk"
+
+
+@dataclass
+class _Site:
+    """What OUT holds, read once."""
+
+    out: Path
+    dump: dict[str, Any] | None
+    projections: dict[str, Any] | None
+    filters: list[str]  # conv names with a filters PNG
+    filters_meta: dict[str, str]
+    topk: dict[str, Any] | None
+    units: dict[str, dict[str, Any]] = field(default_factory=dict)  # topk module -> tensors
+    pictures: dict[str, str] = field(default_factory=dict)  # sha256 -> report-relative PNG
+    pages: dict[str, str] = field(default_factory=dict)  # image key -> its page
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self.dump or self.projections or self.topk or {"model": self.filters_meta.get(
+            "model", "?"), "weights": self.filters_meta.get("weights", "?")}
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _read_site(out: Path) -> _Site:
+    dump = manifests.read(out)
+    projections = manifests.read(out, layout.PROJECTIONS_MANIFEST)
+    png = out / "filters" / "png"
+    filters = sorted(p.stem for p in png.glob("*.png")) if png.is_dir() else []
+    filters_meta = read_metadata(out / "filters" / "filters.safetensors") or {}
+    topk = manifests.read(out / _TOPK) if (out / _TOPK).is_dir() else None
+    if not (dump or projections or filters or topk):
+        raise ConvmapsError(f"{out} holds nothing to report (no manifest.json, projections.json,"
+                            " filters/ or topk/)")
+    site = _Site(out, dump, projections, filters, filters_meta, topk)
+    if topk is not None:
+        site.units = _read_topk(out / _TOPK, topk)
+    return site
+
+
+def _read_topk(folder: Path, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each module's top-k (values, images, positions, boxes) as lists, small by design."""
+    from safetensors import safe_open
+
+    units = {}
+    for name in m.get("modules", []):
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            continue
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())  # noqa: SIM118
+            units[name] = {k: f.get_tensor(k).tolist() for k in
+                           ("values", "images", "positions", "boxes") if k in keys}
+            units[name]["meta"] = f.metadata() or {}
+    return units
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    """A PNG's text chunks, read from its head only (they come before the pixels)."""
+    text: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return text
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return text
+                size, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND") or size > 1 << 20:
+                    return text
+                data = f.read(size)
+                f.seek(4, os.SEEK_CUR)
+                if kind == b"tEXt" and b"\0" in data:
+                    k, v = data.split(b"\0", 1)
+                    text[k.decode("latin-1")] = v.decode("latin-1")
+                elif kind == b"iTXt" and data.count(b"\0") >= 4:
+                    k, rest = data.split(b"\0", 1)
+                    text[k.decode("latin-1")] = rest[2:].split(b"\0", 2)[2].decode(errors="replace")
+    except OSError:
+        return text
+
+
+# --- pictures of the inputs ------------------------------------------------------------------
+
+
+def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]]) -> None:
+    """The preprocessed input of every entry, de-normalised, as `inputs/<sha256>.png` (kept
+    between builds: an image's picture changes only with its bytes)."""
+    todo = {}
+    for e in entries:
+        sha = e.get("sha256")
+        if e.get("status") == "ok" and sha:
+            site.pictures[sha] = f"inputs/{sha[:32]}.png"
+            if not (root / site.pictures[sha]).is_file():
+                todo[sha] = e["source"]
+    if not todo:
+        return
+    from convmaps import render
+    from convmaps.images import decode, sha256_file
+    from convmaps.models import normalisation, preset
+
+    header = site.header
+    preprocess = preset(str(header.get("model")))
+    mean, std = normalisation(preprocess)
+
+    def draw(item: tuple[str, str]) -> None:
+        sha, source = item
+        try:
+            if sha256_file(source) != sha:  # the file changed since the run: no picture
+                site.pictures.pop(sha, None)
+                return
+            x = preprocess(decode(source))
+        except (ConvmapsError, OSError):
+            site.pictures.pop(sha, None)
+            return
+        img = render.picture(x, mean, std)
+        from PIL import Image
+
+        pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy())
+        write_bytes(root / site.pictures[sha], render.png_bytes(pil), sync=False)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # decoding and zlib release the GIL
+        list(pool.map(draw, sorted(todo.items())))
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _url(*parts: str) -> str:
+    """A relative URL from path parts (each may hold '/'), every part percent-escaped."""
+    return "/".join(quote(p, safe="/@") for p in parts)
+
+
+def _page(title: str, body: str, up: str, site: _Site) -> str:
+    h = site.header
+    nav = [f'<a href="{up}index.html">index</a>']
+    if site.filters:
+        nav.append(f'<a href="{up}filters.html">filters</a>')
+    if site.topk:
+        nav.append(f'<a href="{up}topk/index.html">top-k</a>')
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_e(title)} · convmaps</title>"
+        f'<link rel="stylesheet" href="{up}style.css"></head>\n<body>'
+        f'<header><b>convmaps</b> · {_e(h.get("model"))} ({_e(h.get("weights"))}) · '
+        f'{" · ".join(nav)}</header>\n<main><h1>{_e(title)}</h1>\n{body}\n</main>'
+        f'<footer>convmaps {_e(__version__)} · static files, open from disk</footer>'
+        f'<script src="{up}report.js"></script></body></html>\n'
+    )
+
+
+def _table(head: list[str], rows: list[list[str]], sortable: bool = False) -> str:
+    cls = ' class="sortable"' if sortable else ""
+    th = "".join(f"<th>{h}</th>" for h in head)
+    body = "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table{cls}><thead><tr>{th}</tr></thead><tbody>\n{body}\n</tbody></table>"
+
+
+def _shape(s: Any) -> str:
+    return "—" if not s else "×".join(str(v) for v in s)
+
+
+def _guess(e: dict[str, Any]) -> str:
+    top = e.get("top5") or []
+    if not top:
+        return ""
+    t = top[0]
+    return f"{_e(t.get('class'))} ({float(t.get('probability', 0)):.1%})"
+
+
+def _index(site: _Site) -> str:
+    h = site.header
+    parts = [_table(["model", "weights", "input", "preprocessing"], [[
+        _e(h.get("model")), _e(h.get("weights")), _shape(h.get("input_size")),
+        f"<code>{_e(h.get('preprocessing', ''))}</code>"]])]
+    layers = h.get("layers") or []
+    if layers:
+        rows = []
+        for r in layers:
+            fld, jump = r.get("field"), r.get("jump")
+            rows.append([_e("" if r.get("index") is None else r["index"]), _e(r["name"]),
+                         _e(r.get("type")), _shape(r.get("in_shape")),
+                         _shape(r.get("out_shape")), _shape(fld), _shape(jump),
+                         f"{int(r.get('params') or 0):,}"])
+        parts.append("<h2>Layers</h2>" + _table(
+            ["#", "name", "type", "input", "output", "receptive field", "jump", "params"], rows))
+    if site.dump:
+        rows = []
+        for e in site.dump["inputs"]:
+            pic = site.pictures.get(e.get("sha256") or "")
+            thumb = f'<img class="thumb" src="{_url(pic)}" alt="" loading="lazy">' if pic else ""
+            name = _e(e["key"])
+            if e["key"] in site.pages:
+                name = f'<a href="{_url(site.pages[e["key"]])}">{name}</a>'
+            rows.append([thumb, name, _guess(e), _e(e["status"])])
+        ok = sum(1 for e in site.dump["inputs"] if e["status"] == "ok")
+        parts.append(f"<h2>Images ({ok} of {len(site.dump['inputs'])} ok)</h2>"
+                     + _table(["", "image", "predicted", "status"], rows, sortable=True))
+    elif site.projections:
+        links = [f'<li><a href="{_url(site.pages[e["key"]])}">{_e(e["key"])}</a></li>'
+                 for e in site.projections["inputs"] if e["key"] in site.pages]
+        parts.append("<h2>Images with projections</h2><ul>" + "".join(links) + "</ul>")
+    if site.topk:
+        parts.append(f'<h2>Top-k</h2><p><a href="topk/index.html">{len(site.units)} module(s)'
+                     f'</a> over {len(site.topk["inputs"])} image(s)</p>')
+    if site.filters:
+        parts.append(f'<h2>Filters</h2><p><a href="filters.html">{len(site.filters)} conv '
+                     "layer(s)</a></p>")
+    return _page(f"{h.get('model')} · report", "\n".join(parts), "", site)
+
+
+def _figure(src: str, caption: str, attrs: str = "") -> str:
+    return (f'<figure><img src="{_url(src)}" alt="{_e(caption)}" loading="lazy"{attrs}>'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _hover(path: Path, shape: list[int] | None, png_scale: str) -> str:
+    """Attributes that let the script name the channel under the mouse, and the range."""
+    from convmaps.render import grid_geometry
+
+    text = _png_text(path)
+    attrs = f' data-range="{_e(text.get("convmaps-range", ""))}"'
+    geom = grid_geometry(tuple(shape), png_scale) if shape else None
+    if geom:
+        attrs += f' data-grid="{_e(json.dumps(geom))}"'
+    return attrs
+
+
+def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) -> str:
+    key, up = e["key"], "../"
+    folder = site.out / key
+    base = f"../../{key}"
+    parts = []
+    pic = site.pictures.get(e.get("sha256") or "")
+    head = f'<img class="input" src="{up}{_url(pic)}" alt="input">' if pic else ""
+    top = e.get("top5") or []
+    guesses = _table(["class", "probability"],
+                     [[_e(t.get("class")), f"{float(t.get('probability', 0)):.2%}"] for t in top]
+                     ) if top else ""
+    parts.append(f'<div class="row">{head}<div><p>source <code>{_e(e["source"])}</code><br>'
+                 f'sha256 <code>{_e(e.get("sha256"))}</code></p>{guesses}</div></div>')
+    if links:
+        parts.append("<h2>Top-k units this image drives</h2><p>" + ", ".join(
+            f'<a href="{up}{_url(page)}">{_e(label)}</a>' for label, page in links) + "</p>")
+    files = set(e.get("files", []))
+    if site.dump and e in site.dump["inputs"]:
+        shapes = {r["name"]: r.get("out_shape") for r in site.dump.get("layers", [])}
+        scale = str(site.dump.get("options", {}).get("png_scale", "layer"))
+        figs = []
+        for k in site.dump.get("selected", {}).get("activations", []):
+            rel = f"png/{k}.png"
+            if rel in files:
+                shape = shapes.get(k.split("@")[0])
+                figs.append(_figure(f"{base}/{rel}", f"{_e(k)} · {_shape(shape)}",
+                                    _hover(folder / rel, shape, scale)))
+        if figs:
+            parts.append('<h2>Feature maps</h2><div class="grid">' + "".join(figs) + "</div>")
+        for kind in ("kernels", "taps"):
+            for conv in site.dump.get("selected", {}).get(kind, []):
+                prefix = f"png/{conv}.{kind}/"
+                pngs = sorted(f for f in files if f.startswith(prefix))
+                if pngs:
+                    figs = [_figure(f"{base}/{f}", f"{_e(conv)} filter {_e(Path(f).stem)}")
+                            for f in pngs]
+                    parts.append(f"<details><summary>{_e(kind[:-1])} maps of {_e(conv)} "
+                                 f"({len(pngs)} filter(s))</summary><div class=\"grid\">"
+                                 + "".join(figs) + "</div></details>")
+    proj = _projection_entry(site, key)
+    if proj:
+        meta = read_metadata(folder / layout.PROJECTIONS) or {}
+        figs = []
+        for f in sorted(proj.get("files", [])):
+            if f.endswith(".png"):
+                k = f.removeprefix("png/projections/").removesuffix(".png")
+                cap = (f"{_e(k)} · value {_e(meta.get(k + '.value', '?'))} · at "
+                       f"{_e(meta.get(k + '.position') or '—')}")
+                figs.append(_figure(f"{base}/{f}", cap, ' class="wide"'))
+        if figs:
+            parts.append("<h2>Projections to pixel space</h2>" + "".join(figs))
+    return _page(key, "\n".join(parts), up, site)
+
+
+def _projection_entry(site: _Site, key: str) -> dict[str, Any] | None:
+    if not site.projections:
+        return None
+    return next((e for e in site.projections["inputs"] if e["key"] == key
+                 and e["status"] == "ok"), None)
+
+
+def _filters_page(site: _Site) -> str:
+    figs = [_figure(f"../filters/png/{name}.png", _e(name)) for name in site.filters]
+    meta = site.filters_meta
+    intro = f"<p>{len(site.filters)} conv layer(s) of {_e(meta.get('model', '?'))} " \
+            f"({_e(meta.get('weights', '?'))}).</p>"
+    return _page("Filters", intro + '<div class="grid">' + "".join(figs) + "</div>", "", site)
+
+
+# --- top-k -----------------------------------------------------------------------------------
+
+
+def _topk_index(site: _Site) -> str:
+    assert site.topk is not None
+    rows = []
+    for name, u in site.units.items():
+        values = u.get("values") or []
+        rows.append([f'<a href="{_url(name)}.html">{_e(name)}</a>', str(len(values)),
+                     str(len(values[0]) if values else 0)])
+    body = (f"<p>The k images (and patches) that drive each unit most, over "
+            f"{len(site.topk['inputs'])} image(s).</p>" + _table(["module", "units", "k"], rows))
+    return _page("Top-k", body, "../", site)
+
+
+def _topk_module(site: _Site, name: str) -> str:
+    u = site.units[name]
+    values = u.get("values") or []
+    grid = f"../../topk/png/{name}.png"
+    parts = []
+    if (site.out / _TOPK / "png" / f"{name}.png").is_file():
+        parts.append(_figure(grid, f"{_e(name)}: each unit's top-1 patch"))
+    rows = []
+    for c, vals in enumerate(values):
+        link = f'<a href="{_url(name)}/{c}.html">{c}</a>'
+        mean = sum(vals) / len(vals) if vals else 0.0
+        rows.append([link, f"{vals[0]:.4g}" if vals else "", f"{mean:.4g}",
+                     f"{(vals[0] - vals[-1]) if vals else 0:.4g}"])
+    parts.append(_table(["unit", "top-1 value", "mean of top-k", "spread"], rows,
+                        sortable=True))
+    return _page(f"Top-k · {name}", "\n".join(parts), "../", site)
+
+
+def _topk_unit(site: _Site, name: str, c: int) -> str:
+    assert site.topk is not None
+    u = site.units[name]
+    up = "../../"
+    inputs = site.topk["inputs"]
+    parts = []
+    fig = site.out / _TOPK / "png" / name / f"{c}.png"
+    if fig.is_file():
+        parts.append(_figure(f"{up}../topk/png/{name}/{c}.png",
+                             f"{_e(name)} unit {c}: top patches and their projections",
+                             ' class="wide"'))
+    cells = []
+    for rank, (value, index) in enumerate(zip(u["values"][c], u["images"][c], strict=True)):
+        e = inputs[index] if 0 <= index < len(inputs) else {"key": "?", "source": "?"}
+        box = u.get("boxes", [[]])[c][rank] if u.get("boxes") else None
+        pos = u.get("positions", [[]])[c][rank] if u.get("positions") else None
+        pic = site.pictures.get(e.get("sha256") or "")
+        size = site.header.get("input_size") or [1, 1]
+        overlay = ""
+        if box and pic:
+            top, left, bottom, right = (max(box[0], 0), max(box[1], 0),
+                                        min(box[2], size[0]), min(box[3], size[1]))
+            overlay = (f'<span class="box" style="top:{100 * top / size[0]:.3f}%;left:'
+                       f'{100 * left / size[1]:.3f}%;height:{100 * (bottom - top) / size[0]:.3f}'
+                       f'%;width:{100 * (right - left) / size[1]:.3f}%"></span>')
+        img = f'<span class="boxed"><img src="{up}{_url(pic)}" alt="">{overlay}</span>' \
+            if pic else ""
+        name_link = _e(e["key"])
+        if e["key"] in site.pages:
+            name_link = f'<a href="{up}{_url(site.pages[e["key"]])}">{name_link}</a>'
+        where = f" at {pos[0]},{pos[1]}" if pos else ""
+        cells.append(f"<figure>{img}<figcaption>#{rank + 1} · {value:.4g}{_e(where)}<br>"
+                     f"{name_link}</figcaption></figure>")
+    parts.append('<h2>The images they came from</h2><div class="grid">' + "".join(cells)
+                 + "</div>")
+    nav = f'<p><a href="../{_url(name)}.html">all units of {_e(name)}</a></p>'
+    return _page(f"{name} · unit {c}", nav + "\n".join(parts), up, site)
+
+
+# --- building --------------------------------------------------------------------------------
+
+
+def _asset(name: str) -> bytes:
+    return (resources.files("convmaps") / "data" / "report" / name).read_bytes()
+
+
+def build_report(out: str | Path) -> Path:
+    """Write `OUT/report/` for what OUT holds; returns the path of its index.html.
+
+    The site is built in a temporary folder beside it and then moved into place, so a
+    browser never sees half a report; an existing `report/` is replaced only if convmaps
+    made it.
+
+    Raises:
+        ConvmapsError: OUT holds nothing convmaps wrote, or its `report/` is not convmaps'.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise ConvmapsError(f"{out} is not a folder")
+    site = _read_site(out)
+    final = out / REPORT
+    if final.exists() and not (final / _MARKER).is_file():
+        raise ConvmapsError(f"{final} exists and was not made by convmaps; move it away first")
+    root = out / f".{REPORT}.{os.getpid()}.tmp"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    try:
+        if (final / "inputs").is_dir():  # pictures of unchanged images are kept
+            shutil.copytree(final / "inputs", root / "inputs")
+        _write_site(site, root)
+        if final.exists():
+            old = out / f".{REPORT}.{os.getpid()}.old"
+            final.rename(old)
+            root.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            root.rename(final)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return final / "index.html"
+
+
+def _write_site(site: _Site, root: Path) -> None:
+    entries = [*(site.dump or {}).get("inputs", []), *(site.projections or {}).get("inputs", [])]
+    topk_inputs = (site.topk or {}).get("inputs", [])
+    winners = {i for u in site.units.values() for row in u.get("images", []) for i in row}
+    entries += [e for i, e in enumerate(topk_inputs) if i in winners]
+    _draw_inputs(site, root, entries)
+    pages = []  # image pages: dump images, then images with projections only
+    seen = set()
+    for e in [*(site.dump or {}).get("inputs", []), *(site.projections or {}).get("inputs", [])]:
+        if e["status"] == "ok" and e["key"] not in seen:
+            seen.add(e["key"])
+            site.pages[e["key"]] = f"images/{len(pages)}.html"
+            pages.append(e)
+    back: dict[str, list[tuple[str, str]]] = {}  # image key -> its top-k units
+    if site.topk:
+        for name, u in site.units.items():
+            for c, row in enumerate(u.get("images", [])):
+                for index in row:
+                    if 0 <= index < len(topk_inputs):
+                        back.setdefault(topk_inputs[index]["key"], []).append(
+                            (f"{name}:{c}", f"topk/{name}/{c}.html"))
+    files: dict[str, str] = {"index.html": _index(site)}
+    for e in pages:
+        files[site.pages[e["key"]]] = _image_page(site, e, back.get(e["key"], []))
+    if site.filters:
+        files["filters.html"] = _filters_page(site)
+    if site.topk:
+        files["topk/index.html"] = _topk_index(site)
+        for name, u in site.units.items():
+            files[f"topk/{name}.html"] = _topk_module(site, name)
+            for c in range(len(u.get("values", []))):
+                files[f"topk/{name}/{c}.html"] = _topk_unit(site, name, c)
+    for rel, text in files.items():
+        write_bytes(root / rel, text.encode(), sync=False)
+    for asset in ("style.css", "report.js"):
+        write_bytes(root / asset, _asset(asset), sync=False)
+    write_bytes(root / _MARKER, b"made by convmaps report\n", sync=False)
