@@ -23,8 +23,6 @@ from convmaps.options import DumpOptions, FilterOptions, ProjectOptions
 from convmaps.projections import run_project
 from convmaps.report import build_report
 
-from .conftest import write_image
-
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
