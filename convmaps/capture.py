@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -348,21 +348,28 @@ class LayerRow:
     tap_map_bytes: int | None
 
 
-def _meta_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Collection[str]
-                 ) -> Trace:
-    """A forward pass on the meta device: real module code, real shapes, no compute or memory."""
-    params = {k: torch.empty_like(v, device="meta") for k, v in model.named_parameters()}
-    buffers = {k: torch.empty_like(v, device="meta") for k, v in model.named_buffers()}
-    x = torch.empty((1, *input_shape), device="meta")
+def meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: Collection[str],
+               inputs: bool = True, on_input: Callable[[torch.Tensor], None] | None = None
+               ) -> Trace:
+    """The outputs (and, with `inputs`, the inputs) of `names` for one image of `input_shape`
+    (C, H, W), from a forward pass on the meta device: real module code, real shapes, every
+    call of a reused module (`name@1` …), no values, compute or memory. The input takes the
+    parameters' dtype (a float64 model runs too); `on_input` sees it first (`rf` tags it)."""
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    x = torch.empty((1, *input_shape), device="meta", dtype=dtype)
+    if on_input is not None:
+        on_input(x)
 
     class _Call(nn.Module):
         def forward(self, batch: torch.Tensor) -> Any:
-            return functional_call(model, {**params, **buffers}, (batch,))
+            return functional_call(model, state, (batch,))
 
     wrapper = _Call()
     wrapper.add_module("model", model)
     prefixed = [f"model.{n}" for n in names]
-    t = _trace(wrapper, x, prefixed, prefixed, prefix="model.")
+    t = _trace(wrapper, x, prefixed, prefixed if inputs else [], prefix="model.")
     strip = len("model.")
     return Trace({k[strip:]: v for k, v in t.outputs.items()},
                  {k[strip:]: v for k, v in t.inputs.items()})
@@ -372,7 +379,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow
     """Every selectable layer with its per-image input/output shapes for `input_shape` (C, H, W),
     its parameter count and, for convs, the bytes of one image's kernel and tap maps."""
     layers = list_layers(model)
-    shapes = _meta_shapes(model, input_shape, [x.name for x in layers])
+    shapes = meta_trace(model, input_shape, [x.name for x in layers])
     rows = []
     for layer in layers:
         i = shapes.inputs.get(layer.name)
@@ -398,10 +405,3 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow
             )
         )
     return rows
-
-
-def meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: Collection[str]) -> Trace:
-    """The outputs and inputs of `names` for one image of `input_shape` (C, H, W), computed on
-    the meta device: every call of a reused module (`name@1` …), shapes only, no values."""
-    return _meta_shapes(model, input_shape, names)
-

@@ -466,7 +466,7 @@ def _write_site(site: _Site, root: Path) -> None:
     winners = {i for u in site.units.values() for row in u.get("images", []) for i in row}
     entries += [e for i, e in enumerate(topk_inputs) if i in winners]
     _draw_inputs(site, root, entries)
-    pages = []  # image pages: dump images, then images with projections only
+    pages: list[dict[str, Any]] = []  # image pages: dump images, then images with projections only
     seen = set()
     for e in [*(site.dump or {}).get("inputs", []), *(site.projections or {}).get("inputs", [])]:
         if e["status"] == "ok" and e["key"] not in seen:

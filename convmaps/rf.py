@@ -61,10 +61,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from convmaps.capture import Trace, trace
+from convmaps.capture import Trace, meta_trace
 from convmaps.errors import ConvmapsError, UnknownLayerError
 
 __all__ = ["Field", "box", "fields"]
@@ -786,25 +785,10 @@ def _field(g: Geometry | None, hw: tuple[int, int], batch_dims: int = 1) -> Fiel
 def _meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: list[str],
                 mode: _GeometryMode) -> Trace:
     """Outputs of `names` from a forward pass on the meta device, the input seeded with the
-    identity geometry. (As capture's layer table, but the input takes the parameters' dtype, so
-    a float64 model runs too.)"""
-    state = {k: torch.empty_like(v, device="meta")
-             for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    x = torch.empty((1, *input_shape), device="meta", dtype=dtype)
-    mode.set(x, _Geo((2, 3), (_Axis.pixels(input_shape[1]), _Axis.pixels(input_shape[2]))))
-
-    class _Call(nn.Module):
-        def forward(self, batch: torch.Tensor) -> Any:
-            return functional_call(model, state, (batch,))
-
-    wrapper = _Call()
-    wrapper.add_module("model", model)
-    try:
-        t = trace(wrapper, x, [f"model.{n}" for n in names])
-    except ConvmapsError as e:
-        raise ConvmapsError(str(e).replace(" in model.", " in ", 1)) from e.__cause__
-    return Trace({k[len("model."):]: v for k, v in t.outputs.items()}, {})
+    identity geometry."""
+    geo = _Geo((2, 3), (_Axis.pixels(input_shape[1]), _Axis.pixels(input_shape[2])))
+    return meta_trace(model, input_shape, names, inputs=False,
+                      on_input=lambda x: mode.set(x, geo))
 
 
 def fields(model: nn.Module, input_shape: tuple[int, int, int], *, strict: bool = True
@@ -826,15 +810,8 @@ def fields(model: nn.Module, input_shape: tuple[int, int, int], *, strict: bool 
     hw = (int(input_shape[1]), int(input_shape[2]))
     mode = _GeometryMode()
     names = [n for n, _ in model.named_modules() if n]
-    # trace() restores the flag of the module it is given, here a new wrapper, and train(flag)
-    # sets every submodule alike; so every submodule's own flag is put back here
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        with mode:
-            shapes = _meta_trace(model, tuple(input_shape), names, mode)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with mode:  # trace() leaves every submodule's flags and buffers as found
+        shapes = _meta_trace(model, tuple(input_shape), names, mode)
     order = {n: i for i, n in enumerate(names)}
     out: dict[str, Field] = {}
     for key in sorted(shapes.outputs, key=lambda k: (order[k.split("@")[0]], k)):
