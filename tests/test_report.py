@@ -140,3 +140,24 @@ def test_a_real_browser_renders_the_pages(site, tmp_path, page):
     dom = _chromium("--dump-dom", url).stdout
     assert 'id="tip"' in dom  # the script ran (it adds the tooltip) without stopping early
     assert "<table" in dom or "<figure" in dom
+
+
+def test_report_of_a_topk_run_has_a_page_per_module_and_unit(tmp_path):
+    import json
+
+    from convmaps.options import TopkOptions
+    from convmaps.topk import plan_topk, run_topk
+
+    out = tmp_path / "out"
+    run_topk(plan_topk(TopkOptions(out=str(out), layers="C1,F6", k=2, png_cap=1, workers=0)))
+    index = build_report(out)
+    site = index.parent
+    m = json.loads((out / "topk" / "manifest.json").read_text())
+    for page in ("topk/index.html", "topk/C1.html", "topk/F6.html", "topk/C1/5.html",
+                 "topk/F6/83.html"):
+        assert (site / page).is_file(), page
+    from safetensors.torch import load_file
+
+    top1 = int(load_file(out / "topk" / "C1.safetensors")["images"][0, 0])
+    unit = (site / "topk" / "C1" / "0.html").read_text()
+    assert m["inputs"][top1]["key"] in unit and "topk/png/C1/0.png" in unit
