@@ -38,6 +38,7 @@ from convmaps.images import MAX_PIXELS, ImageSource, decode, find_images, sha256
 from convmaps.layout import ImageLayout
 from convmaps.models import LoadedModel, bundled_lenet_path, load_model
 from convmaps.options import DType, DumpOptions, PngScale
+from convmaps.rf import Field, fields
 from convmaps.store import (
     TensorSpec,
     fsync_dir,
@@ -265,7 +266,8 @@ def _header(o: DumpOptions, loaded: LoadedModel, table: list[LayerRow], lay: Ima
         # which inputs this run was given: a leftover shard manifest of another input set is
         # never merged with this run's
         "inputs_id": inputs_id(sources),
-        "layers": layer_rows(table),
+        "layers": layer_rows(table, fields(loaded.model, (loaded.in_channels,
+                                                           *loaded.input_size), strict=False)),
         "selected": {"activations": list(lay.activations), "switches": list(lay.switches),
                      "kernels": [n for n, _ in lay.kernels], "taps": [n for n, _ in lay.taps]},
     }
@@ -277,12 +279,18 @@ def inputs_id(sources: list[ImageSource]) -> str:
     return hashlib.sha256(keys.encode()).hexdigest()[:16]
 
 
-def layer_rows(table: list[LayerRow]) -> list[dict[str, Any]]:
-    """The layer table as a manifest records it."""
-    return [{"index": r.index, "name": r.name, "type": r.type,
-             "in_shape": list(r.in_shape) if r.in_shape else None,
-             "out_shape": list(r.out_shape) if r.out_shape else None, "params": r.params}
-            for r in table]
+def layer_rows(table: list[LayerRow], fields: dict[str, Field]) -> list[dict[str, Any]]:
+    """The layer table as a manifest records it, with each module's receptive field (its size
+    in input pixels) and jump; the jump is None for 1-D outputs, which see the whole input."""
+    rows = []
+    for r in table:
+        f = fields.get(r.name)
+        rows.append({"index": r.index, "name": r.name, "type": r.type,
+                     "in_shape": list(r.in_shape) if r.in_shape else None,
+                     "out_shape": list(r.out_shape) if r.out_shape else None,
+                     "params": r.params, "field": list(f.size) if f else None,
+                     "jump": list(f.jump) if f and f.dims is not None else None})
+    return rows
 
 
 def _existing(out: Path) -> list[tuple[str, dict[str, Any]]]:

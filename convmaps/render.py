@@ -1069,6 +1069,7 @@ __all__ += ["shrink", "topk_figure", "topk_overview", "topk_png_bound"]
 
 _TOPK_TARGET_PX = 64  # small patches (LeNet's 5x5 fields) are upscaled to about this size
 _TOPK_TEXT_PX = 14  # the strip under each column that holds its value
+_TOPK_BAR_PX = 32  # the projections' scale bar and its numbers
 _TOPK_GUTTER_PX = 2
 
 
@@ -1104,7 +1105,7 @@ def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float]
     >>> img = topk_figure(torch.zeros(3, 3, 5, 5, dtype=torch.uint8), torch.randn(3, 3, 5, 5),
     ...                   [3.0, 2.0, 1.0])
     >>> img.size, img.info["convmaps-scale"]
-    ((199, 148), 'signed')
+    ((199, 180), 'signed')
     """
     from PIL import ImageDraw, ImageFont
 
@@ -1118,6 +1119,7 @@ def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float]
     grids = [_topk_grid(_upscale(r, f), ncol=k) for r in rows]
     width = grids[0].shape[2]
     height = sum(g.shape[1] + _TOPK_GUTTER_PX for g in grids) + _TOPK_TEXT_PX
+    height += _TOPK_BAR_PX if projections is not None else 0
     img = Image.new("RGB", (width, height), (255, 255, 255))
     y = 0
     for g in grids:
@@ -1128,7 +1130,9 @@ def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float]
     for i, v in enumerate(values[:k]):
         centre = i * (w * f + _TOPK_GUTTER_PX) + (w * f) // 2
         draw.text((centre, y), f"{v:.4g}", fill=(0, 0, 0), font=font, anchor="ma")
-    if projections is not None:
+    if projections is not None:  # what the projections' greys mean, numbers at the ends
+        _scale_bar(img, y + _TOPK_TEXT_PX + 2, -(lim or 1.0), lim or 1.0,
+                   "projections" if width >= 360 else "")
         img.info["convmaps-scale"] = "signed"
         img.info["convmaps-range"] = f"{-lim:.6g},{lim:.6g}"
     return img
@@ -1149,5 +1153,6 @@ def topk_png_bound(n: int, h: int, w: int) -> int:
     """An upper bound of the PNG bytes of a `topk_figure` of `n` patches of `h` x `w` (or of a
     `topk_overview` of n tiles): raw RGB rows, deflate's worst case and the chunks around."""
     f = upscale_factor(h, w, target=_TOPK_TARGET_PX)
-    raw = n * (2 * (h * f + _TOPK_GUTTER_PX) + _TOPK_TEXT_PX) * (3 * (w * f + _TOPK_GUTTER_PX) + 1)
+    rows = 2 * (h * f + _TOPK_GUTTER_PX) + _TOPK_TEXT_PX + _TOPK_BAR_PX
+    raw = n * rows * (3 * (w * f + _TOPK_GUTTER_PX) + 1) + rows * (3 * 264 + 1)  # bar >= 264
     return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096

@@ -270,7 +270,7 @@ def plan_topk(o: TopkOptions) -> TopkPlan:
         "preprocessing": repr(loaded.preprocess), "input_size": list(loaded.input_size),
         "options": {"layers": o.layers, "k": o.k, "project": o.project, "png": o.png,
                     "png_cap": o.png_cap, "batch_size": o.batch_size, "max_bytes": o.max_bytes},
-        "run": fingerprint, "inputs_id": inputs_id(sources), "layers": layer_rows(table),
+        "run": fingerprint, "inputs_id": inputs_id(sources), "layers": layer_rows(table, found),
         "modules": keys,
     }
     plan = TopkPlan(o, loaded, keys, shapes, sizes, sources, lay, fingerprint, header,

@@ -188,6 +188,10 @@ def test_manifest_records_the_run(tmp_path, photos):
     assert manifest["model"] == "lenet" and "Normalize" in manifest["preprocessing"]
     assert [r["name"] for r in manifest["layers"]][:2] == ["C1", "relu1"]
     assert manifest["layers"][0]["out_shape"] == [6, 28, 28]
+    # receptive fields by hand: C1 sees 5 px; S2 6 (one more, jump 2); C3 6 + 4 x 2 = 14
+    fields = {r["name"]: (r["field"], r["jump"]) for r in manifest["layers"]}
+    assert fields["C1"] == ([5, 5], [1, 1]) and fields["S2"] == ([6, 6], [2, 2])
+    assert fields["C3"] == ([14, 14], [2, 2]) and fields["OUTPUT"] == ([28, 28], None)
     entry = manifest["inputs"][0]
     assert entry["files"] == ["activations.safetensors", "switches.safetensors"]
 

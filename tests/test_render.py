@@ -757,5 +757,5 @@ def test_topk_figure_rows_are_the_patches_and_their_projections():
     assert below[:, 2 * f, col + 3 * f].tolist() == [1, 1, 1]  # -limit: 128 - 127
     assert below[:, 0, 2 * col].tolist() == [192] * 3  # +limit / 2: 128 + 63.5
     assert img.info["convmaps-range"] == "-2,2"
-    assert img.height == 8 * f + 4 + 14
+    assert img.height == 8 * f + 4 + 14 + 32  # two rows, their values, the scale bar
     assert topk_overview(patches).size == (2 * 5 * 6 + 2, 2 * 4 * 6 + 2)  # round(32 / 5)
