@@ -3,7 +3,6 @@ composition) against an independent surrogate backward pass on torchvision's CNN
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -469,8 +468,6 @@ SLOW = sorted(
     - {n for n in torchvision.models.list_models(module=torchvision.models)
        if n.startswith(("vit_", "swin_", "maxvit"))}
 )
-slow = pytest.mark.skipif(not os.environ.get("CONVMAPS_SLOW"),
-                          reason="every torchvision CNN: set CONVMAPS_SLOW=1")
 
 
 @pytest.mark.parametrize("arch", sorted(FAST))
@@ -478,7 +475,6 @@ def test_fields_match_surrogate_backward(arch):
     _check_model(arch, (3, FAST[arch], FAST[arch]), per_model=6)
 
 
-@slow
-@pytest.mark.parametrize("arch", SLOW)
+@pytest.mark.parametrize("arch", SLOW)  # every other CNN classifier: ~30 s in all
 def test_fields_match_surrogate_backward_every_cnn(arch):
     _check_model(arch, (3, 128, 128), per_model=8)
