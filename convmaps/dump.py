@@ -53,8 +53,9 @@ from convmaps.store import (
 
 __all__ = ["DecodedImages", "Plan", "batches", "bundled_samples", "check_bounds", "check_device",
            "check_room", "claim", "clear_folder", "default_threads", "default_workers",
-           "find_sources", "image_loader", "inputs_id", "layer_rows", "memory_format",
-           "model_identity", "plan_dump", "resolve_shard", "run_device", "run_dump", "threads"]
+           "find_sources", "identity", "image_loader", "inputs_id", "layer_rows", "listed",
+           "memory_format", "model_identity", "owner", "plan_dump", "resolve_shard", "run_device",
+           "run_dump", "safe_folder", "threads"]
 
 _PREDICTIONS = "top5"  # metadata key of activations.safetensors: the image's top-5 classes
 
@@ -81,6 +82,7 @@ class Plan:
     complete: set[int] = field(default_factory=set)  # sources whose outputs are complete
     finished: dict[int, dict[str, Any]] = field(default_factory=dict)  # their entries
     earlier: list[dict[str, Any]] = field(default_factory=list)  # entries of earlier runs
+    listed: dict[str, set[str]] = field(default_factory=dict)  # files manifests listed, by key
     shard: tuple[int, int] = (0, 1)  # (index, count)
     batches: list[list[int]] = field(default_factory=list)  # this shard's, at fixed positions
 
@@ -135,14 +137,17 @@ def plan_dump(o: DumpOptions) -> Plan:
     itemsize = DType(o.dtype).torch.itemsize
     fingerprint = _fingerprint(o, loaded, lay)
     out = Path(o.out)
-    earlier = claim(out, fingerprint, o.resume)
+    shard = resolve_shard(o.shard)
+    previous = listed(out, fingerprint)
+    earlier = claim(out, fingerprint, o.resume, shards=shard[1])
+    _projections_of_another_network(out, loaded, o.resume)
     sources, skips = find_sources(o.inputs, loaded.arch, out, {e["key"] for e in earlier})
     categories = class_names(loaded)
     plan = Plan(
         o, loaded, layers, pools, kernels, taps, sources, table, lay, fingerprint,
         _header(o, loaded, table, lay, fingerprint, sources), _reprs(model),
         categories, _image_bytes(lay, shapes, kernels, taps, table, itemsize, o.png_scale),
-        skips=skips, earlier=earlier, shard=resolve_shard(o.shard),
+        skips=skips, earlier=earlier, shard=shard, listed=previous,
     )
     plan.batches = batches(len(sources), o.batch_size, plan.shard)
     if o.resume:
@@ -263,6 +268,7 @@ def _header(o: DumpOptions, loaded: LoadedModel, table: list[LayerRow], lay: Ima
                     if k not in ("resume", "workers", "threads", "device", "out", "config",
                                  "shard")},
         "run": fingerprint,
+        "identity": identity(loaded),  # the network alone: projections beside it must match
         # which inputs this run was given: a leftover shard manifest of another input set is
         # never merged with this run's
         "inputs_id": inputs_id(sources),
@@ -311,12 +317,14 @@ def _existing(out: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def claim(out: Path, fingerprint: str, resume: bool,
-          remove: Callable[[Path, dict[str, Any]], None] | None = None, what: str = "a dump"
-          ) -> list[dict[str, Any]]:
+          remove: Callable[[Path, dict[str, Any]], None] | None = None, what: str = "a dump",
+          shards: int = 1) -> list[dict[str, Any]]:
     """Make `out` this run's: returns the entries of earlier runs of the same configuration.
 
     Another configuration's dump there is refused, or with `--overwrite` (resume off) removed
-    first, as is this configuration's own when not resuming."""
+    first, as is this configuration's own when not resuming — except under shards, whose
+    siblings of the same configuration may be writing right now: their files are rewritten
+    by their own shard, never removed by another."""
     found = _existing(out)
     other = [m for _, m in found if m["run"] != fingerprint]
     if other and resume:
@@ -328,40 +336,97 @@ def claim(out: Path, fingerprint: str, resume: bool,
         )
     if not resume:
         for name, m in found:
+            if shards > 1 and m["run"] == fingerprint:
+                continue
             (remove or _remove_dump)(out, m)
             (out / name).unlink(missing_ok=True)
-        return []
+        if shards == 1:
+            return []
+        found = [(n, m) for n, m in found if m["run"] == fingerprint]
     by_key: dict[str, dict[str, Any]] = {}
     for _, m in found:  # the merged manifest first, then shards' newer entries
         by_key.update({e["key"]: e for e in m["inputs"] if e["status"] != "pending"})
     return [by_key[k] for k in sorted(by_key)]
 
 
-def _remove_dump(out: Path, m: dict[str, Any]) -> None:
-    """Remove the image files a manifest lists, and convmaps' other files in those folders
-    (temporary files, outputs of older options); never anything else."""
-    for e in m["inputs"]:
-        clear_folder(out / e["key"], keep=set())
+def identity(loaded: LoadedModel) -> str:
+    """A short hash of `model_identity`: which network made a folder's projections."""
+    return hashlib.sha256(json.dumps(model_identity(loaded), sort_keys=True).encode()
+                          ).hexdigest()[:16]
 
 
-def clear_folder(folder: Path, keep: set[str],
-                 owned: Callable[[str], bool] = layout.is_dump_output) -> None:
-    """Remove the files of one kind of run (`owned`: by default a dump's) in an image folder,
-    except `keep` (relative paths), then the folders left empty; a user's own files, and
-    another command's (a `project` run's projections), stay."""
-    if not folder.is_dir():
+def _projections_of_another_network(out: Path, loaded: LoadedModel, resume: bool) -> None:
+    """A dump's maps and the projections beside them must come from one network: another
+    network's projections are refused, or with --overwrite removed."""
+    m = manifests.read(out, layout.PROJECTIONS_MANIFEST)
+    if m is None or m["run"] == identity(loaded):
         return
-    for path in sorted(folder.rglob("*"), reverse=True):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and not path.is_symlink() and rel not in keep \
-                and owned(rel):
-            path.unlink(missing_ok=True)
-        elif path.is_dir() and not path.is_symlink():
+    if resume:
+        raise ConvmapsError(
+            f"{out} holds projections of {m.get('model')} (weights {m.get('weights')}); a dump "
+            f"of {loaded.arch} ({loaded.weights}) beside them would not match: add --overwrite "
+            "to remove them, or choose another --out"
+        )
+    from convmaps.projections import remove_projections
+
+    remove_projections(out, m)
+
+
+def listed(out: Path, fingerprint: str) -> dict[str, set[str]]:
+    """The files this configuration's manifests in `out` list per image key (pending entries
+    of a killed run included): the only files a redone image may lose besides temporary ones."""
+    files: dict[str, set[str]] = {}
+    for _, m in _existing(out):
+        if m["run"] == fingerprint:
+            for e in m["inputs"]:
+                files.setdefault(e["key"], set()).update(e.get("files", []))
+    return files
+
+
+def _remove_dump(out: Path, m: dict[str, Any]) -> None:
+    """Remove the dump files a manifest lists (and temporary files beside them); never
+    anything else, whatever the manifest claims."""
+    for e in m["inputs"]:
+        mine = {f for f in e.get("files", []) if layout.is_dump_output(f)}
+        clear_folder(out, e["key"], keep=set(), owned=owner(mine))
+
+
+def owner(files: set[str]) -> Callable[[str], bool]:
+    """Files a command may remove in an image folder: those it listed, and temporary files."""
+    return lambda rel: rel in files or layout.is_temp(PurePosixPath(rel).name)
+
+
+def safe_folder(out: Path, key: str) -> bool:
+    """Whether no step from OUT down to OUT/key is a symlink (which could lead anywhere, so
+    convmaps neither writes nor removes anything through it)."""
+    path = out
+    for part in PurePosixPath(key).parts:
+        path = path / part
+        if path.is_symlink():
+            return False
+    return True
+
+
+def clear_folder(out: Path, key: str, keep: set[str], owned: Callable[[str], bool]) -> None:
+    """Remove the files `owned` picks in the folder OUT/key, except `keep` (relative paths),
+    then the folders that this left empty; a user's own files, and another command's, stay.
+    Nothing is done through a symlink."""
+    folder = out / key
+    if not safe_folder(out, key) or not folder.is_dir():
+        return
+    emptied: set[str] = set()
+    for root, dirs, names in os.walk(folder, topdown=False):  # never follows symlinks
+        here = Path(root)
+        for name in names:
+            path = here / name
+            rel = path.relative_to(folder).as_posix()
+            if rel not in keep and owned(rel) and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                emptied.add(root)
+        if root in emptied or any(str(here / d) in emptied for d in dirs):
             with suppress(OSError):
-                path.rmdir()  # only when empty
-    if not keep:
-        with suppress(OSError):
-            folder.rmdir()
+                here.rmdir()  # only when empty
+                emptied.add(root)
 
 
 def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
@@ -383,7 +448,7 @@ def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
         if not path.is_relative_to(root):
             return False
         rel = PurePosixPath(path.relative_to(root).as_posix())
-        if rel.parts[0] in layout.RESERVED:
+        if rel.parts[0] in layout.RESERVED or layout.is_temp(rel.parts[0]):
             return True
         return any("/".join(rel.parts[:i]) in ours
                    and layout.is_image_output("/".join(rel.parts[i:]))
@@ -397,7 +462,9 @@ def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
     for i, s in enumerate(sources):
         reason = layout.collision(s.key, keys)
         target = out / s.key
-        if reason is None and (target.is_symlink() or (target.exists() and not target.is_dir())):
+        if reason is None and not safe_folder(out, s.key):
+            reason = f"the way to its output folder {target} goes through a symlink"
+        elif reason is None and target.exists() and not target.is_dir():
             reason = f"its output folder would replace the file {target}"
         if reason is not None:
             skips[i] = f"output clash: {reason}"
@@ -672,7 +739,8 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
 
     folder = plan.out / src.key
     lay = plan.layout
-    clear_folder(folder, keep=set(lay.files()))  # files of older options, temporary files
+    # files of older options and temporary files; nothing the manifests never listed
+    clear_folder(plan.out, src.key, set(lay.files()), owner(plan.listed.get(src.key, set())))
     dtype = DType(plan.options.dtype).torch
     written: list[str] = []
     # PNGs first and activations.safetensors last: a resumed run trusts an image whose
@@ -730,7 +798,7 @@ def _write_batch(plan: Plan, items: list[dict[str, Any]], got: Trace | None,
         src = plan.sources[it["index"]]
         if it["tensor"] is None:
             if it["index"] not in plan.skips:  # a clash is never ours to clear
-                clear_folder(plan.out / src.key, keep=set())
+                clear_folder(plan.out, src.key, set(), owner(plan.listed.get(src.key, set())))
             entry = manifests.entry(src.key, str(src.path), None, f"skipped: {it['reason']}", [])
             done.append((it["index"], entry))
     for row, it in enumerate(good):
@@ -791,7 +859,8 @@ def run_dump(plan: Plan, on_progress: Callable[[int], None] | None = None) -> di
     entries: dict[int, dict[str, Any]] = {}
     for i in sorted(plan.complete):
         entries[i] = plan.finished[i]
-        clear_folder(plan.out / plan.sources[i].key, keep=set(plan.layout.files()))
+        key = plan.sources[i].key
+        clear_folder(plan.out, key, set(plan.layout.files()), owner(plan.listed.get(key, set())))
     _write_manifest(plan, entries, pending=True)  # claims OUT before the first image file
     if on_progress and plan.complete:
         on_progress(len(plan.complete))

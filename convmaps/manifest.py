@@ -70,22 +70,59 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
         raise bad("no list of inputs")
     for e in inputs:
         ok = (isinstance(e, dict) and isinstance(e.get("key"), str) and _relative(e["key"])
-              and isinstance(e.get("status"), str) and isinstance(e.get("source", ""), str)
+              and isinstance(e.get("source"), str)
+              and isinstance(e.get("status"), str)
               and isinstance(e.get("sha256"), str | None)
               and isinstance(e.get("files", []), list)
               and all(isinstance(f, str) for f in e.get("files", [])))
         if not ok:
             raise bad("an input entry lacks a string key, status or list of files")
-    for name in ("model", "weights"):
+    for e in inputs:
+        top5 = e.get("top5")
+        if top5 is not None and not (isinstance(top5, list) and all(
+                isinstance(t, dict) and isinstance(t.get("probability"), int | float)
+                and isinstance(t.get("class", ""), str) for t in top5)):
+            raise bad(f"the top5 of {e['key']} is not a list of classes with probabilities")
+    for name in ("model", "weights", "preprocessing", "identity"):
         if not isinstance(manifest.get(name, ""), str):
             raise bad(f"{name} is not a string")
+    for name in ("options", "selected"):
+        if not isinstance(manifest.get(name, {}), dict):
+            raise bad(f"{name} is not an object")
+    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+               for v in manifest.get("selected", {}).values()):
+        raise bad("selected is not lists of module names")
+    if not _ints(manifest.get("input_size", [1, 1])):
+        raise bad("input_size is not a list of integers")
+    layers = manifest.get("layers", [])
+    if not isinstance(layers, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("name"), str)
+            and isinstance(r.get("params", 0), int | None)
+            and all(r.get(k) is None or _ints(r[k])
+                    for k in ("in_shape", "out_shape", "field", "jump")) for r in layers):
+        raise bad("layers is not a list of named layers with integer shapes")
+    modules = manifest.get("modules", [])
+    if not (isinstance(modules, list) and all(isinstance(n, str) and _plain_name(n)
+                                              for n in modules)):
+        raise bad("modules is not a list of module names")
     return manifest
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                           for v in value)
+
+
+def _plain_name(name: str) -> bool:
+    # module names become file names (topk/<module>.safetensors, report pages)
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
 def _relative(key: str) -> bool:
     # A key names a folder under OUT that convmaps may clear: never outside it.
     parts = PurePosixPath(key).parts
-    return bool(parts) and not key.startswith("/") and ".." not in parts and "\\" not in key
+    return (bool(parts) and not key.startswith("/") and ".." not in parts
+            and not any(c in key for c in "\\\0"))
 
 
 def read(folder: str | Path, name: str = MANIFEST) -> dict[str, Any] | None:

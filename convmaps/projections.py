@@ -13,8 +13,6 @@ dump's maps and the projections beside them must come from the same network).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,14 @@ import torch
 
 from convmaps import __version__, layout
 from convmaps import manifest as manifests
-from convmaps.dump import DecodedImages, check_device, clear_folder, find_sources, model_identity
+from convmaps.dump import (
+    DecodedImages,
+    check_device,
+    clear_folder,
+    find_sources,
+    identity,
+    owner,
+)
 from convmaps.errors import ConvmapsError
 from convmaps.images import ImageSource
 from convmaps.models import LoadedModel, load_model, normalisation
@@ -33,29 +38,24 @@ from convmaps.store import read_metadata, save_tensors, write_bytes, write_json
 __all__ = ["run_project"]
 
 
-def _run_id(loaded: LoadedModel) -> str:
-    """What makes projections comparable: the network and its input space (not the units)."""
-    what = model_identity(loaded)
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _claim(out: Path, loaded: LoadedModel, run: str, resume: bool) -> list[dict[str, Any]]:
-    """Earlier projection entries of the same network; refuses a folder whose dump or
-    projections come from another (with --overwrite: removes those projections first)."""
+def _claim(out: Path, loaded: LoadedModel, run: str, resume: bool
+           ) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
+    """Earlier projection entries of the same network, and the files every entry lists (a
+    killed run's pending ones too); refuses a folder whose dump or projections come from
+    another network (with --overwrite: removes those projections first)."""
     try:
         dump = manifests.read(out)
         earlier = manifests.read(out, layout.PROJECTIONS_MANIFEST)
     except ConvmapsError as e:
         raise ConvmapsError(f"{e}; convmaps will not replace it: choose another --out") from e
-    if dump is not None and (dump.get("model"), dump.get("weights")) != (loaded.arch,
-                                                                        loaded.weights):
+    if dump is not None and dump.get("identity", run) != run:
         raise ConvmapsError(
             f"{out} holds a dump of {dump.get('model')} (weights {dump.get('weights')}); "
             f"projections of {loaded.arch} ({loaded.weights}) would not match its maps: "
             "choose another --out"
         )
     if earlier is None:
-        return []
+        return [], {}
     if earlier["run"] != run or not resume:
         if resume:
             raise ConvmapsError(
@@ -63,11 +63,19 @@ def _claim(out: Path, loaded: LoadedModel, run: str, resume: bool) -> list[dict[
                 f"{earlier.get('weights')}); add --overwrite to replace them, or choose "
                 "another --out"
             )
-        for entry in earlier["inputs"]:
-            clear_folder(out / entry["key"], keep=set(), owned=layout.is_projection_output)
-        (out / layout.PROJECTIONS_MANIFEST).unlink(missing_ok=True)
-        return []
-    return [e for e in earlier["inputs"] if e["status"] == "ok"]
+        remove_projections(out, earlier)
+        return [], {}
+    files = {e["key"]: {f for f in e["files"] if layout.is_projection_output(f)}
+             for e in earlier["inputs"]}
+    return [e for e in earlier["inputs"] if e["status"] == "ok"], files
+
+
+def remove_projections(out: Path, m: dict[str, Any]) -> None:
+    """Remove the projection files a `projections.json` lists, then the list itself."""
+    for e in m["inputs"]:
+        mine = {f for f in e["files"] if layout.is_projection_output(f)}
+        clear_folder(out, e["key"], set(), owner(mine))
+    (out / layout.PROJECTIONS_MANIFEST).unlink(missing_ok=True)
 
 
 def _kept(folder: Path, run: str, sha: str) -> dict[str, torch.Tensor]:
@@ -105,8 +113,8 @@ def run_project(o: ProjectOptions, on_image: Callable[[str], None] | None = None
     fields = rf.fields(model, input_shape)
     mean, std = normalisation(loaded.preprocess)
     out = Path(o.out)
-    run = _run_id(loaded)
-    earlier = _claim(out, loaded, run, o.resume)
+    run = identity(loaded)
+    earlier, previous = _claim(out, loaded, run, o.resume)
     dump = manifests.read(out)
     ours = {e["key"] for e in earlier} | {e["key"] for e in (dump or {}).get("inputs", [])}
     sources, skips = find_sources(o.inputs, loaded.arch, out, ours)
@@ -115,6 +123,16 @@ def run_project(o: ProjectOptions, on_image: Callable[[str], None] | None = None
               "preprocessing": repr(loaded.preprocess), "input_size": list(loaded.input_size),
               "run": run}
     by_key = {e["key"]: e for e in earlier}
+    planned = {layout.PROJECTIONS, *(layout.projection_png(layout.projection_key(
+        str(o.mode), u.module, u.channel, u.position)) for u in units)} if o.png else \
+        {layout.PROJECTIONS}
+    pending = {s.key: manifests.entry(s.key, str(s.path), None, "pending",
+                                      sorted(planned | previous.get(s.key, set())))
+               for s in sources}
+    # claims OUT before the first file: a killed run's files are listed, so they can go later
+    write_json(out / layout.PROJECTIONS_MANIFEST,
+               manifests.build(header, manifests.ordered({**by_key, **pending},
+                                                         (s.key for s in sources))))
     for i, src in enumerate(sources):
         item = decoded[i]
         if item["tensor"] is None:
@@ -124,7 +142,7 @@ def run_project(o: ProjectOptions, on_image: Callable[[str], None] | None = None
             x = item["tensor"].to(device)
             found = project.project(model, x, units, o.mode, batch_size=o.batch_size)
             files = _write(out, src, item["sha256"], run, loaded, x, found, fields, o,
-                           render.picture(x.cpu(), mean, std))
+                           render.picture(x.cpu(), mean, std), previous.get(src.key, set()))
             by_key[src.key] = manifests.entry(src.key, str(src.path), item["sha256"], "ok",
                                               files)
         if on_image:
@@ -136,7 +154,7 @@ def run_project(o: ProjectOptions, on_image: Callable[[str], None] | None = None
 
 def _write(out: Path, src: ImageSource, sha: str, run: str, loaded: LoadedModel,
            x: torch.Tensor, found: list[Any], fields: dict[str, Any], o: ProjectOptions,
-           picture: torch.Tensor) -> list[str]:
+           picture: torch.Tensor, previous: set[str]) -> list[str]:
     """One image's projections file (this run's units added to what it had) and PNGs."""
     from convmaps import render
 
@@ -168,5 +186,5 @@ def _write(out: Path, src: ImageSource, sha: str, run: str, loaded: LoadedModel,
     tensors = dict(sorted(tensors.items()))
     save_tensors(folder / layout.PROJECTIONS, tensors, meta, sync=False)
     keep = {layout.PROJECTIONS, *(layout.projection_png(k) for k in tensors)}
-    clear_folder(folder, keep=keep, owned=layout.is_projection_output)  # PNGs of lost keys
+    clear_folder(out, src.key, keep, owner(previous))  # PNGs of keys it no longer has
     return sorted(f for f in keep if (folder / f).is_file())

@@ -207,7 +207,7 @@ def _table(head: list[str], rows: list[list[str]], sortable: bool = False) -> st
 
 
 def _shape(s: Any) -> str:
-    return "—" if not s else "×".join(str(v) for v in s)
+    return "—" if not s else _e("×".join(str(v) for v in s))
 
 
 def _guess(e: dict[str, Any]) -> str:
@@ -441,7 +441,8 @@ def build_report(out: str | Path) -> Path:
     final = out / REPORT
     if final.exists() and not (final / _MARKER).is_file():
         raise ConvmapsError(f"{final} exists and was not made by convmaps; move it away first")
-    root = out / f".{REPORT}.{os.getpid()}.tmp"
+    _remove_stale(out)
+    root = out / layout.temp_name(REPORT, os.getpid())
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     try:
@@ -449,7 +450,7 @@ def build_report(out: str | Path) -> Path:
             shutil.copytree(final / "inputs", root / "inputs")
         _write_site(site, root)
         if final.exists():
-            old = out / f".{REPORT}.{os.getpid()}.old"
+            old = out / layout.temp_name(f"{REPORT}-old", os.getpid())
             final.rename(old)
             root.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -458,6 +459,21 @@ def build_report(out: str | Path) -> Path:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return final / "index.html"
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary report folders a killed build left behind (its process is gone)."""
+    for path in out.glob(f".{REPORT}*.tmp"):
+        name = path.name
+        if not (layout.is_temp(name) and path.is_dir() and not path.is_symlink()):
+            continue
+        pid = int(name.rsplit(".", 2)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 def _write_site(site: _Site, root: Path) -> None:

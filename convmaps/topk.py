@@ -262,7 +262,8 @@ def plan_topk(o: TopkOptions) -> TopkPlan:
     fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(o.out)
     folder = out / layout.TOPK
-    claim(folder, fingerprint, o.resume, remove=_remove_topk, what="a top-k")
+    claim(folder, fingerprint, o.resume, remove=_remove_topk, what="a top-k",
+          shards=resolve_shard(o.shard)[1])
     # output clashes concern image folders, which topk does not write
     sources, _ = find_sources(o.inputs, loaded.arch, out, _dump_keys(out))
     header = {
@@ -295,7 +296,8 @@ def _dump_keys(out: Path) -> set[str]:
 
 
 def _remove_topk(folder: Path, m: dict[str, Any]) -> None:
-    clear_folder(folder, keep=set(), owned=layout.is_topk_output)
+    # OUT/topk is convmaps' own folder: every name a top-k run writes there is its
+    clear_folder(folder.parent, folder.name, set(), layout.is_topk_output)
 
 
 def _result_bytes(plan: TopkPlan) -> int:

@@ -629,3 +629,65 @@ def test_pngs_name_classes_and_follow_png_scale(tmp_path, photos):
     png = Image.open(BytesIO((folder / "png" / "C1.png").read_bytes()))
     assert png.info["convmaps-png-scale"] == "channel"
     assert len(png.info["convmaps-range"].split(";")) == acts["C1"].shape[0]
+
+
+# --- nothing outside convmaps' own files is ever removed (review findings) --------------------
+
+
+def test_symlinks_inside_out_are_never_followed(tmp_path, photos):
+    victim = tmp_path / "victim"
+    (victim / "png").mkdir(parents=True)
+    (victim / "png" / "holiday.png").write_bytes(b"x")
+    (victim / "activations.safetensors").write_bytes(b"y")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c.bmp").symlink_to(victim)  # an image folder that leads elsewhere
+    (out / "manifest.json").write_text(json.dumps({"run": "old", "inputs": [
+        {"key": "c.bmp", "source": "x", "sha256": None, "status": "ok",
+         "files": ["png/holiday.png", "activations.safetensors"]}]}))
+    manifest = _dump(tmp_path, [photos / "c.bmp", photos / "d.webp"], resume=False)
+    assert sorted(p.name for p in victim.rglob("*")) == ["activations.safetensors", "holiday.png",
+                                                         "png"]
+    status = {e["key"]: e["status"] for e in manifest["inputs"]}
+    assert status["c.bmp"].startswith("skipped: output clash") and status["d.webp"] == "ok"
+
+
+def test_overwrite_removes_only_the_files_a_manifest_lists(tmp_path, photos):
+    out = tmp_path / "out"
+    (out / "photos" / "png").mkdir(parents=True)
+    (out / "photos" / "empty_album").mkdir()
+    (out / "photos" / "png" / "beach.png").write_bytes(b"mine")
+    (out / "manifest.json").write_text(json.dumps({"run": "zzz", "inputs": [
+        {"key": "photos", "source": "x", "sha256": None, "status": "ok", "files": []}]}))
+    _dump(tmp_path, [photos / "c.bmp"], resume=False)
+    assert (out / "photos" / "png" / "beach.png").read_bytes() == b"mine"
+    assert (out / "photos" / "empty_album").is_dir()
+
+
+def test_overwrite_under_shards_keeps_the_siblings_work(tmp_path, photos):
+    first = _dump(tmp_path, [photos], png=False, batch_size=1, shard="0/2", resume=False)
+    assert first["inputs"]  # shard 0's own images
+    merged = _dump(tmp_path, [photos], png=False, batch_size=1, shard="1/2", resume=False)
+    assert [e["status"] for e in merged["inputs"]] == ["ok"] * 5  # shard 0's images are there
+    _assert_owned(tmp_path / "out")
+
+
+def test_a_dump_beside_another_networks_projections_is_refused(tmp_path, photos):
+    from convmaps.options import ProjectOptions
+    from convmaps.projections import run_project
+
+    out = tmp_path / "out"
+    run_project(ProjectOptions(model="lenet", inputs=[str(photos / "c.bmp")], units=["C1:0"],
+                               out=str(out), png=False))
+    with pytest.raises(ConvmapsError, match="projections of lenet"):
+        _dump(tmp_path, [photos / "c.bmp"], png=False)  # a seeded checkpoint, not the bundled
+    _dump(tmp_path, [photos / "c.bmp"], png=False, resume=False)
+    assert not (out / "projections.json").exists()
+    assert not (out / "c.bmp" / "projections.safetensors").exists()
+
+
+def test_temporary_report_folders_are_not_inputs(tmp_path, photos, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / ".report.999.tmp" / "inputs" / "abc.png")
+    manifest = _dump(tmp_path, [Path("photos"), Path(".")], out=".", png=False)
+    assert not any(".report" in e["key"] for e in manifest["inputs"])

@@ -20,6 +20,18 @@ def _write(folder, name, obj):
     {"run": "r", "inputs": [{"key": "../../etc", "status": "ok", "files": []}]},
     {"run": "r", "inputs": [{"key": "/abs", "status": "ok", "files": []}]},
     {"run": "r", "model": ["x"], "inputs": []},
+    {"run": "r", "inputs": [{"key": "a", "status": "ok", "files": []}]},  # no source
+    {"run": "r", "inputs": [{"key": "a\u0000b", "source": "", "status": "ok", "files": []}]},
+    {"run": "r", "inputs": [{"key": "a", "source": "", "status": "ok", "files": [],
+                             "top5": [{"class": "x", "probability": "x"}]}]},
+    {"run": "r", "inputs": [], "layers": "abc"},
+    {"run": "r", "inputs": [], "layers": [{"params": 3}]},
+    {"run": "r", "inputs": [], "layers": [{"name": "C1", "out_shape": ["<script>"]}]},
+    {"run": "r", "inputs": [], "input_size": ["<img src=x onerror=alert(1)>", 28]},
+    {"run": "r", "inputs": [], "options": [1]},
+    {"run": "r", "inputs": [], "selected": {"activations": 5}},
+    {"run": "r", "inputs": [], "modules": ["../../home/notes"]},
+    {"run": "r", "inputs": [], "modules": 5},
     "[" * 100_000 + "]" * 100_000,  # deep nesting: RecursionError inside json
     "not json", "\udcff",
 ])

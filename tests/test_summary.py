@@ -48,7 +48,8 @@ def test_dump_stats_over_images_do_not_depend_on_which_image_has_nan(tmp_path):
     for key, values in images.items():
         (tmp_path / key).mkdir()
         save_file({"m": torch.tensor(values)}, tmp_path / key / "activations.safetensors")
-    entries = [{"key": k, "status": "ok", "files": ["activations.safetensors"]} for k in images]
+    entries = [{"key": k, "source": k, "status": "ok", "files": ["activations.safetensors"]}
+               for k in images]
     (tmp_path / "manifest.json").write_text(json.dumps({"run": "test", "inputs": entries}))
     (s,) = dump_stats(tmp_path)["activations.safetensors"]
     lo, hi, mean, std = _expected([v for vs in images.values() for v in vs])
