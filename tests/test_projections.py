@@ -145,3 +145,25 @@ def test_bad_units_are_one_line(tmp_path, args, words):
     result = runner.invoke(app, ["project", "lenet", *args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert words in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_alexnet_projections_are_byte_identical_and_leave_the_model_alone(tmp_path):
+    from convmaps.project import output_shapes, parse_unit, project
+
+    img = write_image(tmp_path / "a.png", size=(80, 64))
+    for out in ("one", "two"):
+        run_project(ProjectOptions(model="alexnet", weights="none", inputs=[str(img)],
+                                   units=["features.8:3", "features.12:1"],
+                                   out=str(tmp_path / out)))
+    one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*")
+           if p.is_file()}
+    two = {p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*")
+           if p.is_file()}
+    assert one == two and len(one) == 4  # projections, two figures, projections.json
+    model = load_model("alexnet", "none").model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [(m.training, getattr(m, "inplace", None)) for m in model.modules()]
+    shapes = output_shapes(model, (3, 224, 224))
+    project(model, torch.zeros(3, 224, 224), [parse_unit("features.8:3", model, shapes)])
+    assert [(m.training, getattr(m, "inplace", None)) for m in model.modules()] == flags
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

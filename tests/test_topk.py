@@ -390,3 +390,28 @@ def test_cli_topk_lenet_on_the_bundled_samples(tmp_path):
     bad = CliRunner().invoke(app, ["topk", "lenet", "--out", str(tmp_path / "o"),
                                    "--project", "bogus"])
     assert bad.exit_code == 1 and "--project 'bogus'" in bad.output
+
+
+def test_alexnet_with_inplace_relus_is_byte_identical_however_split(tmp_path):
+    """Determinism on a model with in-place ReLUs: two runs and a 2-shard run of AlexNet's
+    features.0 top-k (with projections and figures) give the same bytes."""
+    for i in range(4):
+        write_image(tmp_path / "in" / f"{i}.png", size=(72, 56), seed=30 + i)
+
+    def run(out: str, shard: str | None = None) -> None:
+        run_topk(plan_topk(TopkOptions(model="alexnet", weights="none", layers="0", k=2,
+                                       inputs=[str(tmp_path / "in")], out=str(tmp_path / out),
+                                       batch_size=2, workers=0, png_cap=2, shard=shard)))
+
+    run("one")
+    run("two")
+    run("split", "0/2")
+    run("split", "1/2")
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file()}
+
+    one = files(tmp_path / "one")
+    assert "topk/features.0.safetensors" in one and "topk/png/features.0/0.png" in one
+    assert one == files(tmp_path / "two") == files(tmp_path / "split")
