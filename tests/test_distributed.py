@@ -1,5 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): every image done once, one merged manifest, outputs
-identical to a single-process run."""
+"""torchrun with 2 CPU processes (gloo): every image done once, one merged result, outputs
+identical to a single-process run, for dump and topk."""
 
 from __future__ import annotations
 
@@ -17,8 +17,25 @@ from convmaps.models import build
 from .conftest import write_image
 from .test_dump import _files
 
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None,
+                                reason="torchrun is not on PATH")
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+
+def _single_and_torchrun(tmp_path: Path, command: str, args: list[str]) -> tuple[Path, Path]:
+    """OUT of one process and OUT of `torchrun --nproc-per-node 2`, same command and args."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    single = subprocess.run([sys.executable, "-m", "convmaps", command, *args, "--out",
+                             str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "convmaps", command, *args,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    return tmp_path / "one", tmp_path / "two"
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     photos = tmp_path / "photos"
     for i in range(7):
@@ -26,39 +43,19 @@ def test_torchrun_two_processes_match_one(tmp_path):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     ckpt = tmp_path / "lenet.safetensors"
     save_file(build("lenet").state_dict(), ckpt, {"arch": "lenet"})
-    args = [str(ckpt), str(photos), "--batch-size", "2", "--kernels", "C3", "--png-cap", "2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    single = subprocess.run([sys.executable, "-m", "convmaps", "dump", *args, "--out",
-                             str(tmp_path / "one")], capture_output=True, text=True, env=env)
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "convmaps", "dump", *args,
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    two: Path = tmp_path / "two"
+    one, two = _single_and_torchrun(tmp_path, "dump", [
+        str(ckpt), str(photos), "--batch-size", "2", "--kernels", "C3", "--png-cap", "2"])
     assert not list(two.glob("manifest.shard-*"))
-    assert _files(tmp_path / "one") == _files(two)
+    assert _files(one) == _files(two)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_topk_two_processes_match_one(tmp_path):
     photos = tmp_path / "photos"
     for i in range(7):
         write_image(photos / f"img{i}.png", seed=i)
-    args = ["lenet", str(photos), "--batch-size", "2", "-k", "3", "--layers", "C1,F6",
-            "--png-cap", "1", "--workers", "0"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    single = subprocess.run([sys.executable, "-m", "convmaps", "topk", *args, "--out",
-                             str(tmp_path / "one")], capture_output=True, text=True, env=env)
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "convmaps", "topk", *args,
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    one = _files(tmp_path / "one")
-    assert "topk/C1.safetensors" in one and not any("partial" in k for k in one)
-    assert _files(tmp_path / "two") == one
+    one, two = _single_and_torchrun(tmp_path, "topk", [
+        "lenet", str(photos), "--batch-size", "2", "-k", "3", "--layers", "C1,F6",
+        "--png-cap", "1", "--workers", "0"])
+    files = _files(one)
+    assert "topk/C1.safetensors" in files and not any("partial" in k for k in files)
+    assert _files(two) == files
