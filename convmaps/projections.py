@@ -136,6 +136,8 @@ def run_project(o: ProjectOptions, on_image: Callable[[str], None] | None = None
     for i, src in enumerate(sources):
         item = decoded[i]
         if item["tensor"] is None:
+            if i not in skips:  # an image that became unreadable loses its projections
+                clear_folder(out, src.key, set(), owner(previous.get(src.key, set())))
             by_key[src.key] = manifests.entry(src.key, str(src.path), None,
                                               f"skipped: {item['reason']}", [])
         else:
@@ -166,7 +168,6 @@ def _write(out: Path, src: ImageSource, sha: str, run: str, loaded: LoadedModel,
                  "source": str(src.path), "key": src.key, "sha256": sha, "run": run,
                  "dtype": "float32"})
     h, w = x.shape[-2:]
-    pngs = []
     for p in found:
         u = p.unit
         key = layout.projection_key(str(o.mode), u.module, u.channel, u.position)
@@ -182,7 +183,6 @@ def _write(out: Path, src: ImageSource, sha: str, run: str, loaded: LoadedModel,
                     f"value {p.value:.4g}"
             img = render.projection_figure(picture, tensors[key], tuple(box), title)
             write_bytes(folder / layout.projection_png(key), render.png_bytes(img), sync=False)
-            pngs.append(layout.projection_png(key))
     tensors = dict(sorted(tensors.items()))
     save_tensors(folder / layout.PROJECTIONS, tensors, meta, sync=False)
     keep = {layout.PROJECTIONS, *(layout.projection_png(k) for k in tensors)}

@@ -167,3 +167,16 @@ def test_alexnet_projections_are_byte_identical_and_leave_the_model_alone(tmp_pa
     project(model, torch.zeros(3, 224, 224), [parse_unit("features.8:3", model, shapes)])
     assert [(m.training, getattr(m, "inplace", None)) for m in model.modules()] == flags
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_image_that_became_unreadable_loses_its_projections(tmp_path):
+    img = write_image(tmp_path / "in" / "a.png")
+    out = tmp_path / "o"
+    run_project(ProjectOptions(model="lenet", inputs=[str(tmp_path / "in")], units=["C3:1"],
+                               out=str(out)))
+    assert (out / "a.png" / "projections.safetensors").is_file()
+    img.write_bytes(b"not any more")
+    m = run_project(ProjectOptions(model="lenet", inputs=[str(tmp_path / "in")], units=["C3:1"],
+                                   out=str(out)))
+    assert m["inputs"][0]["status"].startswith("skipped: ") and m["inputs"][0]["files"] == []
+    assert not (out / "a.png").exists()
