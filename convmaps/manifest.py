@@ -13,6 +13,7 @@ finish merges them.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,6 +23,7 @@ from convmaps.layout import MANIFEST, shard_manifest
 
 __all__ = ["build", "entry", "listed", "merge", "ordered", "read", "read_manifest"]
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # names report pictures: nothing else may pass
 _MAX_BYTES = 1 << 30  # a manifest of a million images is ~300 MB; refuse absurd files unread
 
 
@@ -72,7 +74,7 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
         ok = (isinstance(e, dict) and isinstance(e.get("key"), str) and _relative(e["key"])
               and isinstance(e.get("source"), str)
               and isinstance(e.get("status"), str)
-              and isinstance(e.get("sha256"), str | None)
+              and (e.get("sha256") is None or _SHA256.fullmatch(str(e["sha256"])))
               and isinstance(e.get("files", []), list)
               and all(isinstance(f, str) for f in e.get("files", [])))
         if not ok:

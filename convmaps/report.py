@@ -145,8 +145,11 @@ def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]]) -> 
     from convmaps.images import decode, sha256_file
     from convmaps.models import normalisation, preset
 
-    header = site.header
-    preprocess = preset(str(header.get("model")))
+    try:
+        preprocess = preset(str(site.header.get("model")))
+    except (ConvmapsError, ValueError, KeyError):  # a model this torchvision does not know
+        site.pictures.clear()
+        return
     mean, std = normalisation(preprocess)
 
     def draw(item: tuple[str, str]) -> None:

@@ -32,6 +32,8 @@ def _write(folder, name, obj):
     {"run": "r", "inputs": [], "selected": {"activations": 5}},
     {"run": "r", "inputs": [], "modules": ["../../home/notes"]},
     {"run": "r", "inputs": [], "modules": 5},
+    {"run": "r", "inputs": [{"key": "a", "source": "", "status": "ok", "files": [],
+                             "sha256": "../../../etc/x"}]},  # names a report picture
     "[" * 100_000 + "]" * 100_000,  # deep nesting: RecursionError inside json
     "not json", "\udcff",
 ])
@@ -53,20 +55,21 @@ def test_missing_manifest():
 
 def test_merge_waits_for_every_finished_shard_of_the_same_inputs(tmp_path):
     header = {"run": "r", "inputs_id": "i"}
-    a = build(header, [entry("a", "in/a", "1", "ok", ["x"])])
+    a = build(header, [entry("a", "in/a", "1" * 64, "ok", ["x"])])
     b_running = build(header, [entry("b", "in/b", None, "pending", ["x"])])
     _write(tmp_path, "manifest.shard-0-of-2.json", a)
     assert merge(tmp_path, header, 2, ["a", "b"], []) is None  # shard 1 not started
     _write(tmp_path, "manifest.shard-1-of-2.json", b_running)
     assert merge(tmp_path, header, 2, ["a", "b"], []) is None  # shard 1 still running
-    stale = build({"run": "r", "inputs_id": "other"}, [entry("z", "in/z", "3", "ok", [])])
+    stale = build({"run": "r", "inputs_id": "other"}, [entry("z", "in/z", "3" * 64, "ok", [])])
     _write(tmp_path, "manifest.shard-1-of-2.json", stale)
     assert merge(tmp_path, header, 2, ["a", "b"], []) is None  # another input set's shard
-    b = build(header, [entry("b", "in/b", "2", "ok", ["x"])])
+    b = build(header, [entry("b", "in/b", "2" * 64, "ok", ["x"])])
     _write(tmp_path, "manifest.shard-1-of-2.json", b)
-    earlier = [entry("c", "old/c", "4", "ok", []), entry("b", "old/b", "5", "ok", [])]
+    earlier = [entry("c", "old/c", "4" * 64, "ok", []), entry("b", "old/b", "5" * 64, "ok", [])]
     merged = merge(tmp_path, header, 2, ["b", "a"], earlier)
     assert merged is not None and merged["finished"]
-    assert [(e["key"], e["sha256"]) for e in merged["inputs"]] == [("b", "2"), ("a", "1"),
-                                                                   ("c", "4")]
+    assert [(e["key"], e["sha256"]) for e in merged["inputs"]] == [("b", "2" * 64),
+                                                                   ("a", "1" * 64),
+                                                                   ("c", "4" * 64)]
     assert read(tmp_path) == merged and not list(tmp_path.glob("manifest.shard-*"))
