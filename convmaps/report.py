@@ -299,6 +299,7 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
     if site.dump and e in site.dump["inputs"]:
         shapes = {r["name"]: r.get("out_shape") for r in site.dump.get("layers", [])}
         scale = str(site.dump.get("options", {}).get("png_scale", "layer"))
+        scale = scale if scale in ("layer", "channel") else "layer"  # as the dump drew them
         figs = []
         for k in site.dump.get("selected", {}).get("activations", []):
             rel = f"png/{k}.png"
