@@ -523,8 +523,10 @@ def _finished_entry(plan: Plan, source: ImageSource) -> dict[str, Any] | None:
         if meta.get("sha256") != sha:
             return None
         if _PREDICTIONS in meta:
-            with suppress(ValueError):
+            with suppress(ValueError, RecursionError):
                 top5 = json.loads(meta[_PREDICTIONS])
+    if not manifests.valid_top5(top5):  # a file edited by hand: no predictions, not a bad manifest
+        top5 = None
     return manifests.entry(source.key, str(source.path), sha, "ok", files, top5)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from convmaps.errors import ConvmapsError
 from convmaps.layout import MANIFEST, shard_manifest
 
-__all__ = ["build", "entry", "listed", "merge", "ordered", "read", "read_manifest"]
+__all__ = ["build", "entry", "listed", "merge", "ordered", "read", "read_manifest", "valid_top5"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # names report pictures: nothing else may pass
 _MAX_BYTES = 1 << 30  # a manifest of a million images is ~300 MB; refuse absurd files unread
@@ -80,10 +80,7 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
         if not ok:
             raise bad("an input entry lacks a string key, status or list of files")
     for e in inputs:
-        top5 = e.get("top5")
-        if top5 is not None and not (isinstance(top5, list) and all(
-                isinstance(t, dict) and isinstance(t.get("probability"), int | float)
-                and isinstance(t.get("class", ""), str) for t in top5)):
+        if not valid_top5(e.get("top5")):
             raise bad(f"the top5 of {e['key']} is not a list of classes with probabilities")
     for name in ("model", "weights", "preprocessing", "identity"):
         if not isinstance(manifest.get(name, ""), str):
@@ -108,6 +105,13 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
                                               for n in modules)):
         raise bad("modules is not a list of module names")
     return manifest
+
+
+def valid_top5(top5: Any) -> bool:
+    """None, or a list of classes with their probabilities, as `entry` records them."""
+    return top5 is None or (isinstance(top5, list) and all(
+        isinstance(t, dict) and isinstance(t.get("probability"), int | float)
+        and isinstance(t.get("class", ""), str) for t in top5))
 
 
 def _ints(value: Any) -> bool:

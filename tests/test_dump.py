@@ -691,3 +691,17 @@ def test_temporary_report_folders_are_not_inputs(tmp_path, photos, monkeypatch):
     write_image(tmp_path / ".report.999.tmp" / "inputs" / "abc.png")
     manifest = _dump(tmp_path, [Path("photos"), Path(".")], out=".", png=False)
     assert not any(".report" in e["key"] for e in manifest["inputs"])
+
+
+def test_hand_edited_predictions_are_dropped_on_resume(tmp_path, photos):
+    from safetensors.torch import save_file
+
+    _dump(tmp_path, [photos / "c.bmp"], png=False)
+    path = tmp_path / "out" / "c.bmp" / "activations.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, path, {**meta, "top5": '[{"class": "x", "probability": "high"}]'})
+    again = _dump(tmp_path, [photos / "c.bmp"], png=False)
+    assert again["inputs"][0]["status"] == "ok" and "top5" not in again["inputs"][0]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == again  # readable
