@@ -85,18 +85,28 @@ def _read_site(out: Path) -> _Site:
 
 def _read_topk(folder: Path, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each module's top-k (values, images, positions, boxes) as lists, small by design."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     units = {}
     for name in m.get("modules", []):
         path = folder / f"{name}.safetensors"
         if not path.is_file():
             continue
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())  # noqa: SIM118
-            units[name] = {k: f.get_tensor(k).tolist() for k in
-                           ("values", "images", "positions", "boxes") if k in keys}
-            units[name]["meta"] = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                got = {k: f.get_tensor(k) for k in ("values", "images", "positions", "boxes")
+                       if k in set(f.keys())}  # noqa: SIM118
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise ConvmapsError(f"{path} is not a readable safetensors file: {e}") from e
+        # (C, k) values and images, (C, k, 2) positions, (C, k, 4) boxes, or the file is not ours
+        ck = tuple(got["values"].shape) if "values" in got else None
+        want = {"values": (), "images": (), "positions": (2,), "boxes": (4,)}
+        if ck is None or len(ck) != 2 or "images" not in got or any(
+                tuple(t.shape) != (*ck, *want[k]) for k, t in got.items()):
+            raise ConvmapsError(f"{path} is not a convmaps top-k file (tensor shapes)")
+        units[name] = {k: t.tolist() for k, t in got.items()}
+        units[name]["meta"] = meta
     return units
 
 

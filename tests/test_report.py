@@ -161,3 +161,19 @@ def test_report_of_a_topk_run_has_a_page_per_module_and_unit(tmp_path):
     top1 = int(load_file(out / "topk" / "C1.safetensors")["images"][0, 0])
     unit = (site / "topk" / "C1" / "0.html").read_text()
     assert m["inputs"][top1]["key"] in unit and "topk/png/C1/0.png" in unit
+
+
+def test_a_topk_file_of_the_wrong_shapes_is_one_line(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "topk"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"run": "r", "modules": ["C1"], "inputs": []}))
+    save_file({"values": torch.zeros(2, 3), "images": torch.zeros(2, 5, dtype=torch.int64)},
+              folder / "C1.safetensors")
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "not a convmaps top-k file" in result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "report").exists()
