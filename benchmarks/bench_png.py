@@ -1,5 +1,5 @@
-"""Drawing and encoding AlexNet's 21 activation PNGs of one photo, per zlib level: what
-`render.png_bytes`' default level rests on.
+"""Drawing and encoding AlexNet's 21 activation PNGs of one photo, as a dump does it
+(`render.draw(...).png()`), per deflate level: what the default level rests on.
 
     python benchmarks/bench_png.py [--photos 3] [--repeats 7]
 
@@ -40,18 +40,18 @@ def main() -> None:
     draw: list[float] = []
     for _ in range(a.repeats):
         start = time.perf_counter()
-        images = [[render.render_activation(got.outputs[k][i]) for k in leaves]
+        images = [[render.draw("activation", got.outputs[k][i]) for k in leaves]
                   for i in range(len(files))]
         draw.append((time.perf_counter() - start) / len(files))
-    pixels = sum(img.width * img.height for img in images[0])
+    pixels = sum(pic.rows.shape[0] * (pic.rows.shape[1] - 1) for pic in images[0])
     print(f"AlexNet, {len(leaves)} modules, {pixels / 1e6:.2f} Mpx per photo; median of "
           f"{a.repeats}: drawing {statistics.median(draw) * 1e3:.1f} ms per photo")
     for level in (0, 1, 2, 3, 6):
         times, size = [], 0
         for _ in range(a.repeats):
             start = time.perf_counter()
-            size = sum(len(render.png_bytes(img, compress_level=level))
-                       for row in images for img in row) // len(files)
+            size = sum(len(pic.png(compress_level=level))
+                       for row in images for pic in row) // len(files)
             times.append((time.perf_counter() - start) / len(files))
         print(f"  level {level}: {statistics.median(times) * 1e3:6.1f} ms, {size / 1024:6.0f} KiB"
               " per photo")

@@ -529,9 +529,12 @@ def test_size_bound_covers_pngs(tmp_path, photos):
         plan_dump(o)
 
 
-def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path):
-    """Two runs, a resumed run and a sharded run of AlexNet (in-place ReLUs) give the same
-    bytes, and every file records ReLU(inplace=True): metadata is taken before any pass."""
+def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path, monkeypatch):
+    """Two runs (one writer thread, then two writing batches side by side), a resumed run and
+    a sharded run of AlexNet (in-place ReLUs) give the same bytes, and every file records
+    ReLU(inplace=True): metadata is taken before any pass."""
+    import convmaps.dump
+
     for i in range(3):
         write_image(tmp_path / "in" / f"{i}.png", size=(64, 48), seed=i)
 
@@ -540,7 +543,9 @@ def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path):
                         out=str(tmp_path / out), layers="0-5", batch_size=1, workers=0, **kw)
         return run_dump(plan_dump(o))
 
+    monkeypatch.setattr(convmaps.dump, "writer_threads", lambda: 1)
     run("one")
+    monkeypatch.setattr(convmaps.dump, "writer_threads", lambda: 2)
     run("two")
     run("sharded", shard="0/2")
     run("sharded", shard="1/2")

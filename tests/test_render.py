@@ -20,8 +20,10 @@ from PIL import Image, ImageDraw, ImageFont
 from convmaps.options import PngScale
 from convmaps.render import (
     Scale,
+    _limits,
     choose_scale,
     colorize,
+    draw,
     filter_grid,
     image_size,
     map_grid,
@@ -332,6 +334,27 @@ def reference_limit(t: torch.Tensor, scale: Scale) -> tuple[float, float]:
 def test_robust_limit_matches_the_slow_rule(make, scale: Scale) -> None:
     t = make(torch.Generator().manual_seed(1))
     assert robust_limit(t, scale) == pytest.approx(reference_limit(t, scale), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", list(Scale))
+def test_per_channel_ranges_match_the_slow_rule_row_by_row(scale: Scale) -> None:
+    # Rows that stop after different passes, empty and non-finite rows, side by side:
+    # each row's range must be what the slow rule gives for that row alone.
+    g = torch.Generator().manual_seed(2)
+    rows = [
+        torch.randn(400, generator=g),
+        torch.randn(400, generator=g).exp(),  # several passes
+        torch.cat([torch.randn(399, generator=g), torch.tensor([1e6])]),
+        torch.zeros(400),
+        torch.full((400,), float("nan")),
+        torch.where(torch.rand(400, generator=g) < 0.03, torch.rand(400, generator=g), 0),
+        torch.cat([torch.rand(398, generator=g), torch.tensor([float("inf"), 3e38])]),
+        torch.randn(400, generator=g) + 5,
+    ]
+    x = torch.stack(rows).numpy()
+    lo, hi = _limits(x, scale)
+    for i, row in enumerate(rows):
+        assert (lo[i], hi[i]) == pytest.approx(reference_limit(row, scale), rel=1e-5), i
 
 
 def test_one_outlier_does_not_wash_out_the_rest() -> None:
@@ -698,6 +721,25 @@ GOLDEN = {
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_picture(name: str, golden) -> None:
     golden(f"render_{name}", png_bytes(GOLDEN[name]()))
+
+
+@pytest.mark.parametrize(("kind", "t", "public"), [
+    ("activation", _ramp(6, 5, 5), lambda t: (render_activation(t), None)),
+    ("activation", _ramp(300), lambda t: (render_activation(t), None)),
+    ("activation", torch.empty(0, 4, 4), lambda t: (render_activation(t), None)),
+    ("kernels", _ramp(3, 7, 7), lambda t: (map_grid(t), None)),
+    ("taps", _ramp(4, 5, 3, 3), tap_mosaic),
+    ("taps", _ramp(200, 3, 3, 3), tap_mosaic),  # capped: the note goes into the file
+])
+def test_drawn_picture_is_the_png_of_the_public_image(kind, t, public):
+    """The dump encodes `draw(...)` straight from its rows; the bytes must be those of the
+    public function's image through `png_bytes`, note included."""
+    pic = draw(kind, t)
+    img, note = public(t)
+    assert pic.note == note and pic.png() == png_bytes(img, note=note)
+    assert pic.image().size == img.size == image_size(kind, tuple(t.shape))
+    if note:
+        assert Image.open(io.BytesIO(pic.png())).info["convmaps-note"] == note
 
 
 @pytest.mark.parametrize("size", [(1, 1), (7, 3), (454, 580)])
