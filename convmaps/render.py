@@ -575,7 +575,7 @@ def _limits(x: np.ndarray, scale: Scale) -> tuple[np.ndarray, np.ndarray]:
         high = np.full(rows, np.inf, np.float32)
         kept = _Kept.of(v, low, high, centred)
         for _ in range(_MAX_PASSES):
-            centre, sigma = kept.centre(), kept.sigma()
+            centre, sigma = kept.stats()
             new_low = (centre - _REJECT_K * sigma).astype(np.float32)
             new_high = (centre + _REJECT_K * sigma).astype(np.float32)
             # Bounds no tighter than a row's last, or beyond its largest value, set nothing
@@ -594,7 +594,7 @@ def _limits(x: np.ndarray, scale: Scale) -> tuple[np.ndarray, np.ndarray]:
             kept = kept.without(out, trim)
             if kept.inexact().any():
                 kept = _Kept.of(v, low, high, centred)
-        centre, sigma = kept.centre(), kept.sigma()
+        centre, sigma = kept.stats()
     if centred:
         hi = np.minimum(top, centre + _K * sigma)
         return np.zeros_like(hi), np.where(hi > 0, hi, 1.0)
@@ -635,13 +635,13 @@ class _Kept:
         s2 = _row_dot(d, d)
         return _Kept(n, a.astype(np.float64), d.sum(axis=1).astype(np.float64), s2, s2, centred)
 
-    def centre(self) -> np.ndarray:
-        return self.a + self.s1 / np.maximum(self.n, 1) if self.centred else self.a
-
-    def sigma(self) -> np.ndarray:
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(centre, σ): the mean and standard deviation, or 0 and the RMS."""
         m = np.maximum(self.n, 1)
-        shift = self.s1 / m if self.centred else 0.0
-        return np.sqrt(np.maximum(self.s2 / m - shift * shift, 0.0))
+        if not self.centred:
+            return self.a, np.sqrt(self.s2 / m)
+        shift = self.s1 / m
+        return self.a + shift, np.sqrt(np.maximum(self.s2 / m - shift * shift, 0.0))
 
     def without(self, out: _Tail, rows: np.ndarray) -> _Kept:
         """These sums less the values `out` sets aside, in `rows`."""
@@ -671,15 +671,15 @@ class _Tail:
     @staticmethod
     def of(v: np.ndarray, bound: np.ndarray, low: np.ndarray, high: np.ndarray, upper: bool
            ) -> _Tail:
-        """The kept values (low <= v <= high, v > 0) above each row's `bound` (`upper`), or
-        below it."""
+        """The kept values (low <= v <= high, v > 0) above each row's `bound` (`upper`; then
+        it is above `low`), or below it (then it is below `high`)."""
         g, width = v.shape
         b = bound.astype(np.float32)[:, None]
         found = np.flatnonzero(v > b if upper else v < b)  # 2-D nonzero is ten times slower
         r = found // width
         vals = v.reshape(-1)[found]
-        inside = (vals <= high[r]) & (vals >= low[r]) & (vals > _ZERO)
-        r, vals = r[inside], vals[inside].astype(np.float64)
+        kept = vals <= high[r] if upper else (vals >= low[r]) & (vals > _ZERO)
+        r, vals = r[kept], vals[kept].astype(np.float64)
         return _Tail(np.bincount(r, minlength=g), np.bincount(r, vals, minlength=g),
                      np.bincount(r, vals * vals, minlength=g))
 
