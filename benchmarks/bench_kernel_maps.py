@@ -41,7 +41,7 @@ from torch import nn
 
 from convmaps import decompose
 from convmaps.capture import trace
-from convmaps.dump import default_threads, threads
+from convmaps.jobs import default_threads, threads
 from convmaps.models import build
 from convmaps.options import DumpOptions
 from convmaps.store import TensorSpec, parse_bytes, write_safetensors

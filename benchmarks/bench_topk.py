@@ -32,7 +32,7 @@ import torchvision
 from bench_dump import cached_weights, make_photos
 from PIL import Image
 
-from convmaps.dump import threads
+from convmaps.jobs import threads
 from convmaps.options import TopkOptions
 from convmaps.topk import plan_topk, run_topk
 

@@ -21,7 +21,9 @@ import torch
 
 from convmaps import __version__, layout
 from convmaps import manifest as manifests
-from convmaps.dump import (
+from convmaps.errors import ConvmapsError
+from convmaps.images import ImageSource
+from convmaps.jobs import (
     DecodedImages,
     check_device,
     clear_folder,
@@ -29,8 +31,6 @@ from convmaps.dump import (
     identity,
     owner,
 )
-from convmaps.errors import ConvmapsError
-from convmaps.images import ImageSource
 from convmaps.models import LoadedModel, load_model, normalisation
 from convmaps.options import ProjectOptions
 from convmaps.store import read_metadata, save_tensors, write_bytes, write_json

@@ -35,7 +35,9 @@ from torch import Tensor
 from convmaps import __version__, layout
 from convmaps import manifest as manifests
 from convmaps.capture import Kind, layer_table, meta_trace, select, trace
-from convmaps.dump import (
+from convmaps.errors import ConvmapsError
+from convmaps.images import ImageSource
+from convmaps.jobs import (
     DecodedImages,
     batches,
     check_bounds,
@@ -53,8 +55,6 @@ from convmaps.dump import (
     run_device,
     threads,
 )
-from convmaps.errors import ConvmapsError
-from convmaps.images import ImageSource
 from convmaps.layout import TopkLayout
 from convmaps.models import LoadedModel, load_model, normalisation
 from convmaps.options import Mode, TopkOptions

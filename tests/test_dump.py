@@ -377,16 +377,6 @@ def test_extreme_aspect_ratio_is_skipped_before_resizing(tmp_path):
     assert manifest["inputs"][0]["status"].startswith("skipped: too large once resized")
 
 
-@pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (8, 2), (16, 4), (128, 8)])
-def test_default_workers_follow_the_usable_cores(monkeypatch, cores, workers):
-    import os
-
-    from convmaps.dump import default_workers
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert default_workers() == workers
-
-
 # --- one owner per output folder -------------------------------------------------------------
 
 
