@@ -43,7 +43,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from convmaps.dump import plan_dump, run_dump
+from convmaps.jobs.dump import plan_dump, run_dump
 from convmaps.options import DumpOptions
 
 BATCH = 8

@@ -30,8 +30,8 @@ import torchvision
 from bench_dump import cached_weights, make_photos
 from PIL import Image
 
-from convmaps.dump import plan_dump, run_dump
-from convmaps.jobs import default_workers
+from convmaps.jobs.dump import plan_dump, run_dump
+from convmaps.jobs.engine import default_workers
 from convmaps.options import DType, DumpOptions
 
 

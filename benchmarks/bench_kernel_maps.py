@@ -39,12 +39,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from convmaps import decompose
-from convmaps.capture import trace
-from convmaps.jobs import default_threads, threads
-from convmaps.models import build
+from convmaps.core import decompose
+from convmaps.core.capture import trace
+from convmaps.core.models import build
+from convmaps.io.store import TensorSpec, parse_bytes, write_safetensors
+from convmaps.jobs.engine import default_threads, threads
 from convmaps.options import DumpOptions
-from convmaps.store import TensorSpec, parse_bytes, write_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/
 from tests.reference import forum_kernel_maps  # noqa: E402

@@ -19,9 +19,9 @@ import torch
 from bench_dump import make_photos
 
 from convmaps import render
-from convmaps.capture import trace
-from convmaps.images import decode
-from convmaps.models import load_model
+from convmaps.core.capture import trace
+from convmaps.core.models import load_model
+from convmaps.io.images import decode
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
               hook that keeps features.10's output, then `torch.autograd.grad(unit, image)`.
 - loop-cut:   the same loop, but each forward pass stops at features.10 (`features[:11]`): the
               strongest plain-autograd baseline.
-- chain / autograd: `convmaps.project.project(..., batch_size=64)` with each method.
+- chain / autograd: `convmaps.core.deconv.project(..., batch_size=64)` with each method.
 
 All in gradient mode (so that every variant computes the same maps; the check is printed) and
 weights `none` (seeded). Goal (issue 10): convmaps <= 0.5x the loop's time. With `--memory`,
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convmaps.models import build
-from convmaps.project import Method, Mode, Unit, project
+from convmaps.core.deconv import Method, Mode, Unit, project
+from convmaps.core.models import build
 
 LAYER = "features.10"
 

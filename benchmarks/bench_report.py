@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convmaps.dump import plan_dump, run_dump
+from convmaps.jobs.dump import plan_dump, run_dump
 from convmaps.options import DumpOptions
 from convmaps.report import build_report
 

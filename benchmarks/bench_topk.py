@@ -32,9 +32,9 @@ import torchvision
 from bench_dump import cached_weights, make_photos
 from PIL import Image
 
-from convmaps.jobs import threads
+from convmaps.jobs.engine import threads
+from convmaps.jobs.topk import plan_topk, run_topk
 from convmaps.options import TopkOptions
-from convmaps.topk import plan_topk, run_topk
 
 BATCH = 8
 

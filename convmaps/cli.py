@@ -139,7 +139,7 @@ def _pair_text(pair: tuple[int, int]) -> str:
 
 
 def _field_cells(field: Any) -> tuple[str, str]:
-    """The layer table's field and jump cells for a convmaps.rf.Field (None: not known)."""
+    """The layer table's field and jump cells for a convmaps.core.fields.Field (None: not known)."""
     if field is None:
         return "?", "?"
     varies = not field.affine and any(
@@ -169,9 +169,9 @@ def layers(
     """
     from rich.filesize import decimal
 
-    from convmaps.capture import layer_table
-    from convmaps.models import load_model
-    from convmaps.rf import fields
+    from convmaps.core.capture import layer_table
+    from convmaps.core.fields import fields
+    from convmaps.core.models import load_model
 
     # Shapes do not depend on weight values, so no pretrained file is needed to list layers.
     loaded = load_model(model, weights or "none", arch)
@@ -220,7 +220,7 @@ def filters(
 
 
 def _filters(options: FilterOptions) -> None:
-    from convmaps.filters import run_filters
+    from convmaps.jobs.filters import run_filters
 
     notes = run_filters(options)
     for name, note in notes:
@@ -430,7 +430,7 @@ def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[i
 def _dump(options: DumpOptions) -> None:
     from rich.filesize import decimal
 
-    from convmaps.dump import plan_dump, run_dump
+    from convmaps.jobs.dump import plan_dump, run_dump
 
     plan = plan_dump(options)
     index, count = plan.shard
@@ -450,7 +450,7 @@ def _dump(options: DumpOptions) -> None:
     written = len(entries) - len(skipped) - done_before
     merged = manifest.get("finished") and len(manifest["inputs"]) >= len(plan.sources) \
         and count > 1 and (plan.out / "manifest.json").is_file()
-    from convmaps.layout import shard_manifest
+    from convmaps.io.layout import shard_manifest
 
     name = "manifest.json" if count == 1 or merged else shard_manifest(index, count)
     out_console.print(f"{label}{written} image(s) written, {done_before} already done, "
@@ -490,8 +490,8 @@ def project(
 ) -> None:
     """Project units down to the input pixels (DeconvNet, guided backprop or the gradient),
     into OUT/<image key>/projections.safetensors and a PNG per unit."""
+    from convmaps.jobs.project import run_project
     from convmaps.options import ProjectOptions
-    from convmaps.projections import run_project
 
     o = ProjectOptions(model=model, inputs=[str(p) for p in inputs or []], units=unit or [],
                        mode=mode, out=str(out), weights=weights, arch=arch, device=device,
@@ -544,9 +544,9 @@ def topk(
 
     Under `torchrun --nproc-per-node K -m convmaps topk …` each process takes its shard.
     """
-    from convmaps.layout import MANIFEST
+    from convmaps.io.layout import MANIFEST
+    from convmaps.jobs.topk import describe, plan_topk, run_topk
     from convmaps.options import TopkOptions
-    from convmaps.topk import describe, plan_topk, run_topk
 
     o = TopkOptions(model=model, inputs=[str(p) for p in inputs or []], layers=layers, k=k,
                     project=project, out=str(out), weights=weights, arch=arch,
@@ -615,8 +615,8 @@ def show(
     path: Annotated[Path, typer.Argument(help="A .safetensors file or a dump folder.")],
 ) -> None:
     """Summary statistics (shape, dtype, min/max, mean/std, zeros) of a file or a whole dump."""
-    from convmaps.manifest import read_manifest
-    from convmaps.summary import dump_stats, file_stats
+    from convmaps.io.manifest import read_manifest
+    from convmaps.report.summary import dump_stats, file_stats
 
     if path.is_dir():
         manifest = read_manifest(path)
@@ -652,7 +652,7 @@ def train_lenet(
     ),
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    # The defaults repeat convmaps.train's DEFAULT_BATCH_SIZE/DEFAULT_LR (a test checks), as
+    # The defaults repeat convmaps.jobs.train's DEFAULT_BATCH_SIZE/DEFAULT_LR (a test checks), as
     # importing it here would import torch for `convmaps --help`.
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Training batch size.")
@@ -665,7 +665,7 @@ def train_lenet(
     ] = None,
 ) -> None:
     """Train the LeNet-5 checkpoint on (Fashion-)MNIST IDX files, as the bundled one was."""
-    from convmaps import train
+    from convmaps.jobs import train
 
     metrics = train.train_lenet(data, out, epochs=epochs, seed=seed, batch_size=batch_size,
                                 lr=lr, log=lambda s: err_console.print(s))

@@ -49,7 +49,7 @@ def _allowed(hint: Any) -> tuple[tuple[type, ...], type | None, str]:
 def _check_size(path: Path, key: str, value: Any) -> str:
     """A size option (`max_bytes = "8GB"` or a whole number of bytes), checked now so that the
     error names the file; kept as the string the option's field holds."""
-    from convmaps.store import parse_bytes  # here: store imports torch, this module does not
+    from convmaps.io.store import parse_bytes  # here: store imports torch, this module does not
 
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ConvmapsError(f"{path}: {key} must be a size such as \"8GB\" or a whole number "

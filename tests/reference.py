@@ -18,7 +18,7 @@ def forum_kernel_maps(conv: nn.Conv2d, x: Tensor) -> Tensor:
     A depthwise conv (groups = C_in) whose weight is the filters regrouped by input channel,
     `(C_in*C_out, 1, kh, kw)`, then the result permuted back. Done right, the bias stays out of
     the maps. Only groups=1 with zeros padding; it pads through `F.conv2d` itself,
-    independently of `convmaps.decompose`. Accepts `(C, H, W)` or `(N, C, H, W)`.
+    independently of `convmaps.core.decompose`. Accepts `(C, H, W)` or `(N, C, H, W)`.
 
     Raises:
         NotImplementedError: for grouped convs or non-zero padding modes.

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convmaps.capture import capture, layer_table, list_layers, select, trace
+from convmaps.core.capture import capture, layer_table, list_layers, select, trace
+from convmaps.core.models import build, load_model
 from convmaps.errors import ConvmapsError, UnknownLayerError
-from convmaps.models import build, load_model
 
 from .conftest import recompute
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from convmaps.models import build
+from convmaps.core.models import build
 
 from .conftest import write_image
 from .test_dump import _files

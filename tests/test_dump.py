@@ -8,12 +8,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from convmaps.dump import plan_dump, run_dump
+from convmaps.core.models import build, lenet_preset
+from convmaps.core.pooling import unpool
 from convmaps.errors import ConvmapsError, TooLargeError
-from convmaps.images import decode, sha256_file
-from convmaps.models import build, lenet_preset
+from convmaps.io.images import decode, sha256_file
+from convmaps.jobs.dump import plan_dump, run_dump
 from convmaps.options import DType, DumpOptions
-from convmaps.pooling import unpool
 
 from .conftest import recompute, write_image
 
@@ -348,7 +348,7 @@ def test_changed_image_with_stale_png_is_redone(tmp_path, photos):
     write_image(src, seed=99, fmt="BMP")  # the image changes
     png = tmp_path / "o" / "c.bmp" / "png" / "C1.png"
     before = png.read_bytes()
-    import convmaps.dump as pipeline
+    import convmaps.jobs.dump as pipeline
 
     real = pipeline.save_tensors
 
@@ -523,7 +523,7 @@ def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path, monkeypatch):
     """Two runs (one writer thread, then two writing batches side by side), a resumed run and
     a sharded run of AlexNet (in-place ReLUs) give the same bytes, and every file records
     ReLU(inplace=True): metadata is taken before any pass."""
-    import convmaps.dump
+    import convmaps.jobs.dump
 
     for i in range(3):
         write_image(tmp_path / "in" / f"{i}.png", size=(64, 48), seed=i)
@@ -533,9 +533,9 @@ def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path, monkeypatch):
                         out=str(tmp_path / out), layers="0-5", batch_size=1, workers=0, **kw)
         return run_dump(plan_dump(o))
 
-    monkeypatch.setattr(convmaps.dump, "writer_threads", lambda: 1)
+    monkeypatch.setattr(convmaps.jobs.dump, "writer_threads", lambda: 1)
     run("one")
-    monkeypatch.setattr(convmaps.dump, "writer_threads", lambda: 2)
+    monkeypatch.setattr(convmaps.jobs.dump, "writer_threads", lambda: 2)
     run("two")
     run("sharded", shard="0/2")
     run("sharded", shard="1/2")
@@ -549,7 +549,7 @@ def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path, monkeypatch):
 
 
 def test_predictions_are_the_models_top5(tmp_path, photos):
-    from convmaps.models import load_model
+    from convmaps.core.models import load_model
 
     manifest = _dump(tmp_path, [photos / "c.bmp"], png=False)
     top = manifest["inputs"][0]["top5"]
@@ -668,8 +668,8 @@ def test_overwrite_under_shards_keeps_the_siblings_work(tmp_path, photos):
 
 
 def test_a_dump_beside_another_networks_projections_is_refused(tmp_path, photos):
+    from convmaps.jobs.project import run_project
     from convmaps.options import ProjectOptions
-    from convmaps.projections import run_project
 
     out = tmp_path / "out"
     run_project(ProjectOptions(model="lenet", inputs=[str(photos / "c.bmp")], units=["C1:0"],

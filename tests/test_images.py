@@ -1,4 +1,4 @@
-"""Tests for convmaps.images: finding inputs, hashing, and decoding every kind of file to RGB."""
+"""Tests for convmaps.io.images: finding inputs, hashing, and decoding every kind of file to RGB."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, features
 
 from convmaps.errors import BadImageError, ConvmapsError
-from convmaps.images import (
+from convmaps.io.images import (
     BACKGROUND,
     IMAGE_SUFFIXES,
     ImageSource,

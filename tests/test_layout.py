@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from convmaps.layout import (
+from convmaps.io.layout import (
     ImageLayout,
     collision,
     is_dump_output,
@@ -74,7 +74,7 @@ def test_filter_pngs_are_zero_padded_so_they_sort_in_filter_order():
 
 
 def test_topk_layout_names_and_ownership():
-    from convmaps.layout import TopkLayout, is_topk_output
+    from convmaps.io.layout import TopkLayout, is_topk_output
 
     lay = TopkLayout(modules=("features.0", "classifier.1"), png_caps=(1, 0), png=True)
     assert lay.files() == ["classifier.1.safetensors", "features.0.safetensors",

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from convmaps.errors import ConvmapsError
-from convmaps.manifest import build, entry, merge, read, read_manifest
+from convmaps.io.manifest import build, entry, merge, read, read_manifest
 
 
 def _write(folder, name, obj):

@@ -15,13 +15,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from convmaps.cli import app
+from convmaps.core.models import build, lenet5, load_model, load_state_file
 from convmaps.errors import (
     CheckpointError,
     UnknownModelError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
 )
-from convmaps.models import build, lenet5, load_model, load_state_file
 
 from .conftest import write_image
 
@@ -109,7 +109,7 @@ def test_pretrained_load_skips_init_yet_matches_a_plain_load(hub, arch):
 
 
 def test_skip_init_leaves_parameters_alone_and_other_tensors_not():
-    from convmaps.models import _SkipInit
+    from convmaps.core.models import _SkipInit
 
     p, t = torch.nn.Parameter(torch.zeros(4, 4)), torch.zeros(4, 4)
     with _SkipInit():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convmaps.pooling import switches, unpool
+from convmaps.core.pooling import switches, unpool
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from convmaps.cli import app
-from convmaps.dump import plan_dump, run_dump
 from convmaps.errors import ConvmapsError
-from convmaps.filters import run_filters
+from convmaps.jobs.dump import plan_dump, run_dump
+from convmaps.jobs.filters import run_filters
+from convmaps.jobs.project import run_project
 from convmaps.options import DumpOptions, FilterOptions, ProjectOptions
-from convmaps.projections import run_project
 from convmaps.report import build_report
 
 runner = CliRunner()
@@ -145,8 +145,8 @@ def test_a_real_browser_renders_the_pages(site, tmp_path, page):
 def test_report_of_a_topk_run_has_a_page_per_module_and_unit(tmp_path):
     import json
 
+    from convmaps.jobs.topk import plan_topk, run_topk
     from convmaps.options import TopkOptions
-    from convmaps.topk import plan_topk, run_topk
 
     out = tmp_path / "out"
     run_topk(plan_topk(TopkOptions(out=str(out), layers="C1,F6", k=2, png_cap=1, workers=0)))

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from convmaps.errors import ConvmapsError, WriteError
-from convmaps.store import (
+from convmaps.io.store import (
     TensorSpec,
     parse_bytes,
     png_complete,

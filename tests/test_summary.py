@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from convmaps.cli import app
-from convmaps.summary import dump_stats, file_stats, tensor_stats
+from convmaps.report.summary import dump_stats, file_stats, tensor_stats
 
 NAN = float("nan")
 

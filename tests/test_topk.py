@@ -15,22 +15,13 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from convmaps.cli import app
-from convmaps.dump import plan_dump, run_dump
+from convmaps.core.models import build, load_model
+from convmaps.core.ranking import combine, crop, empty, maxima, merge, positions, update
 from convmaps.errors import ConvmapsError
-from convmaps.images import decode
-from convmaps.models import build, load_model
+from convmaps.io.images import decode
+from convmaps.jobs.dump import plan_dump, run_dump
+from convmaps.jobs.topk import plan_topk, run_topk
 from convmaps.options import DumpOptions, TopkOptions
-from convmaps.topk import (
-    combine,
-    crop,
-    empty,
-    maxima,
-    merge,
-    plan_topk,
-    positions,
-    run_topk,
-    update,
-)
 
 from .conftest import FASHION, write_image
 
@@ -111,13 +102,13 @@ def test_crop_fills_outside():
 def fashion_test() -> torch.Tensor:
     if not FASHION.is_dir():
         pytest.skip(f"Debian package dataset-fashion-mnist not installed: no {FASHION}")
-    from convmaps.train import load_split
+    from convmaps.jobs.train import load_split
 
     return load_split(FASHION, "test")[0]
 
 
 def test_streaming_over_thousands_of_images_stays_c_by_k(fashion_test):
-    from convmaps.train import normalise
+    from convmaps.jobs.train import normalise
 
     model = load_model("lenet").model
     x = normalise(fashion_test[:3000])
@@ -198,7 +189,7 @@ def test_lenet_equals_brute_force_from_dump(tmp_path, fashion_pngs):
 
 
 def test_alexnet_equals_dump_and_boxes_are_rfs(tmp_path):
-    from convmaps.rf import fields
+    from convmaps.core.fields import fields
 
     photos = tmp_path / "photos"
     for i in range(3):
@@ -259,7 +250,7 @@ def test_projections_are_autograd_gradients_cropped_to_boxes(tmp_path):
 
 
 def test_deconvnet_crops_are_project_of_that_unit(tmp_path):
-    from convmaps.project import Unit, project
+    from convmaps.core.deconv import Unit, project
 
     manifest = _topk(tmp_path, [], layers="C1,S4", k=2, project="deconvnet", png=False)
     sources = [e["source"] for e in manifest["inputs"]]

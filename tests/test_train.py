@@ -1,4 +1,4 @@
-"""Tests for convmaps.train: IDX reading, the trainer, the bundled checkpoint and samples."""
+"""Tests for convmaps.jobs.train: IDX reading, the trainer, the bundled checkpoint and samples."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from convmaps.core.models import bundled_lenet_path, lenet5, lenet_preset, load_model
 from convmaps.errors import ConvmapsError
-from convmaps.models import bundled_lenet_path, lenet5, lenet_preset, load_model
-from convmaps.train import (
+from convmaps.jobs.train import (
     DEFAULT_DATA_DIR,
     FASHION_MNIST_CLASSES,
     DatasetError,
@@ -345,8 +345,8 @@ def test_recorded_command_reruns_to_the_same_checkpoint(
 def test_train_lenet_cli_defaults_are_the_trainers() -> None:
     import typer
 
-    from convmaps import train
     from convmaps.cli import app
+    from convmaps.jobs import train
 
     command = typer.main.get_command(app).commands["train-lenet"]  # type: ignore[attr-defined]
     defaults = {p.name: p.default for p in command.params}

@@ -23,14 +23,15 @@ from typing import Any
 import torch
 from rich.filesize import decimal
 
-from convmaps import __version__, layout
-from convmaps import manifest as manifests
-from convmaps.capture import LayerRow
+from convmaps import __version__
+from convmaps.core.capture import LayerRow
+from convmaps.core.fields import Field
+from convmaps.core.models import LoadedModel, bundled_lenet_path
 from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
-from convmaps.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
-from convmaps.models import LoadedModel, bundled_lenet_path
-from convmaps.rf import Field
-from convmaps.store import parse_bytes
+from convmaps.io import layout
+from convmaps.io import manifest as manifests
+from convmaps.io.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
+from convmaps.io.store import parse_bytes
 
 __all__ = ["DecodedImages", "batches", "bundled_samples", "check_bounds", "check_device",
            "check_room", "claim", "clear_folder", "default_threads", "default_workers",

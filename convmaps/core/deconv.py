@@ -19,7 +19,7 @@ replaced during the forward pass by a function whose backward is the mode's rule
 many units with one forward pass per image and one batched backward pass.
 
     >>> import torch
-    >>> from convmaps.models import lenet5
+    >>> from convmaps.core.models import lenet5
     >>> net = lenet5().eval()
     >>> image = torch.rand(1, 28, 28)
     >>> shapes = output_shapes(net, (1, 28, 28))
@@ -44,10 +44,10 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torchvision.models import VGG, AlexNet
 
-from convmaps.capture import select, trace
+from convmaps.core.capture import select, trace
+from convmaps.core.pooling import switches
 from convmaps.errors import ConvmapsError
 from convmaps.options import Mode
-from convmaps.pooling import switches
 
 __all__ = [
     "Method",

@@ -14,9 +14,9 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from convmaps.core.fields import Field, box, fields
+from convmaps.core.models import build
 from convmaps.errors import ConvmapsError, UnknownLayerError
-from convmaps.models import build
-from convmaps.rf import Field, box, fields
 
 
 def _clip(b: tuple[int, int, int, int], h: int, w: int) -> tuple[int, int, int, int]:
@@ -224,7 +224,7 @@ def test_perturbation_outside_never_changes_inside_edges_do(make, size):
         positions = sorted({(0, 0), (n_rows - 1, n_cols - 1), (n_rows // 2, n_cols // 3)})
         if "Pad" in type(net.get_submodule(name)).__name__:
             # a pad's own padding positions depend on no pixel; their box is the geometric one
-            # they would have if the map went on (see convmaps.rf), so test a real position
+            # they would have if the map went on (see convmaps.core.fields), so test a real position
             positions = [(n_rows // 2, n_cols // 2)]
         base = _units(net, name, x, field, positions)
         outside, probes = [], []

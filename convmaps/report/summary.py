@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from convmaps.errors import ConvmapsError
-from convmaps.manifest import read_manifest
+from convmaps.io.manifest import read_manifest
 
 __all__ = ["Stats", "dump_stats", "file_stats", "tensor_stats"]
 

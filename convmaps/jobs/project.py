@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
-from convmaps import __version__, layout
-from convmaps import manifest as manifests
+from convmaps import __version__
+from convmaps.core.models import LoadedModel, load_model, normalisation
 from convmaps.errors import ConvmapsError
-from convmaps.images import ImageSource
-from convmaps.jobs import (
+from convmaps.io import layout
+from convmaps.io import manifest as manifests
+from convmaps.io.images import ImageSource
+from convmaps.io.store import read_metadata, save_tensors, write_bytes, write_json
+from convmaps.jobs.engine import (
     DecodedImages,
     check_device,
     clear_folder,
@@ -31,9 +34,7 @@ from convmaps.jobs import (
     identity,
     owner,
 )
-from convmaps.models import LoadedModel, load_model, normalisation
 from convmaps.options import ProjectOptions
-from convmaps.store import read_metadata, save_tensors, write_bytes, write_json
 
 __all__ = ["run_project"]
 
@@ -98,7 +99,9 @@ def run_project(o: ProjectOptions, on_image: Callable[[str], None] | None = None
         ConvmapsError: no units, a unit that does not fit its module, a bad device, or an OUT
             that holds another network's dump or projections.
     """
-    from convmaps import project, render, rf
+    from convmaps import render
+    from convmaps.core import deconv as project
+    from convmaps.core import fields as rf
 
     if not o.units:
         raise ConvmapsError("give at least one --unit MODULE:C (e.g. --unit features.10:5)")

@@ -23,12 +23,36 @@ import torch
 from rich.filesize import decimal
 from torch import nn
 
-from convmaps import __version__, layout
-from convmaps import manifest as manifests
-from convmaps.capture import Kind, Layer, LayerRow, Trace, layer_table, meta_trace, select, trace
+from convmaps import __version__
+from convmaps.core.capture import (
+    Kind,
+    Layer,
+    LayerRow,
+    Trace,
+    layer_table,
+    meta_trace,
+    select,
+    trace,
+)
+from convmaps.core.fields import fields
+from convmaps.core.models import LoadedModel, load_model
 from convmaps.errors import ConvmapsError
-from convmaps.images import ImageSource, sha256_file
-from convmaps.jobs import (
+from convmaps.io import layout
+from convmaps.io import manifest as manifests
+from convmaps.io.images import ImageSource, sha256_file
+from convmaps.io.layout import ImageLayout
+from convmaps.io.store import (
+    TensorSpec,
+    fsync_dir,
+    parse_bytes,
+    png_complete,
+    read_metadata,
+    save_tensors,
+    write_bytes,
+    write_json,
+    write_safetensors,
+)
+from convmaps.jobs.engine import (
     DecodedImages,
     batches,
     check_bounds,
@@ -50,21 +74,7 @@ from convmaps.jobs import (
     threads,
     usable_cores,
 )
-from convmaps.layout import ImageLayout
-from convmaps.models import LoadedModel, load_model
 from convmaps.options import DType, DumpOptions, PngScale
-from convmaps.rf import fields
-from convmaps.store import (
-    TensorSpec,
-    fsync_dir,
-    parse_bytes,
-    png_complete,
-    read_metadata,
-    save_tensors,
-    write_bytes,
-    write_json,
-    write_safetensors,
-)
 
 __all__ = ["Plan", "class_names", "plan_dump", "run_dump", "top5", "writer_threads"]
 
@@ -262,7 +272,7 @@ def _projections_of_another_network(out: Path, loaded: LoadedModel, resume: bool
             f"of {loaded.arch} ({loaded.weights}) beside them would not match: add --overwrite "
             "to remove them, or choose another --out"
         )
-    from convmaps.projections import remove_projections
+    from convmaps.jobs.project import remove_projections
 
     remove_projections(out, m)
 
@@ -381,7 +391,8 @@ def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
                 written: list[str]) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
     """Specs and a chunk stream for kernels/taps; PNGs of the first filters are drawn from the
     same chunks as they pass, so nothing is computed twice."""
-    from convmaps import decompose, render
+    from convmaps import render
+    from convmaps.core import decompose
 
     convs = plan.kernels if kind == "kernels" else plan.taps
     capped = dict(plan.layout.kernels if kind == "kernels" else plan.layout.taps)
@@ -420,7 +431,8 @@ def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
 def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
                  predictions: list[dict[str, Any]] | None) -> list[str]:
     """Every output file of one image (row i of the batch); returns their relative paths."""
-    from convmaps import pooling, render
+    from convmaps import render
+    from convmaps.core import pooling
 
     folder = plan.out / src.key
     lay = plan.layout

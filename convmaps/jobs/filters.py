@@ -15,11 +15,11 @@ from pathlib import Path
 from torch import nn
 
 from convmaps import __version__
-from convmaps.capture import select
+from convmaps.core.capture import select
+from convmaps.core.models import load_model
 from convmaps.errors import ConvmapsError
-from convmaps.models import load_model
+from convmaps.io.store import save_tensors, write_bytes
 from convmaps.options import FilterOptions
-from convmaps.store import save_tensors, write_bytes
 
 __all__ = ["FILTERS", "run_filters"]
 

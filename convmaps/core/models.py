@@ -1,6 +1,6 @@
 """Models: the registry of names, torchvision weights, safe checkpoints and the bundled LeNet-5.
 
-    >>> from convmaps.models import load_model
+    >>> from convmaps.core.models import load_model
     >>> lm = load_model("lenet")
     >>> lm.model.C1
     Conv2d(1, 6, kernel_size=(5, 5), stride=(1, 1), padding=(2, 2))

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from convmaps.errors import ConvmapsError
-from convmaps.layout import MANIFEST, shard_manifest
+from convmaps.io.layout import MANIFEST, shard_manifest
 
 __all__ = ["build", "entry", "listed", "merge", "ordered", "read", "read_manifest", "valid_top5"]
 
@@ -187,7 +187,7 @@ def merge(folder: Path, header: dict[str, Any], count: int, order: Iterable[str]
     by_key = {e["key"]: e for e in earlier}
     by_key.update({e["key"]: e for part in parts for e in part["inputs"]})
     manifest = build(header, ordered(by_key, order))
-    from convmaps.store import write_json
+    from convmaps.io.store import write_json
 
     write_json(folder / MANIFEST, manifest)
     for name in names:

@@ -32,7 +32,7 @@ from typing import IO, Any
 import torch
 
 from convmaps.errors import ConvmapsError, WriteError
-from convmaps.layout import temp_name
+from convmaps.io.layout import temp_name
 
 __all__ = [
     "TensorSpec",

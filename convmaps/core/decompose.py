@@ -497,7 +497,8 @@ def kernel_map_chunks(
 
     Each chunk is computed in the compute dtype and yielded as `dtype`; a chunk holds at
     least one filter, so it exceeds `max_bytes` only when one filter's maps do.
-    `torch.cat` of the chunks is exactly `kernel_maps(conv, x).to(dtype)`.
+    `torch.cat` of the chunks is exactly `kernel_maps(conv, x).to(dtype)` on one thread (with
+    more, a GEMM may split its sums by shape: the low bits can differ).
 
     Peak memory per chunk, a small multiple of the chunk: its maps in the compute dtype
     (max_bytes x compute/storage itemsize), the cast copy (max_bytes; none when `dtype`

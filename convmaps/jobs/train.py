@@ -3,7 +3,7 @@
 The data are the four IDX files of Fashion-MNIST (or MNIST), gzipped or not, as Debian's
 `dataset-fashion-mnist` installs them:
 
-    >>> from convmaps.train import load_split
+    >>> from convmaps.jobs.train import load_split
     >>> x, y = load_split("/usr/share/datasets/fashion-mnist", "test")  # doctest: +SKIP
     >>> x.shape, x.dtype, y.dtype  # doctest: +SKIP
     (torch.Size([10000, 28, 28]), torch.uint8, torch.int64)
@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from convmaps.core.models import LENET_MEAN, LENET_STD, lenet5
 from convmaps.errors import ConvmapsError, DatasetError
-from convmaps.images import sha256_file
-from convmaps.models import LENET_MEAN, LENET_STD, lenet5
-from convmaps.store import save_tensors, write_bytes
+from convmaps.io.images import sha256_file
+from convmaps.io.store import save_tensors, write_bytes
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from convmaps import __version__, layout
-from convmaps import manifest as manifests
+from convmaps import __version__
 from convmaps.errors import ConvmapsError
-from convmaps.store import read_metadata, write_bytes
+from convmaps.io import layout
+from convmaps.io import manifest as manifests
+from convmaps.io.store import read_metadata, write_bytes
 
 __all__ = ["REPORT", "build_report"]
 
@@ -152,8 +153,8 @@ def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]]) -> 
     if not todo:
         return
     from convmaps import render
-    from convmaps.images import decode, sha256_file
-    from convmaps.models import normalisation, preset
+    from convmaps.core.models import normalisation, preset
+    from convmaps.io.images import decode, sha256_file
 
     try:
         preprocess = preset(str(site.header.get("model")))

@@ -1,7 +1,7 @@
 """Capture: layer selection (SPEC), the layer table, and exact forward hooks.
 
     >>> import torch
-    >>> from convmaps.models import lenet5
+    >>> from convmaps.core.models import lenet5
     >>> net = lenet5().eval()
     >>> out = capture(net, torch.zeros(2, 1, 28, 28), ["C1", "S2"])
     >>> tuple(out["C1"].shape), tuple(out["S2"].shape)
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from convmaps.core.models import feature_root
 from convmaps.errors import ConvmapsError, UnknownLayerError
-from convmaps.models import feature_root
 
 __all__ = [
     "Kind",

@@ -45,7 +45,7 @@ Conventions:
 - Norms are taken in eval mode (fields() runs the model in eval mode); instance/group norms and
   a layer norm over a spatial axis make that axis global.
 
-    >>> from convmaps.models import build
+    >>> from convmaps.core.models import build
     >>> f = fields(build("alexnet", init=False), (3, 224, 224))
     >>> f["features.10"].size, f["features.10"].jump
     ((163, 163), (16, 16))
@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from convmaps.capture import Trace, meta_trace
+from convmaps.core.capture import Trace, meta_trace
 from convmaps.errors import ConvmapsError, UnknownLayerError
 
 __all__ = ["Field", "box", "fields"]

@@ -1,0 +1,1 @@
+"""The engine (plan, claim OUT, load, step, write, merge) and one small module per command."""
