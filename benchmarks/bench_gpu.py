@@ -31,7 +31,7 @@ from bench_dump import cached_weights, make_photos
 from PIL import Image
 
 from convmaps.jobs.dump import plan_dump, run_dump
-from convmaps.jobs.engine import default_workers
+from convmaps.jobs.runtime import default_workers
 from convmaps.options import DType, DumpOptions
 
 

@@ -43,7 +43,7 @@ from convmaps.core import decompose
 from convmaps.core.capture import trace
 from convmaps.core.models import build
 from convmaps.io.store import TensorSpec, parse_bytes, write_safetensors
-from convmaps.jobs.engine import default_threads, threads
+from convmaps.jobs.runtime import default_threads, threads
 from convmaps.options import DumpOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/

@@ -32,7 +32,7 @@ import torchvision
 from bench_dump import cached_weights, make_photos
 from PIL import Image
 
-from convmaps.jobs.engine import threads
+from convmaps.jobs.runtime import threads
 from convmaps.jobs.topk import plan_topk, run_topk
 from convmaps.options import TopkOptions
 

@@ -213,10 +213,14 @@ def filters(
         int, typer.Option("--png-cap", min=1, help="Draw at most N filters × N kernels a layer.")
     ] = 64,
     arch: ArchOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="--overwrite replaces filters of other "
+                           "options in OUT/filters.")
+    ] = True,
 ) -> None:
     """Write every conv weight to OUT/filters/filters.safetensors, and one PNG grid per conv."""
     _filters(FilterOptions(model=model, layers=layers, out=str(out), weights=weights, arch=arch,
-                           png=png, png_cap=png_cap))
+                           png=png, png_cap=png_cap, resume=resume))
 
 
 def _filters(options: FilterOptions) -> None:
@@ -428,34 +432,22 @@ def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[i
 
 
 def _dump(options: DumpOptions) -> None:
-    from rich.filesize import decimal
+    from convmaps.jobs.dump import Dump
 
-    from convmaps.jobs.dump import plan_dump, run_dump
+    _job(options, Dump(), strict=options.strict)
 
-    plan = plan_dump(options)
-    index, count = plan.shard
-    label = f"shard {index}/{count}: " if count > 1 else ""
-    refused = sum(1 for i in plan.mine if i in plan.skips)
-    err_console.print(
-        f"{label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} image(s), "
-        f"{len(plan.complete)} already done · {len(plan.layers)} layer(s) · at most "
-        f"{decimal(plan.image_bytes * (plan.pending + refused))} to write", highlight=False,
-    )
-    manifest = _with_progress(label, "dump", len(plan.mine),
-                              lambda step: run_dump(plan, on_progress=step))
-    mine = {plan.sources[i].key for i in plan.mine}
-    entries = [e for e in manifest["inputs"] if e["key"] in mine]
-    skipped = _print_skipped(entries)
-    done_before = len(plan.complete)
-    written = len(entries) - len(skipped) - done_before
-    merged = manifest.get("finished") and len(manifest["inputs"]) >= len(plan.sources) \
-        and count > 1 and (plan.out / "manifest.json").is_file()
-    from convmaps.io.layout import shard_manifest
 
-    name = "manifest.json" if count == 1 or merged else shard_manifest(index, count)
-    out_console.print(f"{label}{written} image(s) written, {done_before} already done, "
-                      f"{len(skipped)} skipped; manifest: {plan.out / name}", highlight=False)
-    if skipped and options.strict:
+def _job(options: Any, job: Any, strict: bool = False) -> None:
+    """Plan and run a job on the engine, with its header line, progress and closing line."""
+    from convmaps.jobs.engine import plan_job, run_job
+
+    plan = plan_job(options, job)
+    err_console.print(job.describe(plan), highlight=False)
+    result = _with_progress(plan.label, job.name, len(plan.mine),
+                            lambda step: run_job(plan, on_progress=step))
+    _print_skipped(result.skipped)
+    out_console.print(job.closing(plan, result), highlight=False)
+    if result.skipped and strict:
         raise typer.Exit(1)
 
 
@@ -477,29 +469,30 @@ def project(
     out: OutOpt = Path("convmaps_out"),
     weights: WeightsOpt = None,
     arch: ArchOpt = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 …")] = "cpu",
+    device: DeviceOpt = "cpu",
     png: Annotated[bool, typer.Option("--png/--no-png", help="A figure per unit.")] = True,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Units projected together in one "
-                          "backward pass (memory grows with it).")
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per batch, and units "
+                          "projected together in one backward pass (memory grows with it).")
     ] = 32,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    shard: ShardOpt = None,
     resume: Annotated[
-        bool, typer.Option("--resume/--overwrite", help="--overwrite replaces another model's "
-                           "projections in OUT.")
+        bool, typer.Option("--resume/--overwrite", help="Skip images whose projections are "
+                           "done; --overwrite replaces another model's projections in OUT.")
     ] = True,
 ) -> None:
     """Project units down to the input pixels (DeconvNet, guided backprop or the gradient),
     into OUT/<image key>/projections.safetensors and a PNG per unit."""
-    from convmaps.jobs.project import run_project
+    from convmaps.jobs.project import Project
     from convmaps.options import ProjectOptions
 
     o = ProjectOptions(model=model, inputs=[str(p) for p in inputs or []], units=unit or [],
                        mode=mode, out=str(out), weights=weights, arch=arch, device=device,
-                       png=png, batch_size=batch_size, resume=resume)
-    m = run_project(o)
-    ok = len(m["inputs"]) - len(_print_skipped(m["inputs"]))
-    out_console.print(f"{len(o.units)} unit(s) of {ok} image(s) projected ({mode}) into {out}; "
-                      f"list: {out / 'projections.json'}", highlight=False)
+                       png=png, batch_size=batch_size, workers=workers, threads=threads,
+                       shard=shard, resume=resume)
+    _job(o, Project())
 
 
 @app.command()
@@ -544,30 +537,14 @@ def topk(
 
     Under `torchrun --nproc-per-node K -m convmaps topk …` each process takes its shard.
     """
-    from convmaps.io.layout import MANIFEST
-    from convmaps.jobs.topk import describe, plan_topk, run_topk
+    from convmaps.jobs.topk import Topk
     from convmaps.options import TopkOptions
 
     o = TopkOptions(model=model, inputs=[str(p) for p in inputs or []], layers=layers, k=k,
                     project=project, out=str(out), weights=weights, arch=arch,
                     batch_size=batch_size, workers=workers, threads=threads, device=device,
                     shard=shard, resume=resume, png=png, png_cap=png_cap, max_bytes=max_bytes)
-    plan = plan_topk(o)
-    index, count = plan.shard
-    label = f"shard {index}/{count}: " if count > 1 else ""
-    err_console.print(describe(plan), highlight=False)
-    manifest = _with_progress(label, "topk", len(plan.mine),
-                              lambda step: run_topk(plan, on_progress=step))
-    mine = {plan.sources[i].key for i in plan.mine}
-    skipped = _print_skipped([e for e in manifest["inputs"] if e["key"] in mine])
-    if (plan.folder / MANIFEST).is_file() and manifest.get("finished") and \
-            len(manifest["inputs"]) == len(plan.sources):
-        out_console.print(f"{label}top-{o.k} of {len(plan.keys)} module(s) over "
-                          f"{len(plan.sources) - len(skipped)} image(s) in {plan.folder}",
-                          highlight=False)
-    else:
-        out_console.print(f"{label}{len(mine)} image(s) ranked; the last shard to finish "
-                          f"writes {plan.folder}", highlight=False)
+    _job(o, Topk())
 
 
 @app.command()

@@ -65,8 +65,8 @@ class DumpOptions:
     weights: str | None = None
     arch: str | None = None
     batch_size: int = 8
-    workers: int | None = None  # None: dump.default_workers()
-    threads: int | None = None  # None: dump.default_threads()
+    workers: int | None = None  # None: runtime.default_workers()
+    threads: int | None = None  # None: runtime.default_threads()
     device: str = "cpu"
     dtype: DType = DType.float32
     max_bytes: str = "8GB"
@@ -90,6 +90,7 @@ class FilterOptions:
     arch: str | None = None
     png: bool = True
     png_cap: int = 64
+    resume: bool = True  # False (--overwrite): filters of other options in OUT are replaced
     config: str | None = None  # the TOML file the options came from, if any
 
 
@@ -106,7 +107,11 @@ class ProjectOptions:
     arch: str | None = None
     device: str = "cpu"
     png: bool = True
-    batch_size: int = 32  # units projected together: memory is about this many backward passes
+    # images per batch, and units projected together (memory: about this many backward passes)
+    batch_size: int = 32
+    workers: int | None = None  # None: runtime.default_workers()
+    threads: int | None = None  # None: runtime.default_threads()
+    shard: str | None = None  # "I/N": this process does shard I (0-based) of N
     resume: bool = True  # False (--overwrite): another model's projections in OUT are replaced
 
 
@@ -123,8 +128,8 @@ class TopkOptions:
     weights: str | None = None
     arch: str | None = None
     batch_size: int = 8
-    workers: int | None = None  # None: dump.default_workers()
-    threads: int | None = None  # None: dump.default_threads()
+    workers: int | None = None  # None: runtime.default_workers()
+    threads: int | None = None  # None: runtime.default_threads()
     device: str = "cpu"
     shard: str | None = None  # "I/N": this process does shard I (0-based) of N
     resume: bool = True

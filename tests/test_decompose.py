@@ -16,7 +16,7 @@ from convmaps.core.decompose import (
     tap_map_chunks,
     tap_maps,
 )
-from convmaps.jobs.engine import threads
+from convmaps.jobs.runtime import threads
 
 from .reference import forum_kernel_maps
 

@@ -275,7 +275,7 @@ def test_size_estimate_counts_kernel_maps(tmp_path, photos):
     run_dump(plan)
     written = sum(p.stat().st_size for p in (tmp_path / "out" / "c.bmp").iterdir())
     maps = 16 * 10 * 10 * (6 + 25) * 2  # C3's kernel and tap maps in float16, by hand
-    assert maps < written <= plan.image_bytes < written + 3 * 4096
+    assert maps < written <= plan.job.image_bytes < written + 3 * 4096
 
 
 def test_big_layer_streams_in_bounded_memory(tmp_path):
@@ -469,14 +469,14 @@ def test_a_reused_module_gets_every_call_written_resumed_and_estimated(tmp_path)
     o = DumpOptions(model="resnet18", weights="none", inputs=[str(img)], out=str(tmp_path / "o"),
                     layers="layer1.0.relu", workers=0)
     plan = plan_dump(o)
-    assert plan.layout.activations == ("layer1.0.relu", "layer1.0.relu@1")
+    assert plan.job.layout.activations == ("layer1.0.relu", "layer1.0.relu@1")
     manifest = run_dump(plan)
     files = manifest["inputs"][0]["files"]
     assert {"png/layer1.0.relu.png", "png/layer1.0.relu@1.png"} <= set(files)
     acts = load_file(tmp_path / "o" / "a.png" / "activations.safetensors")
     assert set(acts) == {"layer1.0.relu", "layer1.0.relu@1"}
     written = sum(p.stat().st_size for p in (tmp_path / "o" / "a.png").rglob("*") if p.is_file())
-    assert written <= plan.image_bytes
+    assert written <= plan.job.image_bytes
     assert plan_dump(o).complete == {0}
     _assert_owned(tmp_path / "o")
 
@@ -513,7 +513,7 @@ def test_size_bound_covers_pngs(tmp_path, photos):
     run_dump(plan)
     written = sum(p.stat().st_size for p in (tmp_path / "o").rglob("*.*") if p.is_file()
                   and p.name != "manifest.json")
-    assert written <= plan.image_bytes
+    assert written <= plan.job.image_bytes
     o.max_bytes, o.out = str(written), str(tmp_path / "p")  # what was written: refused
     with pytest.raises(TooLargeError):
         plan_dump(o)
@@ -523,7 +523,7 @@ def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path, monkeypatch):
     """Two runs (one writer thread, then two writing batches side by side), a resumed run and
     a sharded run of AlexNet (in-place ReLUs) give the same bytes, and every file records
     ReLU(inplace=True): metadata is taken before any pass."""
-    import convmaps.jobs.dump
+    import convmaps.jobs.engine
 
     for i in range(3):
         write_image(tmp_path / "in" / f"{i}.png", size=(64, 48), seed=i)
@@ -533,9 +533,9 @@ def test_alexnet_with_inplace_relus_is_byte_identical(tmp_path, monkeypatch):
                         out=str(tmp_path / out), layers="0-5", batch_size=1, workers=0, **kw)
         return run_dump(plan_dump(o))
 
-    monkeypatch.setattr(convmaps.jobs.dump, "writer_threads", lambda: 1)
+    monkeypatch.setattr(convmaps.jobs.engine, "writer_threads", lambda: 1)
     run("one")
-    monkeypatch.setattr(convmaps.jobs.dump, "writer_threads", lambda: 2)
+    monkeypatch.setattr(convmaps.jobs.engine, "writer_threads", lambda: 2)
     run("two")
     run("sharded", shard="0/2")
     run("sharded", shard="1/2")
@@ -605,9 +605,9 @@ def test_pngs_name_classes_and_follow_png_scale(tmp_path, photos):
     folder = tmp_path / "o" / "c.bmp"
     acts = load_file(folder / "activations.safetensors")
     out = acts["OUTPUT"]
-    assert plan.categories and len(plan.categories) == out.numel() == 10  # bundled: named
+    assert plan.job.categories and len(plan.job.categories) == out.numel() == 10  # bundled: named
     # the classifier's output names its classes; F6 (84 values) does not
-    named = render.png_bytes(render.render_activation(out, classes=plan.categories))
+    named = render.png_bytes(render.render_activation(out, classes=plan.job.categories))
     assert (folder / "png" / "OUTPUT.png").read_bytes() == named
     assert named != render.png_bytes(render.render_activation(out))
     assert (folder / "png" / "F6.png").read_bytes() == \

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from convmaps.errors import ConvmapsError
-from convmaps.jobs.engine import batches, default_threads, default_workers, resolve_shard
+from convmaps.jobs.runtime import batches, default_threads, default_workers, resolve_shard
 
 
 @pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (8, 2), (16, 4), (128, 8)])

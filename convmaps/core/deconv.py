@@ -54,6 +54,7 @@ __all__ = [
     "Mode",
     "Projection",
     "Unit",
+    "project_batch",
     "output_shapes",
     "parse_unit",
     "project",
@@ -647,6 +648,18 @@ def project(model: nn.Module, image: torch.Tensor, units: Sequence[Unit],
     if image.dim() != 3:
         raise ConvmapsError(f"project takes one image (C, H, W), not {tuple(image.shape)}")
     return _project_jobs(model, image[None], [(0, u) for u in units], mode, batch_size, method)
+
+
+def project_batch(model: nn.Module, images: torch.Tensor, units: Sequence[Unit],
+                  mode: Mode = Mode.deconvnet, batch_size: int = 32,
+                  method: Method = Method.auto) -> list[list[Projection]]:
+    """Project every unit of every image of `images` (N, C, H, W), as `project` does for one:
+    a list per image, in `units` order."""
+    if images.dim() != 4:
+        raise ConvmapsError(f"project_batch takes images (N, C, H, W), not {tuple(images.shape)}")
+    jobs = [(i, u) for i in range(len(images)) for u in units]
+    got = _project_jobs(model, images, jobs, mode, batch_size, method)
+    return [got[i * len(units):(i + 1) * len(units)] for i in range(len(images))]
 
 
 def project_each(model: nn.Module, images: torch.Tensor, units: Sequence[Unit],

@@ -28,9 +28,14 @@ __all__ = [
     "SWITCHES",
     "TAPS",
     "TOPK",
+    "FILTERS",
+    "FILTER_WEIGHTS",
     "ImageLayout",
     "TopkLayout",
     "collision",
+    "filter_png",
+    "filters_files",
+    "is_filters_output",
     "PROJECTIONS_MANIFEST",
     "is_dump_output",
     "is_image_output",
@@ -55,18 +60,23 @@ PROJECTIONS_MANIFEST = "projections.json"  # `convmaps project`'s own manifest
 _DUMP_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS})
 _PROJECTION_PNGS = "projections"  # png/projections/<mode>/<module>/<channel>.png
 # Top-level names of an output folder that belong to convmaps, besides image folders.
-RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, "filters", TOPK, "report"})
-_SHARD = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.json")
+FILTERS = "filters"  # the folder under OUT that `convmaps filters` owns
+FILTER_WEIGHTS = "filters.safetensors"
+RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, FILTERS, TOPK, "report"})
+_SHARD = re.compile(r"(manifest|projections)\.shard-(\d+)-of-(\d+)\.json")
 _TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
 
-def shard_manifest(index: int, count: int) -> str:
-    """The manifest a shard writes before the last one merges them into `manifest.json`."""
-    return MANIFEST if count == 1 else f"manifest.shard-{index}-of-{count}.json"
+def shard_manifest(index: int, count: int, name: str = MANIFEST) -> str:
+    """The manifest a shard writes before the last one merges them into `name`
+    (`manifest.json`, or `projections.json` for `project`)."""
+    return name if count == 1 else f"{name.removesuffix('.json')}.shard-{index}-of-{count}.json"
 
 
-def is_shard_manifest(name: str) -> bool:
-    return _SHARD.fullmatch(name) is not None
+def is_shard_manifest(name: str, of: str | None = None) -> bool:
+    """Whether `name` is a shard's manifest (of the manifest `of`, when given)."""
+    m = _SHARD.fullmatch(name)
+    return m is not None and (of is None or f"{m[1]}.json" == of)
 
 
 def temp_name(name: str, pid: int) -> str:
@@ -215,6 +225,30 @@ class TopkLayout:
         """Every final file of a finished run, sorted (partial top-k files are gone by then)."""
         return sorted([MANIFEST, *(self.module_file(k) for k in self.modules),
                        *self.png_files()])
+
+
+def filter_png(conv: str) -> str:
+    """The grid of one conv's filters, under `OUT/filters/`."""
+    return f"png/{conv}.png"
+
+
+def filters_files(convs: tuple[str, ...], png: bool) -> list[str]:
+    """Every file a `filters` run writes under `OUT/filters/`, sorted.
+
+    >>> filters_files(("C1", "C3"), png=True)
+    ['filters.safetensors', 'manifest.json', 'png/C1.png', 'png/C3.png']
+    """
+    return sorted([FILTER_WEIGHTS, MANIFEST, *(filter_png(c) for c in convs if png)])
+
+
+def is_filters_output(rel: str) -> bool:
+    """Whether a path inside `OUT/filters/` is a name `filters` writes there."""
+    parts = PurePosixPath(rel).parts
+    if not parts or is_temp(parts[-1]):
+        return bool(parts)
+    if len(parts) == 1:
+        return parts[0] in (MANIFEST, FILTER_WEIGHTS)
+    return len(parts) == 2 and parts[0] == "png" and parts[1].endswith(".png")
 
 
 def is_topk_output(rel: str) -> bool:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from convmaps.errors import ConvmapsError
 from convmaps.io.layout import MANIFEST, shard_manifest
 
-__all__ = ["build", "entry", "listed", "merge", "ordered", "read", "read_manifest", "valid_top5"]
+__all__ = ["build", "by_key", "entry", "merge", "ordered", "read", "read_manifest", "valid_top5"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # names report pictures: nothing else may pass
 _MAX_BYTES = 1 << 30  # a manifest of a million images is ~300 MB; refuse absurd files unread
@@ -37,19 +37,20 @@ def entry(key: str, source: str, sha: str | None, status: str, files: list[str],
     return e
 
 
-def listed(sources: Sequence[Any], mine: Iterable[int], entries: dict[int, dict[str, Any]],
-           pending_files: list[str] | None) -> dict[str, dict[str, Any]]:
+def by_key(sources: Sequence[Any], mine: Iterable[int], entries: dict[int, dict[str, Any]],
+           pending_files: Callable[[str], list[str]] | None) -> dict[str, dict[str, Any]]:
     """The entries of the images `mine` (indices into `sources`, which have `.key` and
     `.path`), by key: each one's entry when it is done, else, when `pending_files` is given,
-    a pending entry that will get those files."""
-    by_key = {}
+    a pending entry that will get the files it names for that key."""
+    found = {}
     for i in mine:
         src = sources[i]
         if i in entries:
-            by_key[src.key] = entries[i]
+            found[src.key] = entries[i]
         elif pending_files is not None:
-            by_key[src.key] = entry(src.key, str(src.path), None, "pending", pending_files)
-    return by_key
+            found[src.key] = entry(src.key, str(src.path), None, "pending",
+                                   pending_files(src.key))
+    return found
 
 
 def build(header: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -100,6 +101,9 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
             and all(r.get(k) is None or _ints(r[k])
                     for k in ("in_shape", "out_shape", "field", "jump")) for r in layers):
         raise bad("layers is not a list of named layers with integer shapes")
+    files = manifest.get("files", [])  # a part without inputs (filters/) lists its files
+    if not (isinstance(files, list) and all(isinstance(f, str) and _relative(f) for f in files)):
+        raise bad("files is not a list of relative paths")
     modules = manifest.get("modules", [])
     if not (isinstance(modules, list) and all(isinstance(n, str) and _plain_name(n)
                                               for n in modules)):
@@ -162,23 +166,22 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def merge(folder: Path, header: dict[str, Any], count: int, order: Iterable[str],
-          earlier: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Merge every shard's manifest into `manifest.json` once all `count` have finished; the
+          earlier: list[dict[str, Any]], name: str = MANIFEST) -> dict[str, Any] | None:
+    """Merge every shard's manifest into `name` once all `count` have finished; the
     shard files go. Returns the merged manifest, or None while a shard is still running.
 
     `earlier` are entries of a finished run with the same fingerprint (kept unless an image is
     redone); entries follow `order` (the run's image keys), then the rest by key.
     """
-    names = [shard_manifest(i, count) for i in range(count)]
+    names = [shard_manifest(i, count, name) for i in range(count)]
     parts = []
-    for name in names:
-        try:
-            part = read(folder, name)
-        except ConvmapsError:
-            part = None
-        if part is None:  # not started yet, or merged a moment ago by another shard
+    for each in names:
+        if not (folder / each).exists():  # not started yet, or merged a moment ago
             merged = not any((folder / n).exists() for n in names)
-            return read(folder) if merged else None
+            return read(folder, name) if merged else None
+        part = read(folder, each)  # unreadable: an error naming it, never a silent "not yet"
+        if part is None:
+            return None
         # a shard of another input set (a leftover of an earlier job) is never merged
         same = all(part.get(k) == header.get(k) for k in ("run", "inputs_id"))
         if not same or not part.get("finished"):
@@ -189,9 +192,9 @@ def merge(folder: Path, header: dict[str, Any], count: int, order: Iterable[str]
     manifest = build(header, ordered(by_key, order))
     from convmaps.io.store import write_json
 
-    write_json(folder / MANIFEST, manifest)
-    for name in names:
-        (folder / name).unlink(missing_ok=True)
+    write_json(folder / name, manifest)
+    for each in names:
+        (folder / each).unlink(missing_ok=True)
     return manifest
 
 

@@ -1,10 +1,11 @@
-"""Jobs: what every job (dump, project, topk) shares around its tensors: finding its inputs,
-making an output folder its own and clearing only what it owns there, devices, threads,
-shards, batches and decoding.
+"""The engine every job runs on: plan -> claim OUT -> loader -> the job's per-batch step ->
+writer threads -> manifest entries -> shard merge under a lock -> a result the CLI prints.
 
-An output folder belongs to one run configuration (its fingerprint): the same configuration
-adds images and skips finished ones; another one is refused unless `--overwrite`, which first
-removes convmaps' own files there and nothing else.
+A job (`dump`, `topk`, `project`) supplies only what is its own: which modules or units it
+needs, what it computes per batch, what it writes per image, and (topk) what it writes once
+every shard is done. Everything else, and every rule of an output folder, lives here once:
+its ownership (`jobs.ownership`), devices, threads and shards (`jobs.runtime`), inputs,
+decoding, resume, the size bound, progress and the manifest.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from functools import partial
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,13 +36,21 @@ from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
 from convmaps.io.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
-from convmaps.io.store import parse_bytes
+from convmaps.io.store import fsync_dir, parse_bytes, write_json
+from convmaps.jobs.ownership import claim, listed_files, safe_folder
+from convmaps.jobs.runtime import (
+    batches,
+    check_device,
+    default_workers,
+    memory_format,
+    resolve_shard,
+    run_device,
+    threads,
+)
 
-__all__ = ["DecodedImages", "batches", "bundled_samples", "check_bounds", "check_device",
-           "check_room", "claim", "clear_folder", "default_threads", "default_workers",
-           "find_sources", "identity", "image_loader", "inputs_id", "layer_rows", "listed",
-           "memory_format", "model_identity", "owner", "resolve_shard", "run_device",
-           "safe_folder", "threads", "usable_cores"]
+__all__ = ["DecodedImages", "Job", "Plan", "Result", "bundled_samples", "check_bounds",
+           "check_network", "check_room", "find_sources", "identity", "image_loader",
+           "inputs_id", "layer_rows", "locked", "model_identity", "plan_job", "run_job"]
 
 
 def bundled_samples() -> Path:
@@ -50,23 +63,6 @@ def check_bounds(o: object, bounds: Iterable[tuple[str, int]]) -> None:
     for name, low in bounds:
         if getattr(o, name) is not None and getattr(o, name) < low:
             raise ConvmapsError(f"{name} must be at least {low}, not {getattr(o, name)}")
-
-
-def check_device(name: str) -> torch.device:
-    """The device `name` names, proven by allocating on it (a typo, a GPU index that is not
-    there, or a backend this build lacks is one line, not a traceback mid-run)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConvmapsError(f"--device {name!r}: {str(e).splitlines()[0]}") from e
-    if device.type == "meta":
-        raise ConvmapsError("--device meta holds no values; use cpu or a GPU such as cuda")
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, AttributeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConvmapsError(f"--device {name}: not usable here ({first})") from e
-    return device
 
 
 def model_identity(loaded: LoadedModel) -> dict[str, Any]:
@@ -101,109 +97,10 @@ def layer_rows(table: list[LayerRow], fields: dict[str, Field]) -> list[dict[str
     return rows
 
 
-def _existing(out: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The manifests in `out` (the merged one and any shard's), by file name."""
-    if not out.is_dir():
-        return []
-    names = [layout.MANIFEST, *sorted(p.name for p in out.iterdir()
-                                      if layout.is_shard_manifest(p.name))]
-    found = []
-    for name in names:
-        try:
-            m = manifests.read(out, name)
-        except ConvmapsError as e:
-            raise ConvmapsError(f"{e}; convmaps will not replace it: choose another --out") from e
-        if m is not None:
-            found.append((name, m))
-    return found
-
-
-def claim(out: Path, fingerprint: str, resume: bool, *,
-          remove: Callable[[Path, dict[str, Any]], None], what: str, shards: int = 1
-          ) -> list[dict[str, Any]]:
-    """Make `out` this run's: returns the entries of earlier runs of the same configuration.
-
-    Another configuration's dump there is refused, or with `--overwrite` (resume off) removed
-    first, as is this configuration's own when not resuming — except under shards, whose
-    siblings of the same configuration may be writing right now: their files are rewritten
-    by their own shard, never removed by another."""
-    found = _existing(out)
-    other = [m for _, m in found if m["run"] != fingerprint]
-    if other and resume:
-        m = other[0]
-        raise ConvmapsError(
-            f"{out} holds {what} made with other options ({m.get('model')}, weights "
-            f"{m.get('weights')}, run {m['run']}); add --overwrite to replace it, or choose "
-            "another --out"
-        )
-    if not resume:
-        for name, m in found:
-            if shards > 1 and m["run"] == fingerprint:
-                continue
-            remove(out, m)  # the files its manifest lists, and nothing else
-            (out / name).unlink(missing_ok=True)
-        if shards == 1:
-            return []
-        found = [(n, m) for n, m in found if m["run"] == fingerprint]
-    by_key: dict[str, dict[str, Any]] = {}
-    for _, m in found:  # the merged manifest first, then shards' newer entries
-        by_key.update({e["key"]: e for e in m["inputs"] if e["status"] != "pending"})
-    return [by_key[k] for k in sorted(by_key)]
-
-
 def identity(loaded: LoadedModel) -> str:
     """A short hash of `model_identity`: which network made a folder's projections."""
     return hashlib.sha256(json.dumps(model_identity(loaded), sort_keys=True).encode()
                           ).hexdigest()[:16]
-
-
-def listed(out: Path, fingerprint: str) -> dict[str, set[str]]:
-    """The files this configuration's manifests in `out` list per image key (pending entries
-    of a killed run included): the only files a redone image may lose besides temporary ones."""
-    files: dict[str, set[str]] = {}
-    for _, m in _existing(out):
-        if m["run"] == fingerprint:
-            for e in m["inputs"]:
-                files.setdefault(e["key"], set()).update(e.get("files", []))
-    return files
-
-
-def owner(files: set[str]) -> Callable[[str], bool]:
-    """Files a command may remove in an image folder: those it listed, and temporary files."""
-    return lambda rel: rel in files or layout.is_temp(PurePosixPath(rel).name)
-
-
-def safe_folder(out: Path, key: str) -> bool:
-    """Whether no step from OUT down to OUT/key is a symlink (which could lead anywhere, so
-    convmaps neither writes nor removes anything through it)."""
-    path = out
-    for part in PurePosixPath(key).parts:
-        path = path / part
-        if path.is_symlink():
-            return False
-    return True
-
-
-def clear_folder(out: Path, key: str, keep: set[str], owned: Callable[[str], bool]) -> None:
-    """Remove the files `owned` picks in the folder OUT/key, except `keep` (relative paths),
-    then the folders that this left empty; a user's own files, and another command's, stay.
-    Nothing is done through a symlink."""
-    folder = out / key
-    if not safe_folder(out, key) or not folder.is_dir():
-        return
-    emptied: set[str] = set()
-    for root, dirs, names in os.walk(folder, topdown=False):  # never follows symlinks
-        here = Path(root)
-        for name in names:
-            path = here / name
-            rel = path.relative_to(folder).as_posix()
-            if rel not in keep and owned(rel) and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                emptied.add(root)
-        if root in emptied or any(str(here / d) in emptied for d in dirs):
-            with suppress(OSError):
-                here.rmdir()  # only when empty
-                emptied.add(root)
 
 
 def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
@@ -248,52 +145,6 @@ def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
     return sources, skips
 
 
-def default_workers() -> int:
-    """Decoding processes when --workers is not given: a quarter of the CPU cores this process
-    may use, at most 8. On 2 cores that is none: the batched forward pass keeps both cores
-    busy, and a decoding process would only compete with it."""
-    return min(8, usable_cores() // 4)
-
-
-def default_threads() -> int:
-    """Compute threads when --threads is not given: every usable core but one, at least one.
-
-    torch's OpenMP threads spin while they wait for each other; when another process holds a
-    core, a thread per core stalls every GEMM behind the one that lost its core (kernel maps:
-    4.2 s against 0.2 s per image on a shared 2-core box). One core left free keeps that from
-    happening and costs little when the machine is quiet (`benchmarks/bench_kernel_maps.py
-    --busy` measures both)."""
-    return max(1, usable_cores() - 1)
-
-
-def usable_cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
-def _env_int(name: str, default: int) -> int:
-    """A torch.distributed variable (WORLD_SIZE, RANK, LOCAL_RANK) as an integer."""
-    value = os.environ.get(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise ConvmapsError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def resolve_shard(spec: str | None) -> tuple[int, int]:
-    """`--shard I/N`, else torchrun's RANK/WORLD_SIZE, else the whole input (0, 1)."""
-    if spec is None:
-        world = _env_int("WORLD_SIZE", 1)
-        rank = _env_int("RANK", 0)
-        if world > 1 and not 0 <= rank < world:
-            raise ConvmapsError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        return (rank, world) if world > 1 else (0, 1)
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
-    if not m or not int(m[1]) < int(m[2]):
-        raise ConvmapsError(f"--shard {spec!r}: write I/N with 0 <= I < N, e.g. 0/4 … 3/4")
-    return int(m[1]), int(m[2])
-
-
 def check_room(need: int, what: str, max_bytes: str, out: Path, hint: str) -> None:
     """Refuse a run that would write `need` bytes (`what` says of what) over `max_bytes`, or
     more than the disk under `out` has free; `hint` says what else makes it smaller."""
@@ -312,16 +163,6 @@ def check_room(need: int, what: str, max_bytes: str, out: Path, hint: str) -> No
             f"this run would write up to {decimal(need)} ({what}) but {probe} has only "
             f"{decimal(free)} free"
         )
-
-
-def batches(count: int, size: int, shard: tuple[int, int]) -> list[list[int]]:
-    """This shard's batches, at fixed positions in the sorted inputs: an image is always
-    computed with the same neighbours (CPU kernels give batch-dependent low bits), so a resumed
-    or sharded run is byte-identical to one uninterrupted process. Shard I of N takes every
-    N-th batch."""
-    size = max(1, size)
-    every = [list(range(i, min(i + size, count))) for i in range(0, count, size)]
-    return every[shard[0]::shard[1]]
 
 
 class DecodedImages(torch.utils.data.Dataset[dict[str, Any]]):
@@ -375,26 +216,352 @@ def _check_resized(size: tuple[int, int], preprocess: Callable[[Any], torch.Tens
                             f"become {resized:,.0f} pixels > limit of {MAX_PIXELS:,}")
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    # oneDNN convolutions run 10-15% faster in channels-last layout (AlexNet and VGG16 on the
-    # CPU); saved maps are made contiguous on the way to disk whatever the layout.
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
-def run_device(name: str) -> torch.device:
-    """The device a run computes on: `name`, with torchrun's LOCAL_RANK for a bare `cuda`."""
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))  # one GPU per torchrun process
-    return device
+# --- the engine ------------------------------------------------------------------------------
+
+Entry = dict[str, Any]
+
+
+class Job:
+    """What a command adds to the engine. Subclasses set the class attributes and override
+    the hooks they need; the defaults are those of a job that writes nothing per image."""
+
+    name = "job"  # the command, in progress lines
+    what = "a job's output"  # in refusals: "OUT holds {what} made with other options"
+    manifest = layout.MANIFEST  # the manifest's name in `folder()`
+    bounds: tuple[tuple[str, int], ...] = ()  # options' lower bounds besides the common ones
+
+    def folder(self, out: Path) -> Path:
+        """Where the job's manifest (and, for topk, its files) lives."""
+        return out
+
+    def prepare(self, o: Any, loaded: LoadedModel, table: list[LayerRow],
+                fields: dict[str, Field]) -> None:
+        """Resolve what the options name (modules, units) against the model, before any
+        input is looked at."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What besides the model changes the bytes of the job's outputs."""
+        return {}
+
+    def header(self) -> dict[str, Any]:
+        """The job's part of the manifest's run description."""
+        return {}
+
+    def files(self, plan: Plan, key: str) -> list[str]:
+        """The files image `key`'s folder gets (its pending entry lists them)."""
+        return []
+
+    def remove(self, folder: Path, m: Entry) -> None:
+        """Remove the files manifest `m` lists (claiming with --overwrite)."""
+
+    def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
+        """Refuse (or with --overwrite remove) parts of OUT that cannot stand beside this."""
+
+    def ours(self, out: Path, earlier: list[Entry]) -> set[str]:
+        """Image keys under OUT whose folders hold convmaps' outputs (never inputs)."""
+        return {e["key"] for e in earlier}
+
+    def resume(self, plan: Plan) -> dict[int, Entry]:
+        """Entries of this shard's images whose outputs are already complete."""
+        return {}
+
+    def done(self, plan: Plan) -> Entry | None:
+        """The manifest of an identical finished run (nothing left to do), else None."""
+        return None
+
+    def bytes(self, plan: Plan) -> tuple[int, str, str]:
+        """An upper bound of what the run writes, what it is, and how to make it smaller."""
+        return 0, "", ""
+
+    def start(self, plan: Plan, model: torch.nn.Module, device: torch.device) -> None:
+        """Called once before the first batch, with the model on its device."""
+
+    def step(self, plan: Plan, batch: torch.Tensor | None, items: list[Entry]) -> Any:
+        """The batch's computation on the device (main thread; `batch` holds the decoded
+        items, None when none decoded); returns what `write` needs."""
+        return None
+
+    def write(self, plan: Plan, items: list[Entry], stepped: Any) -> list[tuple[int, Entry]]:
+        """The batch's files (on a writer thread); returns its manifest entries."""
+        return [(it["index"], plain_entry(plan, it)) for it in items]
+
+    def end(self, plan: Plan) -> None:
+        """Called after this shard's last batch is written."""
+
+    def finish(self, plan: Plan, manifest: Entry) -> None:
+        """Once every shard is done (under the lock, by the one that merged)."""
+
+    def describe(self, plan: Plan) -> str:
+        """What the run will do, one line."""
+        return ""
+
+    def closing(self, plan: Plan, result: Result) -> str:
+        """What the run did, one line."""
+        return (f"{plan.label}{result.written} image(s) written, {result.already} already "
+                f"done, {len(result.skipped)} skipped; manifest: {result.path}")
+
+
+@dataclass
+class Plan:
+    """What a run will do, decided before any image is decoded."""
+
+    options: Any
+    job: Job
+    loaded: LoadedModel
+    sources: list[ImageSource]
+    skips: dict[int, str]  # sources refused before decoding, with the reason
+    folder: Path  # where the job's manifest lives
+    fingerprint: str
+    header: dict[str, Any]  # the manifest's run description (everything but the entries)
+    reprs: dict[str, str]  # module name -> repr, taken once before any forward pass
+    table: list[LayerRow]
+    shard: tuple[int, int] = (0, 1)  # (index, count)
+    batches: list[list[int]] = field(default_factory=list)  # this shard's, at fixed positions
+    earlier: list[Entry] = field(default_factory=list)  # entries of earlier runs
+    listed: dict[str, set[str]] = field(default_factory=dict)  # files manifests listed, by key
+    finished: dict[int, Entry] = field(default_factory=dict)  # complete before this run
+    done: Entry | None = None  # the manifest of an identical finished run
+
+    @property
+    def out(self) -> Path:
+        return Path(self.options.out)
+
+    @property
+    def complete(self) -> set[int]:
+        return set(self.finished)
+
+    @property
+    def mine(self) -> list[int]:
+        """Indices of the sources this process (shard) is responsible for."""
+        return [i for b in self.batches for i in b]
+
+    @property
+    def pending(self) -> int:
+        """Images this process will write (not finished, not refused)."""
+        return sum(1 for i in self.mine if i not in self.finished and i not in self.skips)
+
+    @property
+    def label(self) -> str:
+        index, count = self.shard
+        return f"shard {index}/{count}: " if count > 1 else ""
+
+
+@dataclass
+class Result:
+    """What a run did, for the CLI's closing line."""
+
+    manifest: Entry
+    path: Path  # the manifest file that lists this process's entries
+    written: int
+    already: int
+    skipped: list[Entry]
+    merged: bool  # whether `path` is the merged manifest of every shard
+
+
+def check_network(out: Path, loaded: LoadedModel, what: str) -> None:
+    """Refuse a part of OUT (`what`) of another network than the dump there: a dump's maps,
+    projections and top-k in one folder must come from one network."""
+    try:
+        dump = manifests.read(out)
+    except ConvmapsError as e:
+        raise ConvmapsError(f"{e}; convmaps will not replace it: choose another --out") from e
+    if dump is not None and dump.get("identity", identity(loaded)) != identity(loaded):
+        raise ConvmapsError(
+            f"{out} holds a dump of {dump.get('model')} (weights {dump.get('weights')}); "
+            f"{what} of {loaded.arch} ({loaded.weights}) would not match its maps: "
+            "choose another --out"
+        )
+
+
+def plain_entry(plan: Plan, item: Entry, files: list[str] | None = None,
+                top5: list[dict[str, Any]] | None = None) -> Entry:
+    """An image's manifest entry: skipped with its reason, or ok with `files`."""
+    src = plan.sources[item["index"]]
+    if item["tensor"] is None:
+        return manifests.entry(src.key, str(src.path), None, f"skipped: {item['reason']}", [])
+    return manifests.entry(src.key, str(src.path), item["sha256"], "ok", files or [], top5)
+
+
+_RUNTIME = frozenset({"resume", "workers", "threads", "device", "out", "config", "shard",
+                      "inputs", "checkpoint_seconds", "strict"})
+
+
+def plan_job(o: Any, job: Job) -> Plan:
+    """Load the model, resolve what the job needs, claim its folder, find inputs and finished
+    work and check the size, all before any image is decoded."""
+    from convmaps.core.capture import layer_table
+    from convmaps.core.fields import fields
+    from convmaps.core.models import load_model
+
+    check_bounds(o, (("batch_size", 1), ("workers", 0), ("threads", 1), *job.bounds))
+    if hasattr(o, "max_bytes"):
+        parse_bytes(o.max_bytes)
+    check_device(o.device)
+    loaded = load_model(o.model, o.weights, o.arch)
+    input_shape = (loaded.in_channels, *loaded.input_size)
+    table = layer_table(loaded.model, input_shape)
+    found = fields(loaded.model, input_shape, strict=False)
+    job.prepare(o, loaded, table, found)
+    what = {**model_identity(loaded), **job.fingerprint()}
+    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(o.out)
+    folder = job.folder(out)
+    shard = resolve_shard(o.shard)
+    previous = listed_files(folder, fingerprint, job.manifest)
+    earlier = claim(folder, fingerprint, o.resume, remove=job.remove, what=job.what,
+                    shards=shard[1], name=job.manifest)
+    job.neighbours(out, loaded, o.resume)
+    sources, skips = find_sources(o.inputs, loaded.arch, out, job.ours(out, earlier))
+    options = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(o).items()
+               if k not in _RUNTIME}
+    header = {
+        "convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
+        "preprocessing": repr(loaded.preprocess), "input_size": list(loaded.input_size),
+        "options": options, "run": fingerprint,
+        "identity": identity(loaded),  # the network alone: every part of OUT must match
+        # which inputs this run was given: a leftover shard manifest of another input set is
+        # never merged with this run's
+        "inputs_id": inputs_id(sources), "layers": layer_rows(table, found), **job.header(),
+    }
+    # Taken once, before any forward pass: capture switches `inplace` off during a pass, and a
+    # repr read by a writer thread meanwhile would say ReLU() instead of ReLU(inplace=True).
+    reprs = {name: repr(m) for name, m in loaded.model.named_modules() if name}
+    plan = Plan(o, job, loaded, sources, skips, folder, fingerprint, header, reprs, table,
+                shard=shard, earlier=earlier, listed=previous)
+    plan.batches = batches(len(sources), o.batch_size, shard)
+    if o.resume:
+        plan.done = job.done(plan)
+        plan.finished = job.resume(plan) if plan.done is None else {
+            i: e for i, e in enumerate(plan.done["inputs"]) if i in set(plan.mine)}
+    if plan.done is None:
+        need, what_, hint = job.bytes(plan)
+        if hasattr(o, "max_bytes"):
+            check_room(need, what_, o.max_bytes, folder, hint)
+    return plan
+
+
+def run_job(plan: Plan, on_progress: Callable[[int], None] | None = None) -> Result:
+    """Run the planned job; returns what it did (its manifest is in OUT: this shard's until
+    the last shard to finish merges them).
+
+    The plan's model is moved to the device (channels-last on the CPU) and left there.
+    Decoding runs in DataLoader workers, the job's step in this thread, and writing on
+    `writer_threads()` threads with at most two batches in flight, so memory stays bounded
+    when the disk is slower than the model. `on_progress(n)` is called as each batch's
+    files are written (first with the images already done, if any)."""
+    o, job = plan.options, plan.job
+    if plan.done is not None:
+        if on_progress:
+            on_progress(len(plan.mine))
+        return _result(plan, plan.done, plan.folder / job.manifest, True)
+    device = run_device(o.device)
+    memory = memory_format(device)
+    model = plan.loaded.model.to(device).to(memory_format=memory)
+    entries: dict[int, Entry] = dict(plan.finished)
+    _write_manifest(plan, entries, pending=True)  # claims OUT before the first file
+    if on_progress and plan.finished:
+        on_progress(len(plan.finished))
+    todo = [b for b in plan.batches if not set(b) <= plan.complete]
+    loader = image_loader(DecodedImages(plan.sources, plan.loaded.preprocess, plan.skips), todo,
+                          o.workers, device)
+    in_flight: deque[tuple[Future[list[tuple[int, Entry]]], int]] = deque()
+
+    def settle(limit: int) -> None:
+        while len(in_flight) > limit:
+            future, n = in_flight.popleft()
+            entries.update(future.result())
+            if on_progress:
+                on_progress(n)
+
+    with threads(o.threads), \
+            ThreadPoolExecutor(writer_threads(), thread_name_prefix="convmaps-writer") as writer:
+        job.start(plan, model, device)
+        try:
+            for items in loader:
+                good = [it["tensor"] for it in items if it["tensor"] is not None]
+                batch = torch.stack(good).to(device, non_blocking=True, memory_format=memory) \
+                    if good else None
+                stepped = job.step(plan, batch, items)
+                fresh = sum(1 for it in items if it["index"] not in plan.finished)
+                in_flight.append((writer.submit(job.write, plan, items, stepped), fresh))
+                settle(2)
+            settle(0)
+        finally:
+            for future, _ in in_flight:
+                future.cancel()
+        job.end(plan)
+    return _finish(plan, entries)
+
+
+def writer_threads() -> int:
+    """Threads that write a job's files: two where two cores are usable. Drawing a PNG
+    holds the GIL only part of the time (deflating, numpy's passes and file writes release
+    it), so a second writer overlaps one image's drawing with another's; on 2 cores a dump
+    of every AlexNet module with PNGs took 25-30% less time with two (no PNG: the same).
+    Batches in flight stay at two whatever the count, so memory does not grow with it."""
+    from convmaps.jobs.runtime import usable_cores
+
+    return 2 if usable_cores() >= 2 else 1
+
+
+def _write_manifest(plan: Plan, entries: dict[int, Entry], pending: bool) -> Entry:
+    """This process's manifest: every image it knows of, in input order (with `pending`, the
+    images still to do are listed with the files they will get)."""
+    by_key = {e["key"]: e for e in plan.earlier}
+    if plan.shard[1] > 1:  # each shard lists its own images; the merge adds the earlier ones
+        by_key = {}
+    files = partial(plan.job.files, plan)
+    by_key.update(manifests.by_key(plan.sources, plan.mine, entries, files if pending else None))
+    m = manifests.build(plan.header, manifests.ordered(by_key, (s.key for s in plan.sources)))
+    write_json(plan.folder / layout.shard_manifest(*plan.shard, plan.job.manifest), m)
+    return m
+
+
+def _finish(plan: Plan, entries: dict[int, Entry]) -> Result:
+    """Write this process's final manifest; with shards (`--shard` or torchrun), the last one
+    to finish merges them all, under a lock so that two finishing together merge once. No
+    shard ever waits for another to run."""
+    name = plan.job.manifest
+    manifest = _write_manifest(plan, entries, pending=False)
+    index, count = plan.shard
+    path = plan.folder / layout.shard_manifest(index, count, name)
+    merged = count == 1
+    with locked(plan.folder):
+        if count > 1:
+            both = manifests.merge(plan.folder, plan.header, count,
+                                   (s.key for s in plan.sources), plan.earlier, name)
+            if both is not None and both.get("run") == plan.fingerprint:
+                merged, manifest, path = True, both, plan.folder / name
+                for p in plan.folder.iterdir():  # shard manifests of an earlier split
+                    if layout.is_shard_manifest(p.name, of=name):
+                        p.unlink(missing_ok=True)
+        if merged:
+            plan.job.finish(plan, manifest)
+    fsync_dir(plan.folder)  # the renames of this run reach the disk with the manifest's
+    return _result(plan, manifest, path, merged)
+
+
+def _result(plan: Plan, manifest: Entry, path: Path, merged: bool) -> Result:
+    mine = {plan.sources[i].key for i in plan.mine}
+    entries = [e for e in manifest["inputs"] if e["key"] in mine]
+    skipped = [e for e in entries if e["status"] != "ok"]
+    already = len(plan.finished) if plan.done is None else len(entries) - len(skipped)
+    return Result(manifest, path, len(entries) - len(skipped) - already, already, skipped,
+                  merged)
 
 
 @contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `n` (default: `default_threads()`), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or default_threads())
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `folder` itself while the block runs (flock on the
+    directory: no lock file is left behind to be mistaken for an output or an input)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        torch.set_num_threads(before)
+        os.close(fd)  # releases the lock

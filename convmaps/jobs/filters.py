@@ -1,4 +1,6 @@
-"""Filters: every selected conv weight of a model into `OUT/filters/`, with one PNG grid each.
+"""The `filters` job: every selected conv weight of a model into `OUT/filters/`, with one PNG
+grid each, and a manifest that makes the folder this run configuration's (the ownership rule:
+other options are refused, or replaced with --overwrite, so no stale grid stays behind).
 
     >>> from convmaps.options import FilterOptions
     >>> import tempfile
@@ -8,9 +10,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -18,12 +22,14 @@ from convmaps import __version__
 from convmaps.core.capture import select
 from convmaps.core.models import load_model
 from convmaps.errors import ConvmapsError
-from convmaps.io.store import save_tensors, write_bytes
+from convmaps.io import layout
+from convmaps.io import manifest as manifests
+from convmaps.io.store import save_tensors, write_bytes, write_json
+from convmaps.jobs.engine import check_network, identity, locked, model_identity
+from convmaps.jobs.ownership import claim, clear_folder
 from convmaps.options import FilterOptions
 
-__all__ = ["FILTERS", "run_filters"]
-
-FILTERS = "filters"  # the folder under OUT
+__all__ = ["run_filters"]
 
 
 def run_filters(o: FilterOptions) -> list[tuple[str, str | None]]:
@@ -35,19 +41,39 @@ def run_filters(o: FilterOptions) -> list[tuple[str, str | None]]:
         raise ConvmapsError(f"png_cap must be at least 1, not {o.png_cap}")
     loaded = load_model(o.model, o.weights, o.arch)
     convs = select(loaded.model, o.layers or "conv", conv_only=True)
-    folder = Path(o.out) / FILTERS
     weights = {x.name: x.module.weight.detach().cpu() for x in convs
                if isinstance(x.module, nn.Conv2d)}
-    options = {k: v for k, v in asdict(o).items() if k not in ("out", "config")}
-    meta = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
-            "dtype": "float32", "options": json.dumps(options, sort_keys=True)}
-    meta.update({f"module.{x.name}": repr(x.module) for x in convs})
-    save_tensors(folder / "filters.safetensors", weights, meta)
-    notes = []
-    for name, w in weights.items():
-        note = None
-        if o.png:
-            img, note = render.filter_grid(w, max_filters=o.png_cap, max_kernels=o.png_cap)
-            write_bytes(folder / "png" / f"{name}.png", render.png_bytes(img, note=note))
-        notes.append((name, note))
-    return notes
+    options = {k: v for k, v in asdict(o).items() if k not in ("out", "config", "resume")}
+    what = {**model_identity(loaded), "modules": list(weights), "png": o.png,
+            "png_cap": o.png_cap}
+    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(o.out)
+    folder = out / layout.FILTERS
+    check_network(out, loaded, "filters")
+    with locked(folder):  # one filters run at a time: no mixed files
+        claim(folder, fingerprint, o.resume, remove=_remove_filters, what="filters")
+        files = layout.filters_files(tuple(weights), o.png)
+        header = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
+                  "run": fingerprint, "identity": identity(loaded), "options": options,
+                  "modules": list(weights), "files": files}
+        # the manifest first: a killed run's files are listed, so they can go later
+        write_json(folder / layout.MANIFEST, manifests.build(header, []))
+        meta = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
+                "dtype": "float32", "run": fingerprint,
+                "options": json.dumps(options, sort_keys=True)}
+        meta.update({f"module.{x.name}": repr(x.module) for x in convs})
+        save_tensors(folder / layout.FILTER_WEIGHTS, weights, meta)
+        notes = []
+        for name, w in weights.items():
+            note = None
+            if o.png:
+                img, note = render.filter_grid(w, max_filters=o.png_cap, max_kernels=o.png_cap)
+                write_bytes(folder / layout.filter_png(name), render.png_bytes(img, note=note))
+            notes.append((name, note))
+        return notes
+
+
+def _remove_filters(folder: Path, m: dict[str, Any]) -> None:
+    """Remove the files a filters manifest lists, never anything else."""
+    mine = {f for f in m.get("files", []) if layout.is_filters_output(f)}
+    clear_folder(folder.parent, folder.name, set(), lambda rel: rel in mine)

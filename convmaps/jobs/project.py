@@ -8,7 +8,8 @@ folder's `projections.json` lists them, as a dump's manifest lists its files.
 Projections accumulate: a later run with other units or another mode adds its keys to an
 image's file (the same key is replaced). They belong to one model and weights: projections of
 another model into a folder that holds a dump or projections of the first are refused (a
-dump's maps and the projections beside them must come from the same network).
+dump's maps and the projections beside them must come from the same network). The engine
+(`jobs.engine`) brings folders, batches, progress, shards and resume.
 """
 
 from __future__ import annotations
@@ -20,55 +21,150 @@ from typing import Any
 import torch
 
 from convmaps import __version__
-from convmaps.core.models import LoadedModel, load_model, normalisation
+from convmaps.core.capture import LayerRow
+from convmaps.core.deconv import Unit, output_shapes, parse_unit, project_batch
+from convmaps.core.fields import Field
+from convmaps.core.models import LoadedModel, normalisation
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
-from convmaps.io import manifest as manifests
-from convmaps.io.images import ImageSource
-from convmaps.io.store import read_metadata, save_tensors, write_bytes, write_json
-from convmaps.jobs.engine import (
-    DecodedImages,
-    check_device,
-    clear_folder,
-    find_sources,
-    identity,
-    owner,
-)
+from convmaps.io.images import ImageSource, sha256_file
+from convmaps.io.store import png_complete, read_metadata, save_tensors, write_bytes
+from convmaps.jobs.engine import Job, Plan, Result, check_network, plain_entry, plan_job, run_job
+from convmaps.jobs.ownership import clear_folder, owner
 from convmaps.options import ProjectOptions
 
-__all__ = ["run_project"]
+__all__ = ["Project", "remove_projections", "run_project"]
 
 
-def _claim(out: Path, loaded: LoadedModel, run: str, resume: bool
-           ) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
-    """Earlier projection entries of the same network, and the files every entry lists (a
-    killed run's pending ones too); refuses a folder whose dump or projections come from
-    another network (with --overwrite: removes those projections first)."""
-    try:
+class Project(Job):
+    """Projections of the chosen units of every image (one forward and one batched backward
+    pass per `--batch-size` units)."""
+
+    name = "project"
+    what = "projections"
+    manifest = layout.PROJECTIONS_MANIFEST
+
+    def prepare(self, o: ProjectOptions, loaded: LoadedModel, table: list[LayerRow],
+                fields: dict[str, Field]) -> None:
+        model = loaded.model
+        if not o.units:
+            example = next((r.name for r in reversed(table) if r.type == "Conv2d"), "MODULE")
+            raise ConvmapsError(f"give at least one --unit MODULE:C (e.g. --unit {example}:0)")
+        shapes = output_shapes(model, (loaded.in_channels, *loaded.input_size))
+        self.options = o
+        self.units: list[Unit] = [parse_unit(text, model, shapes) for text in o.units]
+        self.fields = fields
+        self.mean, self.std = normalisation(loaded.preprocess)
+
+    def planned(self) -> set[str]:
+        """The files this run's units give each image."""
+        keys = [layout.projection_key(str(self.options.mode), u.module, u.channel, u.position)
+                for u in self.units]
+        pngs = {layout.projection_png(k) for k in keys} if self.options.png else set()
+        return {layout.PROJECTIONS, *pngs}
+
+    def files(self, plan: Plan, key: str) -> list[str]:
+        return sorted(self.planned() | plan.listed.get(key, set()))
+
+    def remove(self, folder: Path, m: dict[str, Any]) -> None:
+        remove_projections(folder, m)
+
+    def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
+        check_network(out, loaded, "projections")
+
+    def ours(self, out: Path, earlier: list[dict[str, Any]]) -> set[str]:
+        from convmaps.io import manifest as manifests
+
         dump = manifests.read(out)
-        earlier = manifests.read(out, layout.PROJECTIONS_MANIFEST)
-    except ConvmapsError as e:
-        raise ConvmapsError(f"{e}; convmaps will not replace it: choose another --out") from e
-    if dump is not None and dump.get("identity", run) != run:
-        raise ConvmapsError(
-            f"{out} holds a dump of {dump.get('model')} (weights {dump.get('weights')}); "
-            f"projections of {loaded.arch} ({loaded.weights}) would not match its maps: "
-            "choose another --out"
-        )
-    if earlier is None:
-        return [], {}
-    if earlier["run"] != run or not resume:
-        if resume:
-            raise ConvmapsError(
-                f"{out} holds projections of {earlier.get('model')} (weights "
-                f"{earlier.get('weights')}); add --overwrite to replace them, or choose "
-                "another --out"
-            )
-        remove_projections(out, earlier)
-        return [], {}
-    files = {e["key"]: {f for f in e["files"] if layout.is_projection_output(f)}
-             for e in earlier["inputs"]}
-    return [e for e in earlier["inputs"] if e["status"] == "ok"], files
+        return {e["key"] for e in earlier} | {e["key"] for e in (dump or {}).get("inputs", [])}
+
+    def resume(self, plan: Plan) -> dict[int, dict[str, Any]]:
+        return {i: e for i in plan.mine if i not in plan.skips
+                and (e := _finished_entry(plan, plan.sources[i])) is not None}
+
+    def start(self, plan: Plan, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+
+    def step(self, plan: Plan, batch: torch.Tensor | None, items: list[dict[str, Any]]) -> Any:
+        if batch is None:
+            return None
+        found = project_batch(self.model, batch, self.units, self.options.mode,
+                              batch_size=self.options.batch_size)
+        return batch.cpu().contiguous(), found
+
+    def write(self, plan: Plan, items: list[dict[str, Any]], stepped: Any
+              ) -> list[tuple[int, dict[str, Any]]]:
+        from convmaps import render
+
+        done = []
+        good = [it for it in items if it["tensor"] is not None]
+        for it in items:
+            src = plan.sources[it["index"]]
+            if it["tensor"] is None:
+                if it["index"] not in plan.skips:  # an unreadable image loses its projections
+                    clear_folder(plan.out, src.key, set(),
+                                 owner(plan.listed.get(src.key, set())))
+                done.append((it["index"], plain_entry(plan, it)))
+        for row, it in enumerate(good):
+            i, src = it["index"], plan.sources[it["index"]]
+            if i in plan.finished:  # computed again only for its neighbours' sake
+                done.append((i, plan.finished[i]))
+                continue
+            x, found = stepped
+            files = _write(plan, src, it["sha256"], x[row], found[row],
+                           render.picture(x[row], self.mean, self.std))
+            done.append((i, plain_entry(plan, it, files)))
+        return done
+
+    def describe(self, plan: Plan) -> str:
+        return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
+                f"image(s), {len(plan.finished)} already done · {len(self.units)} unit(s) · "
+                f"{self.options.mode}")
+
+    def closing(self, plan: Plan, result: Result) -> str:
+        ok = len(plan.mine) - len(result.skipped)
+        return (f"{plan.label}{len(self.units)} unit(s) of {ok} image(s) projected "
+                f"({self.options.mode}): {result.written} written, {result.already} already "
+                f"done, {len(result.skipped)} skipped; list: {result.path}")
+
+
+def run_project(o: ProjectOptions, on_progress: Callable[[int], None] | None = None
+                ) -> dict[str, Any]:
+    """Project every unit of every image; returns `projections.json` (also written to OUT,
+    or this shard's until the last shard merges them).
+
+    Raises:
+        ConvmapsError: no units, a unit that does not fit its module, a bad device, or an OUT
+            that holds another network's dump or projections.
+    """
+    return run_job(plan_job(o, Project()), on_progress).manifest
+
+
+def _project(plan: Plan) -> Project:
+    job = plan.job
+    assert isinstance(job, Project)
+    return job
+
+
+def _finished_entry(plan: Plan, source: ImageSource) -> dict[str, Any] | None:
+    """The image's entry when its projections file holds every unit of this run, made by this
+    network from this very image, and its PNGs are whole; else None."""
+    job = _project(plan)
+    folder = plan.out / source.key
+    meta = read_metadata(folder / layout.PROJECTIONS)
+    wanted = job.planned()
+    if meta is None or meta.get("run") != plan.fingerprint or not all(
+            png_complete(folder / f) for f in wanted if f.endswith(".png")):
+        return None
+    keys = {k.rsplit(".", 1)[0] for k in meta}
+    if not all(layout.projection_key(str(job.options.mode), u.module, u.channel, u.position)
+               in keys for u in job.units):
+        return None
+    if meta.get("sha256") != sha256_file(source.path):
+        return None
+    files = sorted(f for f in job.files(plan, source.key) if (folder / f).is_file())
+    return plain_entry(plan, {"index": plan.sources.index(source), "tensor": True,
+                              "sha256": meta["sha256"]}, files)
 
 
 def remove_projections(out: Path, m: dict[str, Any]) -> None:
@@ -91,79 +187,15 @@ def _kept(folder: Path, run: str, sha: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def run_project(o: ProjectOptions, on_image: Callable[[str], None] | None = None
-                ) -> dict[str, Any]:
-    """Project every unit of every image; returns `projections.json` (also written to OUT).
-
-    Raises:
-        ConvmapsError: no units, a unit that does not fit its module, a bad device, or an OUT
-            that holds another network's dump or projections.
-    """
-    from convmaps import render
-    from convmaps.core import deconv as project
-    from convmaps.core import fields as rf
-
-    if not o.units:
-        raise ConvmapsError("give at least one --unit MODULE:C (e.g. --unit features.10:5)")
-    if o.batch_size < 1:
-        raise ConvmapsError(f"batch_size must be at least 1, not {o.batch_size}")
-    device = check_device(o.device)
-    loaded = load_model(o.model, o.weights, o.arch)
-    model = loaded.model.to(device)
-    input_shape = (loaded.in_channels, *loaded.input_size)
-    shapes = project.output_shapes(model, input_shape)
-    units = [project.parse_unit(text, model, shapes) for text in o.units]
-    fields = rf.fields(model, input_shape)
-    mean, std = normalisation(loaded.preprocess)
-    out = Path(o.out)
-    run = identity(loaded)
-    earlier, previous = _claim(out, loaded, run, o.resume)
-    dump = manifests.read(out)
-    ours = {e["key"] for e in earlier} | {e["key"] for e in (dump or {}).get("inputs", [])}
-    sources, skips = find_sources(o.inputs, loaded.arch, out, ours)
-    decoded = DecodedImages(sources, loaded.preprocess, skips)
-    header = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
-              "preprocessing": repr(loaded.preprocess), "input_size": list(loaded.input_size),
-              "run": run}
-    by_key = {e["key"]: e for e in earlier}
-    planned = {layout.PROJECTIONS, *(layout.projection_png(layout.projection_key(
-        str(o.mode), u.module, u.channel, u.position)) for u in units)} if o.png else \
-        {layout.PROJECTIONS}
-    pending = {s.key: manifests.entry(s.key, str(s.path), None, "pending",
-                                      sorted(planned | previous.get(s.key, set())))
-               for s in sources}
-    # claims OUT before the first file: a killed run's files are listed, so they can go later
-    write_json(out / layout.PROJECTIONS_MANIFEST,
-               manifests.build(header, manifests.ordered({**by_key, **pending},
-                                                         (s.key for s in sources))))
-    for i, src in enumerate(sources):
-        item = decoded[i]
-        if item["tensor"] is None:
-            if i not in skips:  # an image that became unreadable loses its projections
-                clear_folder(out, src.key, set(), owner(previous.get(src.key, set())))
-            by_key[src.key] = manifests.entry(src.key, str(src.path), None,
-                                              f"skipped: {item['reason']}", [])
-        else:
-            x = item["tensor"].to(device)
-            found = project.project(model, x, units, o.mode, batch_size=o.batch_size)
-            files = _write(out, src, item["sha256"], run, loaded, x, found, fields, o,
-                           render.picture(x.cpu(), mean, std), previous.get(src.key, set()))
-            by_key[src.key] = manifests.entry(src.key, str(src.path), item["sha256"], "ok",
-                                              files)
-        if on_image:
-            on_image(src.key)
-    m = manifests.build(header, manifests.ordered(by_key, (s.key for s in sources)))
-    write_json(out / layout.PROJECTIONS_MANIFEST, m)
-    return m
-
-
-def _write(out: Path, src: ImageSource, sha: str, run: str, loaded: LoadedModel,
-           x: torch.Tensor, found: list[Any], fields: dict[str, Any], o: ProjectOptions,
-           picture: torch.Tensor, previous: set[str]) -> list[str]:
+def _write(plan: Plan, src: ImageSource, sha: str, x: torch.Tensor, found: list[Any],
+           picture: torch.Tensor) -> list[str]:
     """One image's projections file (this run's units added to what it had) and PNGs."""
     from convmaps import render
 
-    folder = out / src.key
+    job = _project(plan)
+    o, loaded, run = job.options, plan.loaded, plan.fingerprint
+    previous = plan.listed.get(src.key, set())
+    folder = plan.out / src.key
     tensors = _kept(folder, run, sha)
     old_meta = (read_metadata(folder / layout.PROJECTIONS) or {}) if tensors else {}
     meta = {k: v for k, v in old_meta.items() if k.rsplit(".", 1)[0] in tensors}
@@ -174,9 +206,9 @@ def _write(out: Path, src: ImageSource, sha: str, run: str, loaded: LoadedModel,
     for p in found:
         u = p.unit
         key = layout.projection_key(str(o.mode), u.module, u.channel, u.position)
-        field = fields.get(u.module)
-        box = field.box(*p.position) if field is not None and p.position is not None \
-            else (0, 0, int(h), int(w))
+        field = job.fields.get(u.module)
+        box: tuple[int, int, int, int] = field.box(*p.position) \
+            if field is not None and p.position is not None else (0, 0, int(h), int(w))
         tensors[key] = p.map.detach().float().cpu().contiguous()
         meta[f"{key}.value"] = f"{p.value:.9g}"
         meta[f"{key}.position"] = "" if p.position is None else f"{p.position[0]},{p.position[1]}"
@@ -184,10 +216,10 @@ def _write(out: Path, src: ImageSource, sha: str, run: str, loaded: LoadedModel,
         if o.png:
             title = f"{u.module}:{u.channel} at {meta[f'{key}.position'] or '-'}  {o.mode}  " \
                     f"value {p.value:.4g}"
-            img = render.projection_figure(picture, tensors[key], tuple(box), title)
+            img = render.projection_figure(picture, tensors[key], box, title)
             write_bytes(folder / layout.projection_png(key), render.png_bytes(img), sync=False)
     tensors = dict(sorted(tensors.items()))
     save_tensors(folder / layout.PROJECTIONS, tensors, meta, sync=False)
     keep = {layout.PROJECTIONS, *(layout.projection_png(k) for k in tensors)}
-    clear_folder(out, src.key, keep, owner(previous))  # PNGs of keys it no longer has
+    clear_folder(plan.out, src.key, keep, owner(previous))  # PNGs of keys it no longer has
     return sorted(f for f in keep if (folder / f).is_file())

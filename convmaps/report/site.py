@@ -71,9 +71,11 @@ class _Site:
 def _read_site(out: Path) -> _Site:
     dump = manifests.read(out)
     projections = manifests.read(out, layout.PROJECTIONS_MANIFEST)
-    png = out / "filters" / "png"
-    filters = sorted(p.stem for p in png.glob("*.png")) if png.is_dir() else []
-    filters_meta = read_metadata(out / "filters" / "filters.safetensors") or {}
+    folder = out / layout.FILTERS
+    listed = manifests.read(folder)  # only what the last filters run wrote: no stale grids
+    filters = [m for m in (listed or {}).get("modules", [])
+               if (folder / layout.filter_png(m)).is_file()]
+    filters_meta = read_metadata(folder / layout.FILTER_WEIGHTS) or {}
     topk = manifests.read(out / _TOPK) if (out / _TOPK).is_dir() else None
     if not (dump or projections or filters or topk):
         raise ConvmapsError(f"{out} holds nothing to report (no manifest.json, projections.json,"
@@ -353,7 +355,8 @@ def _projection_entry(site: _Site, key: str) -> dict[str, Any] | None:
 
 
 def _filters_page(site: _Site) -> str:
-    figs = [_figure(f"../filters/png/{name}.png", _e(name)) for name in site.filters]
+    figs = [_figure(_url("..", layout.FILTERS, layout.filter_png(name)), _e(name))
+            for name in site.filters]
     meta = site.filters_meta
     intro = f"<p>{len(site.filters)} conv layer(s) of {_e(meta.get('model', '?'))} " \
             f"({_e(meta.get('weights', '?'))}).</p>"
