@@ -1,13 +1,27 @@
-"""jobs: the pieces every job shares (the jobs themselves test them end to end)."""
+"""The engine and what every job shares: runtime, shards, locks, and the engine under
+`project` and `filters` (the other jobs test it end to end)."""
 
 from __future__ import annotations
 
 import os
+import threading
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from convmaps.cli import app
 from convmaps.errors import ConvmapsError
+from convmaps.jobs.dump import plan_dump, run_dump
+from convmaps.jobs.engine import locked, plan_job, run_job
+from convmaps.jobs.filters import run_filters
+from convmaps.jobs.project import Project
 from convmaps.jobs.runtime import batches, default_threads, default_workers, resolve_shard
+from convmaps.jobs.topk import plan_topk
+from convmaps.options import DumpOptions, FilterOptions, ProjectOptions, TopkOptions
+from convmaps.report import build_report
+
+from .conftest import write_image
 
 
 @pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (8, 2), (16, 4), (128, 8)])
@@ -40,3 +54,118 @@ def test_shard_comes_from_the_option_then_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ConvmapsError, match="not an integer"):
         resolve_shard(None)
+
+
+# --- the engine under every job ------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    root = tmp_path / "photos"
+    for i in range(7):
+        write_image(root / f"{'ab'[i % 2]}/img{i}.png", size=(20, 24), seed=i)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root
+
+
+def _project(tmp_path: Path, photos: Path, out: str, **kw) -> dict:
+    o = ProjectOptions(model="lenet", inputs=[str(photos)], units=["C3:5", "OUTPUT:2"],
+                       out=str(tmp_path / out), workers=0, batch_size=2, **kw)
+    return run_job(plan_job(o, Project())).manifest
+
+
+def test_project_takes_folders_shards_byte_identical_and_resumes(tmp_path, photos):
+    whole = _project(tmp_path, photos, "one")
+    assert [e["status"] for e in whole["inputs"]].count("ok") == 7
+    assert any(e["status"].startswith("skipped") for e in whole["inputs"])
+    for i in (1, 0):  # the last shard to finish merges
+        _project(tmp_path, photos, "two", shard=f"{i}/2")
+    assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
+    # a second run finds every image done and rewrites nothing
+    plan = plan_job(ProjectOptions(model="lenet", inputs=[str(photos)], units=["C3:5", "OUTPUT:2"],
+                                   out=str(tmp_path / "one"), workers=0, batch_size=2), Project())
+    assert len(plan.finished) == 7
+    seen: list[int] = []
+    result = run_job(plan, on_progress=seen.append)
+    assert (result.written, result.already, len(result.skipped)) == (0, 7, 1)
+    assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
+
+
+def test_project_cli_shows_progress_and_its_closing_line(tmp_path, photos):
+    result = CliRunner().invoke(app, ["project", "lenet", str(photos), "--unit", "C1:0",
+                                      "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "project: 8/8 images" in result.output
+    assert "7 written, 0 already done, 1 skipped" in result.output
+
+
+def test_project_without_units_suggests_a_module_of_this_model(tmp_path):
+    result = CliRunner().invoke(app, ["project", "lenet", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--unit C5:0" in result.output
+
+
+def test_filters_belong_to_one_run_and_the_report_shows_only_theirs(tmp_path):
+    out = tmp_path / "o"
+    run_filters(FilterOptions(model="lenet", out=str(out)))
+    assert (out / "filters" / "png" / "C5.png").is_file()
+    run_filters(FilterOptions(model="lenet", out=str(out)))  # the same run: fine
+    (out / "filters" / "mine.txt").write_text("a user's file")
+    with pytest.raises(ConvmapsError, match="--overwrite"):
+        run_filters(FilterOptions(model="lenet", layers="C1", out=str(out)))
+    run_filters(FilterOptions(model="lenet", layers="C1", out=str(out), resume=False))
+    left = sorted(str(p.relative_to(out / "filters")) for p in (out / "filters").rglob("*")
+                  if p.is_file())
+    assert left == ["filters.safetensors", "manifest.json", "mine.txt", "png/C1.png"]
+    build_report(out)
+    page = (out / "report" / "filters.html").read_text()
+    assert "filters/png/C1.png" in page and "C5.png" not in page
+
+
+def test_filters_of_another_network_than_the_dump_are_refused(tmp_path):
+    out = tmp_path / "o"
+    run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
+    with pytest.raises(ConvmapsError, match="dump of lenet"):
+        run_filters(FilterOptions(model="lenet", weights="none", out=str(out)))
+
+
+def test_topk_beside_a_dump_of_another_network_is_refused(tmp_path, photos):
+    out = tmp_path / "o"
+    run_dump(plan_dump(DumpOptions(model="lenet", inputs=[str(photos)], out=str(out), png=False,
+                                   workers=0)))
+    with pytest.raises(ConvmapsError, match="would not match its maps"):
+        plan_topk(TopkOptions(model="lenet", weights="none", inputs=[str(photos)], out=str(out)))
+
+
+def test_an_unreadable_shard_manifest_is_an_error_not_a_merge_that_never_comes(tmp_path, photos):
+    out = tmp_path / "o"
+    o = DumpOptions(model="lenet", inputs=[str(photos)], out=str(out), png=False, workers=0,
+                    shard="0/2")
+    plan = plan_dump(o)
+    out.mkdir(exist_ok=True)
+    (out / "manifest.shard-1-of-2.json").write_text("{ not json")  # a sibling's, garbled
+    with pytest.raises(ConvmapsError, match=r"manifest\.shard-1-of-2\.json"):
+        run_dump(plan)
+
+
+def test_the_merge_lock_is_exclusive(tmp_path):
+    inside: list[str] = []
+
+    def second() -> None:
+        with locked(tmp_path):
+            inside.append("second")
+
+    with locked(tmp_path):
+        inside.append("first")
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        assert inside == ["first"]  # waits for the first to leave
+    t.join(10)
+    assert inside == ["first", "second"]
+    assert list(tmp_path.iterdir()) == []  # no lock file is left behind
+

@@ -539,6 +539,8 @@ def _finish(plan: Plan, entries: dict[int, Entry]) -> Result:
                         p.unlink(missing_ok=True)
         if merged:
             plan.job.finish(plan, manifest)
+        elif not path.exists():  # a sibling merged it a moment ago
+            path = plan.folder / name
     fsync_dir(plan.folder)  # the renames of this run reach the disk with the manifest's
     return _result(plan, manifest, path, merged)
 
