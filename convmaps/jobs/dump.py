@@ -25,12 +25,12 @@ from torch import nn
 
 from convmaps import __version__
 from convmaps.core.capture import (
-    Kind,
     Layer,
     LayerRow,
     Trace,
     layer_table,
     meta_trace,
+    modules_run,
     select,
     trace,
 )
@@ -134,14 +134,10 @@ def plan_dump(o: DumpOptions) -> Plan:
     input_shape = (loaded.in_channels, *loaded.input_size)
     table = layer_table(model, input_shape)
     # Modules that never run in eval mode (GoogLeNet/Inception aux heads) have no output.
-    ran = {r.name for r in table if r.out_shape is not None}
+    ran = modules_run(model, input_shape)
 
     def pick(spec: str | None, flag: str, conv_only: bool) -> list[Layer]:
-        chosen = select(model, spec, conv_only=conv_only, flag=flag) if spec is not None else []
-        idle = [x.name for x in chosen if x.name not in ran]
-        if idle and spec not in (None, "all", *Kind.__members__):
-            raise ConvmapsError(f"{flag}: {', '.join(idle[:3])} never run(s) in eval mode")
-        return [x for x in chosen if x.name in ran]
+        return [] if spec is None else select(model, spec, conv_only=conv_only, flag=flag, ran=ran)
 
     layers = pick(o.layers or "all", "--layers", False)
     pools = [x for x in layers if isinstance(x.module, nn.MaxPool2d)] if o.switches else []

@@ -22,7 +22,7 @@ from rich.filesize import decimal
 from torch import Tensor
 
 from convmaps import __version__
-from convmaps.core.capture import Kind, layer_table, meta_trace, select, trace
+from convmaps.core.capture import Kind, layer_table, meta_trace, modules_run, select, trace
 from convmaps.core.models import LoadedModel, load_model, normalisation
 from convmaps.core.ranking import TopK, combine, crop, empty, positions, update
 from convmaps.errors import ConvmapsError
@@ -123,8 +123,7 @@ def plan_topk(o: TopkOptions) -> TopkPlan:
     model = loaded.model
     input_shape = (loaded.in_channels, *loaded.input_size)
     table = layer_table(model, input_shape)
-    ran = {r.name for r in table if r.out_shape is not None}
-    chosen = [x for x in select(model, o.layers or Kind.conv.value) if x.name in ran]
+    chosen = select(model, o.layers or Kind.conv.value, ran=modules_run(model, input_shape))
     if not chosen:
         raise ConvmapsError("--layers: nothing selected that runs in eval mode")
     keys = [x.name for x in chosen]
