@@ -3,9 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
-from convmaps.core.capture import capture, layer_table, list_layers, select, trace
+from convmaps.core import capture as capture_module
+from convmaps.core.capture import capture, layer_table, list_layers, modules_run, select, trace
 from convmaps.core.models import build, load_model
 from convmaps.errors import ConvmapsError, UnknownLayerError
 
@@ -312,6 +314,23 @@ def test_any_forward_exception_becomes_one_line_naming_module_and_shape(model, w
         assert not isinstance(e.value.__cause__, ConvmapsError)
 
 
+def test_a_bug_in_convmaps_hooks_is_not_taken_for_a_model_error(monkeypatch, tiny_cnn):
+    def broken(value: object) -> None:
+        raise RuntimeError("bug in a convmaps hook")
+
+    monkeypatch.setattr(capture_module, "_first_tensor", broken)
+    x = torch.randn(1, 3, 10, 10)
+    with pytest.raises(RuntimeError, match="bug in a convmaps hook") as e:
+        capture(tiny_cnn, x, ["conv1"])
+    assert not isinstance(e.value, ConvmapsError)
+    for m in tiny_cnn.modules():  # the hooks are still removed
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    monkeypatch.undo()
+    # the model's own failure, with the same hooks, stays the one-line ConvmapsError
+    with pytest.raises(ConvmapsError, match="forward pass failed in conv1 for input"):
+        capture(tiny_cnn, torch.randn(1, 2, 10, 10), ["conv1"])
+
+
 # --- selections that select nothing ---------------------------------------------------------
 
 
@@ -337,3 +356,23 @@ def test_select_type_word_the_model_lacks_is_an_error():
     with pytest.raises(UnknownLayerError, match="'pool' selects no layer"):
         select(model, "pool")
     assert [x.name for x in select(model, None)] == ["0", "1"]  # None still means all
+
+
+# --- type words select modules that run ------------------------------------------------------
+
+
+def test_type_words_select_only_modules_that_run_explicit_idle_names_are_errors():
+    # weights do not matter (the passes run on meta); aux heads as googlenet(weights=None) has
+    model = torchvision.models.googlenet(aux_logits=True, init_weights=False)
+    ran = modules_run(model, (3, 224, 224))
+    assert "aux1.conv.conv" not in ran and "inception3a.branch1.conv" in ran
+    chosen = {x.name for x in select(model, "conv,pool", ran=ran)}
+    assert "inception3a.branch1.conv" in chosen and "maxpool1" in chosen
+    assert not any(name.startswith(("aux1", "aux2")) for name in chosen)
+    assert {x.name for x in select(model, None, ran=ran)} <= ran
+    assert {x.name for x in select(model, "all", ran=ran)} <= ran
+    for spec in ("aux1.conv.conv", "conv1,aux2.fc1"):
+        with pytest.raises(UnknownLayerError, match="never run.* in eval mode"):
+            select(model, spec, ran=ran)
+    # without `ran`, as before: every module, idle or not
+    assert "aux1.conv.conv" in {x.name for x in select(model, "conv")}

@@ -17,8 +17,9 @@ from convmaps.core.models import build
 from .conftest import write_image
 from .test_dump import _files
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None,
-                                reason="torchrun is not on PATH")
+pytestmark = [pytest.mark.slow,  # each spawns torchrun and its processes: ~9 s
+              pytest.mark.skipif(shutil.which("torchrun") is None,
+                                 reason="torchrun is not on PATH")]
 
 
 def _single_and_torchrun(tmp_path: Path, command: str, args: list[str]) -> tuple[Path, Path]:

@@ -278,6 +278,7 @@ def test_size_estimate_counts_kernel_maps(tmp_path, photos):
     assert maps < written <= plan.job.image_bytes < written + 3 * 4096
 
 
+@pytest.mark.slow
 def test_big_layer_streams_in_bounded_memory(tmp_path):
     """A non-streaming writer holds all 411 MB of VGG11 features.3 kernel maps at once (plus
     the copy `save_file` makes); streaming stays below the bytes it writes. Each child's own
@@ -700,3 +701,18 @@ def test_hand_edited_predictions_are_dropped_on_resume(tmp_path, photos):
     again = _dump(tmp_path, [photos / "c.bmp"], png=False)
     assert again["inputs"][0]["status"] == "ok" and "top5" not in again["inputs"][0]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == again  # readable
+
+
+def test_type_words_skip_modules_that_never_run(tmp_path):
+    """GoogLeNet's aux heads never run in eval mode: `conv,pool` selects the convs and pools
+    that run, while naming an aux module is still an error."""
+    image = write_image(tmp_path / "x.png")
+    o = DumpOptions(model="googlenet", weights="none", inputs=[str(image)],
+                    out=str(tmp_path / "out"), layers="conv,pool", kernels="conv")
+    plan = plan_dump(o)
+    names = {x.name for x in plan.job.layers}
+    assert {"conv1.conv", "maxpool1", "inception5b.branch4.1.conv", "avgpool"} <= names
+    assert not any(n.startswith("aux") for n in [*names, *(x.name for x in plan.job.kernels)])
+    o.layers, o.kernels = "conv1.conv,aux2.conv.conv", None
+    with pytest.raises(ConvmapsError, match="aux2.conv.conv never run"):
+        plan_dump(o)

@@ -3,6 +3,7 @@ composition) against an independent surrogate backward pass on torchvision's CNN
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -298,6 +299,23 @@ def test_unknown_functions_are_reported_or_left_out():
     assert fields(reflect, (1, 9, 9))["0"].box(0, 0) == (-1, -1, 2, 2)
 
 
+def test_fields_left_out_are_logged_once(caplog: pytest.LogCaptureFixture):
+    class Roll(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.roll(x, 1, dims=3)
+
+    net = nn.Sequential(nn.Conv2d(1, 1, 3), Roll(), nn.Conv2d(1, 1, 3), nn.ReLU())
+    with caplog.at_level(logging.WARNING, logger="convmaps"):
+        assert sorted(fields(net, (1, 9, 9), strict=False)) == ["0"]
+    [record] = caplog.records
+    assert record.name == "convmaps" and record.levelno == logging.WARNING
+    assert record.getMessage() == "no receptive field for 1, 2, 3 (cannot follow roll)"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="convmaps"):
+        fields(nn.Sequential(nn.Conv2d(1, 1, 3)), (1, 9, 9), strict=False)
+    assert not caplog.records  # nothing left out, nothing said
+
+
 def test_box_errors():
     net = _chain()
     with pytest.raises(UnknownLayerError, match="no module named 'c9'"):
@@ -475,6 +493,7 @@ def test_fields_match_surrogate_backward(arch):
     _check_model(arch, (3, FAST[arch], FAST[arch]), per_model=6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", SLOW)  # every other CNN classifier: ~30 s in all
 def test_fields_match_surrogate_backward_every_cnn(arch):
     _check_model(arch, (3, 128, 128), per_model=8)

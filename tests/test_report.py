@@ -126,6 +126,7 @@ def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium not installed "
                     "(.ci/run installs it when it can)")
 @pytest.mark.parametrize("page", ["index.html", "images/0.html", "filters.html"])

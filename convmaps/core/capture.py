@@ -34,6 +34,7 @@ __all__ = [
     "layer_table",
     "list_layers",
     "meta_trace",
+    "modules_run",
     "select",
     "trace",
 ]
@@ -111,8 +112,8 @@ def _listing(names: Sequence[str], cap: int = 40) -> str:
     return ", ".join(names[:cap]) + (f", … (+{len(names) - cap})" if len(names) > cap else "")
 
 
-def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag: str = "--layers"
-           ) -> list[Layer]:
+def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag: str = "--layers",
+           ran: Collection[str] | None = None) -> list[Layer]:
     """The layers a SPEC names, in model order, each once.
 
     SPEC items (comma-separated): an index into the feature extractor (`3`), a range (`0-5`), a
@@ -121,6 +122,11 @@ def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag:
     an item that selects nothing (`pool` on a model without pools). With `conv_only`, type
     words keep only Conv2d layers (so `relu` selects nothing) and naming any other layer is an
     error. (The CLI passes its own default, e.g. `all` for `--layers ""`, before calling this.)
+
+    Args:
+        ran: the modules that run in eval mode (`modules_run`); when given, type words select
+            only those (GoogLeNet's aux heads never run), and naming one that does not is an
+            error. `None`: every module counts.
 
     Raises:
         UnknownLayerError: an empty SPEC, or an item that matches nothing; the message names
@@ -134,7 +140,7 @@ def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag:
                                 f"{_spec_help(layers, root_name, conv_only)}")
     chosen: dict[str, Layer] = {}
     for item in filter(None, items):
-        found = _select_item(model, layers, root_name, item, conv_only, flag)
+        found = _select_item(model, layers, root_name, item, conv_only, flag, ran)
         if not found:
             what = f"conv layer ({flag} takes conv layers only)" if conv_only else "layer"
             raise UnknownLayerError(f"{flag}: {item!r} selects no {what}; "
@@ -146,10 +152,11 @@ def select(model: nn.Module, spec: str | None, *, conv_only: bool = False, flag:
 
 
 def _select_item(model: nn.Module, layers: list[Layer], root_name: str, item: str,
-                 conv_only: bool, flag: str) -> list[Layer]:
+                 conv_only: bool, flag: str, ran: Collection[str] | None) -> list[Layer]:
     """The layers one non-empty SPEC item names (possibly none, for a type word)."""
     if item == "all" or item in Kind.__members__:
-        found = [x for x in layers if item == "all" or x.kind == item]
+        found = [x for x in layers if (item == "all" or x.kind == item)
+                 and (ran is None or x.name in ran)]
         return [x for x in found if x.kind == Kind.conv] if conv_only else found
     by_index = {layer.index: layer for layer in layers if layer.index is not None}
     by_name = {layer.name: layer for layer in layers}
@@ -172,6 +179,9 @@ def _select_item(model: nn.Module, layers: list[Layer], root_name: str, item: st
                 f"{flag} takes conv layers only; {x.name} is "
                 f"{type(x.module).__name__} (try {flag} conv)"
             )
+    idle = [x.name for x in found if ran is not None and x.name not in ran]
+    if idle:
+        raise UnknownLayerError(f"{flag}: {', '.join(idle[:3])} never run(s) in eval mode")
     return found
 
 
@@ -232,6 +242,30 @@ def _where(name: str, prefix: str, model: nn.Module) -> str:
     return f"{type(own).__name__}'s own forward code"
 
 
+def _guarded(hook: Callable[..., None], bugs: list[BaseException]) -> Callable[..., None]:
+    """`hook`, noting in `bugs` whatever it raises, so that the error is not taken for the
+    model's own."""
+    def guarded(*args: Any) -> None:
+        try:
+            hook(*args)
+        except BaseException as e:
+            bugs.append(e)
+            raise
+
+    return guarded
+
+
+def _raised_by(e: BaseException | None, bugs: list[BaseException]) -> bool:
+    """Whether `e`, or an exception it was raised from or while handling, is one of `bugs`."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if any(e is b for b in bugs):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs: Collection[str],
          clone: bool, prefix: str = "") -> tuple[Trace, list[str]]:
     """Forward with hooks; returns the trace and the keys whose tensors changed after capture."""
@@ -240,6 +274,7 @@ def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs
     versions: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
     calls: dict[str, int] = {}
     running: list[str] = []  # the modules whose forward has begun and not returned
+    bugs: list[BaseException] = []  # what convmaps' own hooks raised
 
     def keep(kind: str, store: dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
         t = t.detach()
@@ -272,24 +307,27 @@ def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs
     with _borrowed(model):
         try:
             for name, module in model.named_modules():
-                handles.append(module.register_forward_pre_hook(pre_hook(name)))
-                handles.append(module.register_forward_hook(post_hook(name)))
+                handles.append(module.register_forward_pre_hook(_guarded(pre_hook(name), bugs)))
+                handles.append(module.register_forward_hook(_guarded(post_hook(name), bugs)))
             for module in model.modules():
                 if isinstance(getattr(module, "inplace", None), bool):
                     # In-place ReLUs would overwrite a captured conv output; _borrowed restores.
                     module.inplace = False  # type: ignore[assignment]
             model.eval()
             with torch.no_grad():
-                model(batch)
-        except ConvmapsError:
-            raise
-        except Exception as e:
-            # Any error of the model's own code (shape asserts raise AssertionError, ...).
-            where = _where(running[-1] if running else prefix, prefix, model)
-            text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConvmapsError(
-                f"forward pass failed in {where} for input {tuple(batch.shape)}: {text}"
-            ) from e
+                try:
+                    model(batch)
+                except ConvmapsError:
+                    raise
+                except Exception as e:
+                    if _raised_by(e, bugs):
+                        raise  # convmaps' own hook failed: a bug, shown as one
+                    # Any error of the model's own code (shape asserts raise AssertionError, ...)
+                    where = _where(running[-1] if running else prefix, prefix, model)
+                    text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise ConvmapsError(
+                        f"forward pass failed in {where} for input {tuple(batch.shape)}: {text}"
+                    ) from e
         finally:
             for h in handles:
                 h.remove()
@@ -311,6 +349,7 @@ def trace(model: nn.Module, batch: torch.Tensor, outputs: Collection[str],
         UnknownLayerError: a name that is no module of `model`.
         ConvmapsError: the forward pass failed (any exception of the model's code, kept as
             `__cause__`); the message names the innermost running module and the input shape.
+            An exception of convmaps' own hooks is a bug and propagates as it is.
     """
     return _trace(model, batch, outputs, inputs)
 
@@ -354,7 +393,7 @@ def meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: Collection
     """The outputs (and, with `inputs`, the inputs) of `names` for one image of `input_shape`
     (C, H, W), from a forward pass on the meta device: real module code, real shapes, every
     call of a reused module (`name@1` …), no values, compute or memory. The input takes the
-    parameters' dtype (a float64 model runs too); `on_input` sees it first (`rf` tags it)."""
+    parameters' dtype (a float64 model runs too); `on_input` sees it first (`fields` tags it)."""
     state = {k: torch.empty_like(v, device="meta")
              for k, v in [*model.named_parameters(), *model.named_buffers()]}
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
@@ -373,6 +412,15 @@ def meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: Collection
     strip = len("model.")
     return Trace({k[strip:]: v for k, v in t.outputs.items()},
                  {k[strip:]: v for k, v in t.inputs.items()})
+
+
+def modules_run(model: nn.Module, input_shape: tuple[int, ...]) -> frozenset[str]:
+    """The names of the modules that run in eval mode for one image of `input_shape` (C, H, W)
+    and give a tensor, from one pass on the meta device (GoogLeNet's and Inception's aux heads
+    do not run)."""
+    names = [n for n, _ in model.named_modules() if n]
+    outputs = meta_trace(model, input_shape, names, inputs=False).outputs
+    return frozenset(key.split("@")[0] for key in outputs)
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:

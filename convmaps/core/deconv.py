@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.models import VGG, AlexNet
 
 from convmaps.core.capture import select, trace
+from convmaps.core.fields import _pair
 from convmaps.core.pooling import switches
 from convmaps.errors import ConvmapsError
 from convmaps.options import Mode
@@ -352,10 +353,6 @@ def _chain_ends(steps: Sequence[tuple[str, nn.Module]]) -> dict[str, int]:
     return ends
 
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (v[0], v[1])
-
-
 def _mean_matrix(starts: Sequence[int], ends: Sequence[int], n_in: int,
                  like: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in): row i averages input cells starts[i] .. ends[i]-1 (1-D pooling)."""
@@ -394,7 +391,7 @@ def _down(module: nn.Module, signal: torch.Tensor, in_shape: Sequence[int],
     if isinstance(module, nn.Conv2d):
         weight = module.weight.to(like)
         stride, dil = _pair(module.stride), _pair(module.dilation)
-        pad = _pair(module.padding)  # type: ignore[arg-type]  # str padding has no chain rule
+        pad = _pair(module.padding)  # _chain_rule_exists keeps str padding ('same') out
         k = weight.shape[-2:]
         # The transposed conv gives (out-1)*s - 2p + d(k-1) + 1 rows; a stride that does not
         # divide evenly left rows the forward pass never read (AlexNet conv1: 224 -> 55 -> 223)

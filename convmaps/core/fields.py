@@ -21,7 +21,7 @@ views, permutes and indexing move or slice the row/column tables. The row and co
 are exact tables per position; a module's :class:`Field` is their affine summary `(size, jump,
 offset)`, with the tables kept where they are not affine.
 
-Independent check (tests/test_rf.py): the support of a one-hot backward pass through a positive
+Independent check (tests/test_fields.py): the support of a one-hot backward pass through a positive
 surrogate of the same network (uniform positive conv/linear weights, no bias, max pools replaced
 by average pools, nonlinearities and norms replaced by the identity), in float64; its bounding
 box must lie in the product box and meet each of the box's edges that lies in the image.
@@ -55,6 +55,7 @@ Conventions:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,8 @@ from torch.overrides import TorchFunctionMode
 
 from convmaps.core.capture import Trace, meta_trace
 from convmaps.errors import ConvmapsError, UnknownLayerError
+
+_log = logging.getLogger("convmaps")
 
 __all__ = ["Field", "box", "fields"]
 
@@ -287,6 +290,8 @@ def _arg(args: Sequence[Any], kwargs: dict[str, Any], i: int, name: str, default
 
 
 def _pair(v: Any) -> tuple[int, int]:
+    """An int, or a sequence of one or two ints, as a pair: a conv's or pool's size argument
+    (shared by pooling and deconv)."""
     if isinstance(v, int):
         return v, v
     v = tuple(int(x) for x in v)
@@ -800,7 +805,8 @@ def fields(model: nn.Module, input_shape: tuple[int, int, int], *, strict: bool 
 
     Args:
         strict: raise when a function convmaps cannot follow touched a module's output; False
-            leaves such modules out instead.
+            leaves such modules out instead, with one warning on the `convmaps` logger naming
+            them and the function each could not be followed through.
 
     Raises:
         ConvmapsError: the forward pass fails, or (strict) a field cannot be followed.
@@ -814,17 +820,24 @@ def fields(model: nn.Module, input_shape: tuple[int, int, int], *, strict: bool 
         shapes = _meta_trace(model, tuple(input_shape), names, mode)
     order = {n: i for i, n in enumerate(names)}
     out: dict[str, Field] = {}
+    dropped: dict[str, list[str]] = {}  # reason -> modules left out for it
     for key in sorted(shapes.outputs, key=lambda k: (order[k.split("@")[0]], k)):
         g = mode.get(shapes.outputs[key])
         f = _field(g, hw)
         if f is None:
-            if strict and isinstance(g, _Unknown):
-                raise ConvmapsError(
-                    f"receptive field of {key}: cannot follow {g.reason}; "
-                    "fields(..., strict=False) leaves such modules out"
-                )
+            if isinstance(g, _Unknown):
+                if strict:
+                    raise ConvmapsError(
+                        f"receptive field of {key}: cannot follow {g.reason}; "
+                        "fields(..., strict=False) leaves such modules out"
+                    )
+                dropped.setdefault(g.reason, []).append(key)
             continue
         out[key] = f
+    if dropped:
+        _log.warning("no receptive field for %s", "; ".join(
+            f"{', '.join(keys)} (cannot follow {reason})" for reason, keys in dropped.items()
+        ))
     return out
 
 

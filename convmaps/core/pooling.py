@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convmaps.core.fields import _pair
+
 __all__ = ["switches", "unpool"]
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
-    return v if isinstance(v, tuple) else (v, v)
 
 
 def switches(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:

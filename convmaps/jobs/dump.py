@@ -19,7 +19,7 @@ from rich.filesize import decimal
 from torch import nn
 
 from convmaps import __version__
-from convmaps.core.capture import Kind, Layer, LayerRow, Trace, meta_trace, select, trace
+from convmaps.core.capture import Layer, LayerRow, Trace, meta_trace, modules_run, select, trace
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel
 from convmaps.errors import ConvmapsError
@@ -61,16 +61,13 @@ class Dump(Job):
                 fields: dict[str, Field]) -> None:
         parse_bytes(o.chunk_bytes)
         model = loaded.model
+        input_shape = (loaded.in_channels, *loaded.input_size)
         # Modules that never run in eval mode (GoogLeNet/Inception aux heads) have no output.
-        ran = {r.name for r in table if r.out_shape is not None}
+        ran = modules_run(model, input_shape)
 
         def pick(spec: str | None, flag: str, conv_only: bool) -> list[Layer]:
-            chosen = select(model, spec, conv_only=conv_only, flag=flag) if spec is not None \
-                else []
-            idle = [x.name for x in chosen if x.name not in ran]
-            if idle and spec not in (None, "all", *Kind.__members__):
-                raise ConvmapsError(f"{flag}: {', '.join(idle[:3])} never run(s) in eval mode")
-            return [x for x in chosen if x.name in ran]
+            return [] if spec is None else select(model, spec, conv_only=conv_only, flag=flag,
+                                                  ran=ran)
 
         self.options = o
         self.layers = pick(o.layers or "all", "--layers", False)
@@ -80,7 +77,6 @@ class Dump(Job):
         self.taps = pick(o.taps, "--taps", True)
         if not (self.layers or self.kernels or self.taps):
             raise ConvmapsError("nothing selected: give --layers, --kernels or --taps a layer")
-        input_shape = (loaded.in_channels, *loaded.input_size)
         shapes = meta_trace(model, input_shape, {x.name for x in [*self.layers, *self.pools]})
         self.layout = _image_layout(o, self.layers, self.pools, self.kernels, self.taps, shapes)
         self.categories = class_names(loaded)

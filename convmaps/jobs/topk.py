@@ -21,7 +21,7 @@ from rich.filesize import decimal
 from torch import Tensor
 
 from convmaps import __version__
-from convmaps.core.capture import Kind, LayerRow, meta_trace, select, trace
+from convmaps.core.capture import Kind, LayerRow, meta_trace, modules_run, select, trace
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, normalisation
 from convmaps.core.ranking import TopK, combine, crop, empty, positions, update
@@ -80,10 +80,7 @@ class Topk(Job):
                                 f"{', '.join(Mode.__members__)} or {NO_PROJECTION}")
         model = loaded.model
         input_shape = (loaded.in_channels, *loaded.input_size)
-        ran = {r.name for r in table if r.out_shape is not None}
-        chosen = [x for x in select(model, o.layers or Kind.conv.value) if x.name in ran]
-        if not chosen:
-            raise ConvmapsError("--layers: nothing selected that runs in eval mode")
+        chosen = select(model, o.layers or Kind.conv.value, ran=modules_run(model, input_shape))
         keys = [x.name for x in chosen]
         # a module called twice per pass ranks its first call, the one its name means
         traced = meta_trace(model, input_shape, keys).outputs
