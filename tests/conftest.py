@@ -15,14 +15,14 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--overwrite", action="store_true",
+    parser.addoption("--update-golden", action="store_true",
                      help="rewrite the golden files under tests/golden/ from this run")
 
 
 @pytest.fixture
 def golden(request: pytest.FixtureRequest):
     """`golden(name, png)`: compare a PNG with tests/golden/<name>.png (its pixels, size and
-    text chunks: zlib versions may pack the same picture differently); `pytest --overwrite`
+    text chunks: zlib versions may pack the same picture differently); `pytest --update-golden`
     writes it instead, so that a layout change shows up as a picture diff in review."""
     import io
 
@@ -30,15 +30,16 @@ def golden(request: pytest.FixtureRequest):
 
     def check(name: str, png: bytes) -> None:
         path = GOLDEN / f"{name}.png"
-        if request.config.getoption("--overwrite"):
+        if request.config.getoption("--update-golden"):
             GOLDEN.mkdir(exist_ok=True)
             path.write_bytes(png)
             return
-        assert path.is_file(), f"no golden file {path}: run pytest --overwrite and look at it"
+        assert path.is_file(), f"no golden file {path}: run pytest --update-golden and look at it"
         want, got = Image.open(path), Image.open(io.BytesIO(png))
         assert got.size == want.size, f"{name}: size {got.size} != golden {want.size}"
         assert got.convert("RGB").tobytes() == want.convert("RGB").tobytes(), (
-            f"{name}: pixels differ from {path}; if the change is meant, run pytest --overwrite")
+            f"{name}: pixels differ from {path}; if the change is meant, "
+            "run pytest --update-golden")
         assert {k: v for k, v in got.info.items() if k.startswith("convmaps-")} == \
             {k: v for k, v in want.info.items() if k.startswith("convmaps-")}
 

@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw, ImageFont
 from convmaps.options import PngScale
 from convmaps.render import (
     Scale,
-    _limits,
     choose_scale,
     colorize,
     draw,
@@ -35,6 +34,7 @@ from convmaps.render import (
     upscale_factor,
     vector_grid,
 )
+from convmaps.render.scales import _limits
 
 NEUTRAL = (221, 221, 221)  # coolwarm's middle
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128)
@@ -697,7 +697,7 @@ def test_png_bound_is_the_drawn_size_and_an_upper_bound(kind, shape):
     assert len(png_bytes(img)) <= png_bound(kind, shape)
 
 
-# --- golden pictures (pytest --overwrite rewrites them) -------------------------------------------
+# --- golden pictures (pytest --update-golden rewrites them) ---------------------------------------
 
 
 def _ramp(*shape: int) -> torch.Tensor:
