@@ -359,19 +359,19 @@ app.command("run")(reports_errors(run))
 
 class _PlainProgress:
     """Progress for a log file (SLURM, CI): one plain line every `every` seconds and at the end,
-    instead of a bar that only a terminal can redraw."""
+    instead of a bar that only a terminal can redraw. The rate counts this run's images only,
+    not those already done before it."""
 
-    def __init__(self, label: str, total: int, every: float = 10.0, what: str = "dump") -> None:
+    def __init__(self, label: str, total: int, every: float = 10.0, what: str = "dump",
+                 already: int = 0) -> None:
         import time
 
         self.clock = time.monotonic
         self.label, self.total, self.every, self.what = label, total, every, what
-        self.done = self.base = 0
+        self.done = self.base = already
         self.start = self.last = self.clock()
 
     def __call__(self, n: int) -> None:
-        if self.done == 0 and self.clock() == self.start:
-            self.base = n  # images already done before this run
         self.done += n
         now = self.clock()
         if now - self.last >= self.every or self.done >= self.total:
@@ -404,8 +404,8 @@ def _print_skipped(entries: list[dict[str, Any]], limit: int = 20) -> list[dict[
     return skipped
 
 
-def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[int], None]], R]
-                   ) -> R:
+def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[int], None]], R],
+                   already: int = 0) -> R:
     """`run(on_progress)` with a progress bar on a terminal, plain lines in a log file."""
     from rich.progress import (
         BarColumn,
@@ -417,11 +417,11 @@ def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[i
     )
 
     if not err_console.is_terminal:
-        return run(_PlainProgress(label, total, what=what))
+        return run(_PlainProgress(label, total, what=what, already=already))
     speed = TextColumn("{task.fields[rate]}")
     with Progress(TextColumn(f"{label}{what}"), BarColumn(), MofNCompleteColumn(), speed,
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task(what, total=total, rate="")
+        task = bar.add_task(what, total=total, completed=already, rate="")
 
         def step(n: int) -> None:
             bar.advance(task, n)
@@ -444,7 +444,7 @@ def _job(options: Any, job: Any, strict: bool = False) -> None:
     plan = plan_job(options, job)
     err_console.print(job.describe(plan), highlight=False)
     result = _with_progress(plan.label, job.name, len(plan.mine),
-                            lambda step: run_job(plan, on_progress=step))
+                            lambda step: run_job(plan, on_progress=step), len(plan.finished))
     _print_skipped(result.skipped)
     out_console.print(job.closing(plan, result), highlight=False)
     if result.skipped and strict:

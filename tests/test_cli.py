@@ -268,3 +268,14 @@ def test_progress_in_a_log_is_plain_lines(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "dump: 8/8 images" in proc.stderr and "images/s" in proc.stderr
     assert "\x1b[" not in proc.stderr and "━" not in proc.stderr
+
+
+def test_progress_rate_after_a_resume_counts_only_this_runs_images(monkeypatch):
+    from convmaps import cli
+
+    now = [100.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    progress = cli._PlainProgress("", total=10, what="dump", already=8)
+    now[0] = 102.0
+    progress(2)  # two new images in two seconds, after eight done by an earlier run
+    assert progress.line(now[0]) == "dump: 10/10 images, 1.0 images/s"

@@ -450,19 +450,15 @@ def run_job(plan: Plan, on_progress: Callable[[int], None] | None = None) -> Res
     Decoding runs in DataLoader workers, the job's step in this thread, and writing on
     `writer_threads()` threads with at most two batches in flight, so memory stays bounded
     when the disk is slower than the model. `on_progress(n)` is called as each batch's
-    files are written (first with the images already done, if any)."""
+    files are written, with its count of images not done before (`plan.finished`)."""
     o, job = plan.options, plan.job
     if plan.done is not None:
-        if on_progress:
-            on_progress(len(plan.mine))
         return _result(plan, plan.done, plan.folder / job.manifest, True)
     device = run_device(o.device)
     memory = memory_format(device)
     model = plan.loaded.model.to(device).to(memory_format=memory)
     entries: dict[int, Entry] = dict(plan.finished)
     _write_manifest(plan, entries, pending=True)  # claims OUT before the first file
-    if on_progress and plan.finished:
-        on_progress(len(plan.finished))
     todo = [b for b in plan.batches if not set(b) <= plan.complete]
     loader = image_loader(DecodedImages(plan.sources, plan.loaded.preprocess, plan.skips), todo,
                           o.workers, device)

@@ -166,6 +166,10 @@ class Topk(Job):
                   for i in range(count)]
         if not all(s is not None and s.finished for s in states):
             return
+        if not any(e["status"] == "ok" for e in manifest["inputs"]):
+            raise ConvmapsError(
+                f"no usable image among the {len(manifest['inputs'])} input(s): nothing to "
+                f"rank (why each was skipped: {plan.folder / layout.MANIFEST})")
         tops = {key: combine([s.tops[key] for s in states if s is not None], self.options.k)
                 for key in self.keys}
         _write_results(plan, tops, manifest, self.model)
@@ -416,6 +420,7 @@ def _projections(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Ten
 
     k = top.k
     pairs = [(c, r) for c in rows for r in range(k)]
+    out = torch.zeros(len(rows), k, plan.loaded.in_channels, *size)
     units = [Unit(key, c, None if pos is None else (int(pos[c, r, 0]), int(pos[c, r, 1])))
              for c, r in pairs]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -423,7 +428,6 @@ def _projections(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Ten
     got = project_each(model, batch, units, Mode(plan.options.project), plan.options.batch_size)
     values = top.values[rows.start:rows.stop]
     scale = float(values.abs().max()) if values.numel() else 0.0
-    out = torch.zeros(len(rows), k, plan.loaded.in_channels, *size)
     for (c, r), p in zip(pairs, got, strict=True):
         recorded = float(top.values[c, r])
         if not math.isclose(p.value, recorded, rel_tol=1e-3, abs_tol=1e-3 * max(scale, 1e-6)):
