@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from convmaps.cli import app
 from convmaps.errors import ConvmapsError
 from convmaps.jobs.dump import plan_dump, run_dump
-from convmaps.jobs.engine import locked, plan_job, run_job
+from convmaps.jobs.engine import plan_job, run_job
 from convmaps.jobs.filters import run_filters
+from convmaps.jobs.ownership import locked
 from convmaps.jobs.project import Project
 from convmaps.jobs.runtime import batches, default_threads, default_workers, resolve_shard
 from convmaps.jobs.topk import plan_topk
@@ -169,3 +170,76 @@ def test_the_merge_lock_is_exclusive(tmp_path):
     assert inside == ["first", "second"]
     assert list(tmp_path.iterdir()) == []  # no lock file is left behind
 
+
+
+def test_one_run_writes_a_part_at_a_time_and_shards_share_it(tmp_path, photos):
+    def topk(k: int, **kw):
+        return plan_topk(TopkOptions(model="lenet", inputs=[str(photos)], out=str(tmp_path / "o"),
+                                     k=k, layers="C1", png=False, workers=0, **kw))
+
+    first = topk(3)
+    with pytest.raises(ConvmapsError, match="being written by another convmaps run .*pid"):
+        topk(5)
+    with pytest.raises(ConvmapsError, match="being written"):
+        topk(5, resume=False)  # --overwrite does not take a folder from a running run
+    run_job(first)  # done: its hold is let go, and its lock file is gone
+    assert not [p for p in (tmp_path / "o" / "topk").iterdir() if p.name.endswith(".lock")]
+    with pytest.raises(ConvmapsError, match="--overwrite"):
+        topk(5)
+    # shards of one run cooperate
+    shards = [topk(3, shard=f"{i}/2", resume=False) for i in range(2)]
+    for plan in reversed(shards):
+        run_job(plan)
+    # a dump and projections in one OUT are two parts: each may run beside the other
+    dump = plan_dump(DumpOptions(model="lenet", inputs=[str(photos)], out=str(tmp_path / "o"),
+                                 png=False, workers=0))
+    plan_job(ProjectOptions(model="lenet", inputs=[str(photos)], units=["C1:0"],
+                            out=str(tmp_path / "o"), workers=0), Project())
+    run_job(dump)
+
+
+def test_a_killed_runs_lock_does_not_hold_the_folder(tmp_path, photos):
+    (tmp_path / "o" / "topk").mkdir(parents=True)
+    (tmp_path / "o" / "topk" / ".convmaps-run.manifest.0123456789abcdef.lock").write_text("pid 1")
+    plan_topk(TopkOptions(model="lenet", inputs=[str(photos)], out=str(tmp_path / "o"),
+                          workers=0))
+
+
+@pytest.mark.parametrize("where", ["topk", "topk/png"])
+def test_topk_never_writes_through_a_symlink_inside_out(tmp_path, photos, where):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "o" / where
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ConvmapsError, match="is a symlink"):
+        plan_topk(TopkOptions(model="lenet", inputs=[str(photos)], out=str(tmp_path / "o"),
+                              workers=0))
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_an_image_whose_png_folder_is_a_symlink_is_skipped_and_nothing_lands_outside(
+        tmp_path, photos):
+    o = DumpOptions(model="lenet", inputs=[str(photos)], out=str(tmp_path / "o"), workers=0)
+    run_dump(plan_dump(o))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    png = tmp_path / "o" / "a" / "img0.png" / "png"
+    for p in png.iterdir():
+        p.unlink()
+    png.rmdir()
+    png.symlink_to(elsewhere, target_is_directory=True)
+    m = run_dump(plan_dump(o))
+    entry = next(e for e in m["inputs"] if e["key"] == "a/img0.png")
+    assert "is a symlink" in entry["status"]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_filters_never_write_through_a_symlink(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "filters").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ConvmapsError, match="is a symlink"):
+        run_filters(FilterOptions(model="lenet", out=str(tmp_path / "o")))
+    assert list(elsewhere.iterdir()) == []

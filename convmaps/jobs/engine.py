@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 import shutil
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -37,7 +38,15 @@ from convmaps.io import layout
 from convmaps.io import manifest as manifests
 from convmaps.io.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
 from convmaps.io.store import fsync_dir, parse_bytes, write_json
-from convmaps.jobs.ownership import claim, listed_files, safe_folder
+from convmaps.jobs.ownership import (
+    claim,
+    hold,
+    listed_files,
+    locked,
+    release,
+    safe_folder,
+    symlink_under,
+)
 from convmaps.jobs.runtime import (
     batches,
     check_device,
@@ -50,7 +59,7 @@ from convmaps.jobs.runtime import (
 
 __all__ = ["DecodedImages", "Job", "Plan", "Result", "bundled_samples", "check_bounds",
            "check_network", "check_room", "find_sources", "identity", "image_loader",
-           "inputs_id", "layer_rows", "locked", "model_identity", "plan_job", "run_job"]
+           "inputs_id", "layer_rows", "model_identity", "plan_job", "run_job"]
 
 
 def bundled_samples() -> Path:
@@ -138,6 +147,8 @@ def find_sources(inputs: list[str], arch: str, out: Path, ours: set[str]
         target = out / s.key
         if reason is None and not safe_folder(out, s.key):
             reason = f"the way to its output folder {target} goes through a symlink"
+        elif reason is None and (link := symlink_under(target)) is not None:
+            reason = f"{link} is a symlink, and convmaps writes nothing through one"
         elif reason is None and target.exists() and not target.is_dir():
             reason = f"its output folder would replace the file {target}"
         if reason is not None:
@@ -323,6 +334,7 @@ class Plan:
     listed: dict[str, set[str]] = field(default_factory=dict)  # files manifests listed, by key
     finished: dict[int, Entry] = field(default_factory=dict)  # complete before this run
     done: Entry | None = None  # the manifest of an identical finished run
+    lock: Any = None  # this run's hold on its part of OUT, released when the run ends
 
     @property
     def out(self) -> Path:
@@ -408,7 +420,53 @@ def plan_job(o: Any, job: Job) -> Plan:
     fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(o.out)
     folder = job.folder(out)
+    if folder != out and (link := symlink_under(folder)) is not None:
+        raise ConvmapsError(f"{_quoted(link)} is a symlink: convmaps writes nothing through one "
+                            "inside OUT; remove it or choose another --out")
     shard = resolve_shard(o.shard)
+    part = job.manifest.removesuffix(".json")
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    with locked(folder):
+        lock = _RunLock(folder, part, fingerprint, hold(folder, part, fingerprint))
+    try:
+        plan = _plan(o, job, loaded, table, found, fingerprint, folder, shard)
+    except BaseException:
+        lock.release()
+        for p in made:  # a refused run leaves no empty folder behind
+            with suppress(OSError):
+                p.rmdir()
+        raise
+    plan.lock = lock
+    weakref.finalize(plan, lock.release)  # a plan that is never run lets go when it goes
+    return plan
+
+
+@dataclass
+class _RunLock:
+    """This run's hold on its part of OUT (see `ownership.hold`), released once."""
+
+    folder: Path
+    part: str
+    run: str
+    fd: int | None
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            release(self.folder, self.part, self.run, fd)
+
+
+def _quoted(path: Path) -> str:
+    """A path as an error line shows it: quoted when it holds a newline or other odd
+    characters, so the message stays one line."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _plan(o: Any, job: Job, loaded: LoadedModel, table: list[LayerRow],
+          found: dict[str, Field], fingerprint: str, folder: Path, shard: tuple[int, int]
+          ) -> Plan:
+    out = Path(o.out)
     previous = listed_files(folder, fingerprint, job.manifest)
     earlier = claim(folder, fingerprint, o.resume, remove=job.remove, what=job.what,
                     shards=shard[1], name=job.manifest)
@@ -451,6 +509,14 @@ def run_job(plan: Plan, on_progress: Callable[[int], None] | None = None) -> Res
     `writer_threads()` threads with at most two batches in flight, so memory stays bounded
     when the disk is slower than the model. `on_progress(n)` is called as each batch's
     files are written, with its count of images not done before (`plan.finished`)."""
+    try:
+        return _run(plan, on_progress)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
+
+
+def _run(plan: Plan, on_progress: Callable[[int], None] | None) -> Result:
     o, job = plan.options, plan.job
     if plan.done is not None:
         return _result(plan, plan.done, plan.folder / job.manifest, True)
@@ -548,18 +614,3 @@ def _result(plan: Plan, manifest: Entry, path: Path, merged: bool) -> Result:
     already = len(plan.finished) if plan.done is None else len(entries) - len(skipped)
     return Result(manifest, path, len(entries) - len(skipped) - already, already, skipped,
                   merged)
-
-
-@contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `folder` itself while the block runs (flock on the
-    directory: no lock file is left behind to be mistaken for an output or an input)."""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock

@@ -25,8 +25,8 @@ from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
 from convmaps.io.store import save_tensors, write_bytes, write_json
-from convmaps.jobs.engine import check_network, identity, locked, model_identity
-from convmaps.jobs.ownership import claim, clear_folder
+from convmaps.jobs.engine import check_network, identity, model_identity
+from convmaps.jobs.ownership import claim, clear_folder, locked, symlink_under
 from convmaps.options import FilterOptions
 
 __all__ = ["run_filters"]
@@ -50,6 +50,9 @@ def run_filters(o: FilterOptions) -> list[tuple[str, str | None]]:
     out = Path(o.out)
     folder = out / layout.FILTERS
     check_network(out, loaded, "filters")
+    if (link := symlink_under(folder)) is not None:
+        raise ConvmapsError(f"{link} is a symlink: convmaps writes nothing through one inside "
+                            "OUT; remove it or choose another --out")
     with locked(folder):  # one filters run at a time: no mixed files
         claim(folder, fingerprint, o.resume, remove=_remove_filters, what="filters")
         files = layout.filters_files(tuple(weights), o.png)

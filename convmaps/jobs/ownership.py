@@ -8,8 +8,10 @@ nothing else. Nothing is written or removed through a symlink.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from contextlib import suppress
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -17,7 +19,10 @@ from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
 
-__all__ = ["claim", "clear_folder", "listed_files", "owner", "safe_folder"]
+__all__ = ["claim", "clear_folder", "hold", "listed_files", "locked", "owner", "release",
+           "safe_folder", "symlink_under"]
+
+_RUN_LOCK = ".convmaps-run.{part}.{run}.lock"  # held (shared) by every process of one run
 
 
 def _existing(out: Path, name: str = layout.MANIFEST) -> list[tuple[str, dict[str, Any]]]:
@@ -118,3 +123,80 @@ def clear_folder(out: Path, key: str, keep: set[str], owned: Callable[[str], boo
             with suppress(OSError):
                 here.rmdir()  # only when empty
                 emptied.add(root)
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `folder` itself while the block runs (flock on the
+    directory: no lock file is left behind to be mistaken for an output or an input)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def hold(folder: Path, part: str, run: str) -> int:
+    """Mark `folder` as being written by run `run` (for the part `part`: a dump, projections,
+    a top-k) until `release`: a run of other options there meanwhile is refused in one line
+    naming this one, while processes of this same run (shards, torchrun ranks) share it.
+    Call it with `locked(folder)` held, before claiming. Returns the lock's descriptor."""
+    import fcntl
+
+    for path in sorted(folder.glob(_RUN_LOCK.format(part=part, run="*"))):
+        if path.name == _RUN_LOCK.format(part=part, run=run) or not path.is_file() \
+                or path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            raise ConvmapsError(
+                f"{folder} is being written by another convmaps run with other options "
+                f"({holder}); wait for it to finish, or choose another --out") from None
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)  # a killed run's: nobody holds it
+    path = folder / _RUN_LOCK.format(part=part, run=run)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    holder = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[:3])[:200]}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    return fd
+
+
+def release(folder: Path, part: str, run: str, fd: int) -> None:
+    """Let go of `hold`'s lock; the last process of the run removes its file."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no sibling holds it any more
+        (folder / _RUN_LOCK.format(part=part, run=run)).unlink(missing_ok=True)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_run_lock(name: str) -> bool:
+    return name.startswith(".convmaps-run.") and name.endswith(".lock")
+
+
+def symlink_under(root: Path) -> Path | None:
+    """The first symlink inside `root` (which convmaps writes into), or None; `root` itself
+    counts too. Never follows one."""
+    if root.is_symlink():
+        return root
+    if not root.is_dir():
+        return None
+    for here, dirs, names in os.walk(root):  # does not follow symlinked folders
+        for name in [*dirs, *names]:
+            if (Path(here) / name).is_symlink():
+                return Path(here) / name
+    return None
