@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,46 @@ def test_filters_never_write_through_a_symlink(tmp_path):
     with pytest.raises(ConvmapsError, match="is a symlink"):
         run_filters(FilterOptions(model="lenet", out=str(tmp_path / "o")))
     assert list(elsewhere.iterdir()) == []
+
+
+ODD_NAMES = ["back\\slash.png", "new\nline.png", "tab\there.png", "-leading dash.png",
+             "quo'te\"s.png", "<script>alert(1)</script>.png", "ü" * 60 + ".png", "Case.png",
+             "case.png", "caf\u00e9.png", "cafe\u0301.png"]  # the last two: NFC and NFD
+
+
+def test_odd_file_names_go_through_every_command_and_the_report(tmp_path):
+    photos = tmp_path / "odd"
+    for i, name in enumerate(ODD_NAMES):
+        write_image(photos / name, size=(20, 24), seed=i)
+    out = tmp_path / "o"
+    dump = DumpOptions(model="lenet", inputs=[str(photos)], out=str(out), workers=0,
+                       layers="C1,OUTPUT")
+    first = run_dump(plan_dump(dump))
+    # names that one folder of a case- or normalisation-insensitive disk would merge: the
+    # second of each pair gets its input folder's name in front
+    keys = [e["key"] for e in first["inputs"]]
+    assert sorted(k.removeprefix("odd/") for k in keys) == sorted(ODD_NAMES)
+    assert len({unicodedata.normalize("NFC", k).casefold() for k in keys}) == len(ODD_NAMES)
+    assert all(e["status"] == "ok" for e in first["inputs"])
+    again = plan_dump(dump)  # the manifest reads back, and every image is done
+    assert len(again.finished) == len(ODD_NAMES)
+    del again  # a plan never run lets its folder go when it goes
+    run_job(plan_job(ProjectOptions(model="lenet", inputs=[str(photos)], units=["C1:0"],
+                                    out=str(out), workers=0), Project()))
+    run_job(plan_topk(TopkOptions(model="lenet", inputs=[str(photos)], out=str(out), k=2,
+                                  layers="C1", png_cap=1, workers=0)))
+    index = build_report(out)
+    pages = list((index.parent).rglob("*.html"))
+    text = "".join(p.read_text() for p in pages)
+    assert "<script>alert(1)</script>" not in text  # escaped, never markup
+    assert len([p for p in pages if "images" in p.parts]) >= len(ODD_NAMES)
+    # every other command reads the folder back
+    result = CliRunner().invoke(app, ["show", str(out)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["dump", "lenet", str(photos), "--out", str(out),
+                                      "--layers", "C1,OUTPUT", "--workers", "0"])
+    assert result.exit_code == 0 and f"0 image(s) written, {len(ODD_NAMES)} already" in \
+        result.output
+    result = CliRunner().invoke(app, ["dump", "lenet", str(photos), "--out", str(out),
+                                      "--layers", "C1", "--workers", "0", "--overwrite"])
+    assert result.exit_code == 0, result.output

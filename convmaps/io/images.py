@@ -22,6 +22,7 @@ import errno
 import hashlib
 import os
 import stat
+import unicodedata
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -90,9 +91,10 @@ def find_images(inputs: Sequence[str | Path]) -> list[ImageSource]:
       * one real file appears once, under the first key that reaches it (compared by
         `os.path.realpath`, which, unlike `Path.resolve` before Python 3.13, never raises on a
         symlink loop);
-      * keys are unique, compared case-insensitively (so outputs cannot clash on macOS or
-        Windows either): a key already taken becomes `<root folder name>/<key>`, and if that
-        is taken too `<root folder name>~2/<key>`, `~3`, ... .
+      * keys are unique, compared case- and normalisation-insensitively (so outputs cannot
+        clash on macOS or Windows either): a key already taken becomes
+        `<root folder name>/<key>`, and if that is taken too `<root folder name>~2/<key>`,
+        `~3`, ... .
 
     Raises:
         ConvmapsError: an INPUT that does not exist, or a folder that cannot be listed.
@@ -107,7 +109,7 @@ def find_images(inputs: Sequence[str | Path]) -> list[ImageSource]:
                 continue
             seen_files.add(real)
             unique = _unique_key(key, root, taken_keys)
-            taken_keys.add(unique.casefold())
+            taken_keys.add(_folded(unique))
             sources.append(ImageSource(path=path, root=root, key=unique))
     return sources
 
@@ -164,14 +166,21 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
 
 
 def _unique_key(key: str, root: Path, taken: set[str]) -> str:
-    """`key`, or `key` under its root folder's name (then `name~2`, `name~3`...) if taken."""
-    if key.casefold() not in taken:
+    """`key`, or `key` under its root folder's name (then `name~2`, `name~3`...) if taken
+    (compared as `_folded`)."""
+    if _folded(key) not in taken:
         return key
     name = Path(os.path.abspath(root)).name or "root"
     candidate, n = f"{name}/{key}", 2
-    while candidate.casefold() in taken:
+    while _folded(candidate) in taken:
         candidate, n = f"{name}~{n}/{key}", n + 1
     return candidate
+
+
+def _folded(key: str) -> str:
+    """What a case-insensitive, normalisation-insensitive file system (macOS, Windows) sees
+    of a key: `café` in NFC and NFD are one folder there, as `Case` and `case` are."""
+    return unicodedata.normalize("NFC", key).casefold()
 
 
 # --- hashing -----------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
               and isinstance(e.get("status"), str)
               and (e.get("sha256") is None or _SHA256.fullmatch(str(e["sha256"])))
               and isinstance(e.get("files", []), list)
-              and all(isinstance(f, str) for f in e.get("files", [])))
+              and all(isinstance(f, str) and _relative(f) for f in e.get("files", [])))
         if not ok:
             raise bad("an input entry lacks a string key, status or list of files")
     for e in inputs:
@@ -89,7 +89,7 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
     for name in ("options", "selected"):
         if not isinstance(manifest.get(name, {}), dict):
             raise bad(f"{name} is not an object")
-    if not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not all(isinstance(v, list) and all(isinstance(x, str) and _plain_name(x) for x in v)
                for v in manifest.get("selected", {}).values()):
         raise bad("selected is not lists of module names")
     if not _ints(manifest.get("input_size", [1, 1])):
@@ -129,10 +129,12 @@ def _plain_name(name: str) -> bool:
 
 
 def _relative(key: str) -> bool:
-    # A key names a folder under OUT that convmaps may clear: never outside it.
+    # A key or file names a path under OUT that convmaps may clear or link to: relative,
+    # normalised and never outside it. Any other character is a legal file name (a backslash
+    # is no separator on POSIX).
     parts = PurePosixPath(key).parts
-    return (bool(parts) and not key.startswith("/") and ".." not in parts
-            and not any(c in key for c in "\\\0"))
+    return (bool(parts) and not key.startswith("/") and ".." not in parts and "\0" not in key
+            and PurePosixPath(key).as_posix() == key)
 
 
 def read(folder: str | Path, name: str = MANIFEST) -> dict[str, Any] | None:
