@@ -419,3 +419,69 @@ def test_a_folder_of_only_broken_images_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert "no usable image among the 2 input(s)" in result.output
     assert "Traceback" not in result.output
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _planned(tmp_path, photos, **kw):
+    return plan_topk(TopkOptions(inputs=[str(photos)], out=str(tmp_path / "o"), layers="C1,F6",
+                                 k=3, batch_size=2, workers=0, checkpoint_seconds=0, **kw))
+
+
+def _checkpoint(tmp_path, photos) -> Path:
+    """A shard's checkpoint left by a run killed after its first batches."""
+    plan = _planned(tmp_path, photos, shard="0/2")
+    run_topk(plan)  # shard 1 never runs: shard 0's state stays
+    return tmp_path / "o" / "topk" / "partial" / "shard-0-of-2.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "fewer channels", "images out of range",
+                                    "3-D values", "images as floats"])
+def test_a_checkpoint_that_cannot_be_ours_is_an_error_never_a_silent_restart(
+        tmp_path, photos, damage):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _checkpoint(tmp_path, photos)
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    if damage == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    else:
+        if damage == "fewer channels":
+            tensors = {k: (v[:3] if k.startswith("C1/") else v) for k, v in tensors.items()}
+        elif damage == "images out of range":
+            tensors["C1/images"] = tensors["C1/images"] + 1000
+        elif damage == "3-D values":
+            tensors["C1/values"] = tensors["C1/values"][..., None]
+        else:
+            tensors["C1/images"] = tensors["C1/images"].float()
+        save_file(tensors, path, meta)
+    with pytest.raises(ConvmapsError, match="not a readable top-k checkpoint"):
+        _planned(tmp_path, photos, shard="0/2")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_an_imagenet_sized_run_stays_small_and_loads_back(tmp_path, photos):
+    """1.3 M images: the state file grows by under 256 bytes an image (its header stays small
+    whatever the count, so safetensors' 100 MB header limit is never reached)."""
+    import convmaps.jobs.topk as job
+    from convmaps.io.images import ImageSource
+
+    plan = _planned(tmp_path, photos)
+    n = 1_300_000
+    plan.sources = [ImageSource(Path(f"/data/{i}.jpg"), Path("/data"), f"{i}.jpg")
+                    for i in range(n)]
+    state = job._State({k: empty(c) for k, c in (("C1", 6), ("F6", 84))}, {}, done=5)
+    sha = "ab" * 32
+    state.entries = {i: {"key": f"{i}.jpg", "source": f"/data/{i}.jpg", "sha256": sha,
+                         "status": "ok" if i % 1000 else "skipped: not an image", "files": []}
+                     for i in range(n)}
+    job._save_state(plan, state, (0, 1))
+    path = tmp_path / "o" / "topk" / "partial" / "shard-0-of-1.safetensors"
+    assert path.stat().st_size < 256 * n
+    back = job._load_state(plan, (0, 1))
+    assert back is not None and back.done == 5 and len(back.entries) == n
+    assert back.entries[1] == state.entries[1]
+    assert back.entries[0] == {**state.entries[0], "sha256": None}

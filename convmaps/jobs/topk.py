@@ -274,33 +274,100 @@ class _State:
 
 
 def _save_state(plan: Plan, state: _State, shard: tuple[int, int]) -> None:
+    """A shard's checkpoint: the partial top-k and its images' entries as tensors (40 bytes an
+    image, whatever their number: the header stays small), skip reasons as JSON bytes."""
     t = _topk(plan)
-    tensors = {f"{key}/{part}": getattr(t, part) for key, t in state.tops.items()
+    tensors = {f"{key}/{part}": getattr(top, part) for key, top in state.tops.items()
                for part in ("values", "images", "flat")}
+    index = sorted(state.entries)
+    entries = [state.entries[i] for i in index]
+    tensors["entries/index"] = torch.tensor(index, dtype=torch.int64)
+    tensors["entries/sha256"] = torch.frombuffer(bytearray(b"".join(
+        bytes.fromhex(e["sha256"] or "0" * 64) for e in entries)), dtype=torch.uint8
+    ).reshape(len(entries), 32) if entries else torch.zeros(0, 32, dtype=torch.uint8)
+    reasons = {str(i): e["status"] for i, e in zip(index, entries, strict=True)
+               if e["status"] != "ok"}
+    tensors["entries/skipped"] = torch.frombuffer(bytearray(json.dumps(reasons).encode()),
+                                                  dtype=torch.uint8)
     meta = {"run": plan.fingerprint, "inputs_id": plan.header["inputs_id"],
-            "batches_done": str(state.done), "finished": str(state.finished),
-            "entries": json.dumps(sorted(state.entries.items()))}
+            "batches_done": str(state.done), "finished": str(state.finished)}
     save_tensors(plan.folder / t.layout.state_file(*shard), tensors, meta)
 
 
 def _load_state(plan: Plan, shard: tuple[int, int]) -> _State | None:
-    """A shard's saved partial top-k when it belongs to this run, else None."""
-    t = _topk(plan)
+    """A shard's saved partial top-k when it belongs to this run; None when there is none (or
+    it is another run's leftover).
+
+    Raises:
+        ConvmapsError: the file is there but cannot be read or is not a state of this run's
+            shapes: never a silent restart from zero.
+    """
     from safetensors import SafetensorError, safe_open
 
+    t = _topk(plan)
     path = plan.folder / t.layout.state_file(*shard)
+    if not path.exists():
+        return None
     meta = read_metadata(path)
-    if meta is None or meta.get("run") != plan.fingerprint or \
-            meta.get("inputs_id") != plan.header["inputs_id"]:
-        return None
+    if meta is not None and (meta.get("run") != plan.fingerprint
+                             or meta.get("inputs_id") != plan.header["inputs_id"]):
+        return None  # another run's: claim removes it with --overwrite
     try:
+        if meta is None:
+            raise ValueError("no safetensors header")
         with safe_open(str(path), "pt") as f:
-            tops = {key: TopK(*(f.get_tensor(f"{key}/{p}") for p in ("values", "images", "flat")))
-                    for key in t.keys}
-        entries = {int(i): e for i, e in json.loads(meta["entries"])}
-        return _State(tops, entries, int(meta["batches_done"]), meta["finished"] == "True")
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
-        return None
+            got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        tops = {key: TopK(*(got[f"{key}/{p}"] for p in ("values", "images", "flat")))
+                for key in t.keys}
+        _check_tops(plan, tops)
+        entries = _entries(plan, got["entries/index"], got["entries/sha256"],
+                           json.loads(bytes(got["entries/skipped"].tolist()).decode()))
+        done, count = int(meta["batches_done"]), math.ceil(len(plan.sources) / t.options.batch_size)
+        if not 0 <= done <= count:
+            raise ValueError(f"{done} batches done of {count}")
+        return _State(tops, entries, done, meta["finished"] == "True")
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ConvmapsError(f"{path} is not a readable top-k checkpoint of this run ({e}); "
+                            "remove it, or run the same command with --overwrite") from None
+
+
+def _check_tops(plan: Plan, tops: dict[str, TopK]) -> None:
+    """A checkpoint's tables hold this run's channels, at most k entries, indices in range."""
+    t = _topk(plan)
+    for key, top in tops.items():
+        c = t.shapes[key][0]
+        cells = math.prod(t.shapes[key][1:]) if len(t.shapes[key]) == 3 else 1
+        shape = tuple(top.values.shape)
+        if len(shape) != 2 or shape[0] != c or shape[1] > t.options.k or any(
+                tuple(x.shape) != shape for x in (top.images, top.flat)):
+            raise ValueError(f"{key} has tables of shape {shape}, not ({c}, <= {t.options.k})")
+        if top.values.dtype != torch.float32 or top.images.dtype != torch.int64 or \
+                top.flat.dtype != torch.int64:
+            raise ValueError(f"{key} has tables of dtypes other than float32 and int64")
+        if top.images.numel() and not (int(top.images.min()) >= 0 and
+                                       int(top.images.max()) < len(plan.sources)):
+            raise ValueError(f"{key} names images outside the {len(plan.sources)} inputs")
+        if top.flat.numel() and not (int(top.flat.min()) >= 0 and int(top.flat.max()) < cells):
+            raise ValueError(f"{key} names positions outside its maps")
+
+
+def _entries(plan: Plan, index: torch.Tensor, sha: torch.Tensor, skipped: dict[str, str]
+             ) -> dict[int, dict[str, Any]]:
+    """The manifest entries a checkpoint's tensors stand for."""
+    if index.dim() != 1 or tuple(sha.shape) != (len(index), 32) or sha.dtype != torch.uint8:
+        raise ValueError("entries of the wrong shapes")
+    if not isinstance(skipped, dict) or not all(isinstance(v, str) for v in skipped.values()):
+        raise ValueError("skip reasons are not a JSON object of strings")
+    found = {}
+    digests = sha.numpy().tobytes()
+    for row, i in enumerate(index.tolist()):
+        if not 0 <= i < len(plan.sources):
+            raise ValueError(f"entry {i} is outside the {len(plan.sources)} inputs")
+        src = plan.sources[i]
+        status = skipped.get(str(i), "ok")
+        digest = digests[32 * row:32 * row + 32].hex() if status == "ok" else None
+        found[i] = manifests.entry(src.key, str(src.path), digest, status, [])
+    return found
 
 
 # --- results: boxes, projections, figures -----------------------------------------------------
