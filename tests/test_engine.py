@@ -14,11 +14,17 @@ from typer.testing import CliRunner
 from convmaps.cli import app
 from convmaps.errors import ConvmapsError
 from convmaps.jobs.dump import plan_dump, run_dump
-from convmaps.jobs.engine import plan_job, run_job
+from convmaps.jobs.engine import collate, plan_job, run_job
 from convmaps.jobs.filters import run_filters
 from convmaps.jobs.ownership import locked
 from convmaps.jobs.project import Project
-from convmaps.jobs.runtime import batches, default_threads, default_workers, resolve_shard
+from convmaps.jobs.runtime import (
+    batches,
+    default_threads,
+    default_workers,
+    resolve_device,
+    resolve_shard,
+)
 from convmaps.jobs.topk import plan_topk
 from convmaps.options import DumpOptions, FilterOptions, ProjectOptions, TopkOptions
 from convmaps.report import build_report
@@ -287,3 +293,32 @@ def test_odd_file_names_go_through_every_command_and_the_report(tmp_path):
     result = CliRunner().invoke(app, ["dump", "lenet", str(photos), "--out", str(out),
                                       "--layers", "C1", "--workers", "0", "--overwrite"])
     assert result.exit_code == 0, result.output
+
+
+# --- devices and batches on a GPU, checked without one ---------------------------------------
+
+
+def test_under_torchrun_each_rank_sets_its_own_gpu_before_touching_cuda(monkeypatch):
+    import torch
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set", d)))
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: calls.append(
+        ("alloc", device)))
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert calls == [("set", torch.device("cuda", 3)), ("alloc", torch.device("cuda", 3))]
+    calls.clear()
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # named: kept
+    assert calls[0] == ("set", torch.device("cuda", 1))
+
+
+def test_a_batch_is_stacked_where_it_is_decoded_so_the_loader_can_pin_it():
+    import torch
+
+    items = [{"index": 0, "tensor": torch.zeros(1, 2, 2)}, {"index": 1, "tensor": None},
+             {"index": 2, "tensor": torch.ones(1, 2, 2)}]
+    got, batch = collate(items)
+    assert [it["tensor"] for it in got] == [0, None, 1]
+    assert batch is not None and batch.shape == (2, 1, 2, 2) and batch[1].eq(1).all()
+    assert collate([{"index": 0, "tensor": None}])[1] is None

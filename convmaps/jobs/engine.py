@@ -49,17 +49,16 @@ from convmaps.jobs.ownership import (
 )
 from convmaps.jobs.runtime import (
     batches,
-    check_device,
     default_workers,
     memory_format,
+    resolve_device,
     resolve_shard,
-    run_device,
     threads,
 )
 
 __all__ = ["DecodedImages", "Job", "Plan", "Result", "bundled_samples", "check_bounds",
            "check_network", "check_room", "find_sources", "identity", "image_loader",
-           "inputs_id", "layer_rows", "model_identity", "plan_job", "run_job"]
+           "collate", "inputs_id", "layer_rows", "model_identity", "plan_job", "run_job"]
 
 
 def bundled_samples() -> Path:
@@ -204,14 +203,26 @@ class DecodedImages(torch.utils.data.Dataset[dict[str, Any]]):
 
 
 def image_loader(images: DecodedImages, batches: list[list[int]], workers: int | None,
-                 device: torch.device) -> torch.utils.data.DataLoader[dict[str, Any]]:
+                 device: torch.device) -> torch.utils.data.DataLoader[Any]:
     """The `batches` (lists of indices) of `images`, decoded in `workers` processes (default:
-    `default_workers()`), each batch a list of `DecodedImages` items."""
+    `default_workers()`): each batch `(items, tensor)`, see `collate`. For a GPU the loader's
+    thread pins that one tensor, so the copy to the device is asynchronous."""
     return torch.utils.data.DataLoader(
-        images, batch_sampler=batches, collate_fn=list,
+        images, batch_sampler=batches, collate_fn=collate,
         num_workers=default_workers() if workers is None else workers,
         pin_memory=device.type == "cuda",
     )
+
+
+def collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
+    """A batch as the engine takes it: the items, each decoded one's `tensor` replaced by its
+    row in one stacked tensor (None where it was skipped), and that tensor (None when no item
+    decoded). Stacked here, in the decoding process, not after pinning: `torch.stack` of
+    pinned tensors makes an unpinned one, and its copy to a GPU would wait."""
+    good = [it["tensor"] for it in items if it["tensor"] is not None]
+    rows = iter(range(len(good)))
+    items = [{**it, "tensor": None if it["tensor"] is None else next(rows)} for it in items]
+    return items, torch.stack(good) if good else None
 
 
 def _check_resized(size: tuple[int, int], preprocess: Callable[[Any], torch.Tensor]) -> None:
@@ -335,6 +346,7 @@ class Plan:
     finished: dict[int, Entry] = field(default_factory=dict)  # complete before this run
     done: Entry | None = None  # the manifest of an identical finished run
     lock: Any = None  # this run's hold on its part of OUT, released when the run ends
+    device: torch.device = torch.device("cpu")  # where the run computes (resolve_device)
 
     @property
     def out(self) -> Path:
@@ -410,7 +422,7 @@ def plan_job(o: Any, job: Job) -> Plan:
     check_bounds(o, (("batch_size", 1), ("workers", 0), ("threads", 1), *job.bounds))
     if hasattr(o, "max_bytes"):
         parse_bytes(o.max_bytes)
-    check_device(o.device)
+    device = resolve_device(o.device)
     loaded = load_model(o.model, o.weights, o.arch)
     input_shape = (loaded.in_channels, *loaded.input_size)
     table = layer_table(loaded.model, input_shape)
@@ -437,6 +449,7 @@ def plan_job(o: Any, job: Job) -> Plan:
                 p.rmdir()
         raise
     plan.lock = lock
+    plan.device = device
     weakref.finalize(plan, lock.release)  # a plan that is never run lets go when it goes
     return plan
 
@@ -520,7 +533,7 @@ def _run(plan: Plan, on_progress: Callable[[int], None] | None) -> Result:
     o, job = plan.options, plan.job
     if plan.done is not None:
         return _result(plan, plan.done, plan.folder / job.manifest, True)
-    device = run_device(o.device)
+    device = plan.device
     memory = memory_format(device)
     model = plan.loaded.model.to(device).to(memory_format=memory)
     entries: dict[int, Entry] = dict(plan.finished)
@@ -541,10 +554,9 @@ def _run(plan: Plan, on_progress: Callable[[int], None] | None) -> Result:
             ThreadPoolExecutor(writer_threads(), thread_name_prefix="convmaps-writer") as writer:
         job.start(plan, model, device)
         try:
-            for items in loader:
-                good = [it["tensor"] for it in items if it["tensor"] is not None]
-                batch = torch.stack(good).to(device, non_blocking=True, memory_format=memory) \
-                    if good else None
+            for items, batch in loader:
+                if batch is not None:
+                    batch = batch.to(device, non_blocking=True, memory_format=memory)
                 stepped = job.step(plan, batch, items)
                 fresh = sum(1 for it in items if it["index"] not in plan.finished)
                 in_flight.append((writer.submit(job.write, plan, items, stepped), fresh))

@@ -13,32 +13,30 @@ import torch
 
 from convmaps.errors import ConvmapsError
 
-__all__ = ["batches", "check_device", "default_threads", "default_workers", "memory_format",
-           "resolve_shard", "run_device", "threads", "usable_cores"]
+__all__ = ["batches", "default_threads", "default_workers", "memory_format", "resolve_device",
+           "resolve_shard", "threads", "usable_cores"]
 
 
-def check_device(name: str) -> torch.device:
-    """The device `name` names, proven by allocating on it (a typo, a GPU index that is not
-    there, or a backend this build lacks is one line, not a traceback mid-run)."""
+def resolve_device(name: str) -> torch.device:
+    """The device a run computes on, made current and proven by allocating on it (a typo, a
+    GPU index that is not there, or a backend this build lacks is one line, not a traceback
+    mid-run). Under torchrun a bare `cuda` is `cuda:<LOCAL_RANK>`, set before anything touches
+    CUDA, so no rank opens a context on GPU 0 and the loader's pin-memory thread follows."""
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConvmapsError(f"--device {name!r}: {str(e).splitlines()[0]}") from e
     if device.type == "meta":
         raise ConvmapsError("--device meta holds no values; use cpu or a GPU such as cuda")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))  # one GPU per process
     try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, AttributeError) as e:
+    except (RuntimeError, AssertionError, AttributeError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConvmapsError(f"--device {name}: not usable here ({first})") from e
-    return device
-
-
-def run_device(name: str) -> torch.device:
-    """The device a run computes on: `name`, with torchrun's LOCAL_RANK for a bare `cuda`."""
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))  # one GPU per torchrun process
     return device
 
 
