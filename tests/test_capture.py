@@ -376,3 +376,25 @@ def test_type_words_select_only_modules_that_run_explicit_idle_names_are_errors(
             select(model, spec, ran=ran)
     # without `ran`, as before: every module, idle or not
     assert "aux1.conv.conv" in {x.name for x in select(model, "conv")}
+
+
+def test_a_model_that_modifies_its_captures_runs_twice_once_not_every_batch():
+    """ResNet's `out += identity` modifies a captured bn2 output: the first batch finds it (and
+    runs again with that capture cloned); later batches clone it from the start."""
+    from convmaps.core.models import build
+
+    model = build("resnet18").eval()
+    passes = []
+    model.register_forward_pre_hook(lambda m, a: passes.append(1))
+    x = torch.randn(2, 3, 64, 64)
+    first = trace(model, x, ["layer1.0.bn2", "fc"])
+    assert len(passes) == 2
+    for _ in range(3):
+        again = trace(model, x, ["layer1.0.bn2", "fc"])
+    assert len(passes) == 5  # one pass a batch from now on
+    torch.testing.assert_close(again.outputs["layer1.0.bn2"], first.outputs["layer1.0.bn2"])
+    with torch.no_grad():  # the capture is bn2's own output, before the residual add
+        stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        block = model.layer1[0]
+        want = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(stem)))))
+    torch.testing.assert_close(again.outputs["layer1.0.bn2"], want)

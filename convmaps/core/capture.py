@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -267,8 +268,9 @@ def _raised_by(e: BaseException | None, bugs: list[BaseException]) -> bool:
 
 
 def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs: Collection[str],
-         clone: bool, prefix: str = "") -> tuple[Trace, list[str]]:
-    """Forward with hooks; returns the trace and the keys whose tensors changed after capture."""
+         clone: Collection[str], prefix: str = "") -> tuple[Trace, list[str]]:
+    """Forward with hooks, cloning the captures whose keys are in `clone`; returns the trace
+    and the keys whose tensors changed after capture (and were not cloned)."""
     got_out: dict[str, torch.Tensor] = {}
     got_in: dict[str, torch.Tensor] = {}
     versions: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
@@ -278,7 +280,7 @@ def _run(model: nn.Module, batch: torch.Tensor, outputs: Collection[str], inputs
 
     def keep(kind: str, store: dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
         t = t.detach()
-        if clone:
+        if key in clone:
             t = t.clone()
         store[key] = t
         versions[(kind, key)] = (t, t._version)
@@ -341,9 +343,10 @@ def trace(model: nn.Module, batch: torch.Tensor, outputs: Collection[str],
 
     The pass runs in eval mode under `torch.no_grad()` with in-place modules switched off.
     Should the model's own forward code still modify a captured tensor in place afterwards
-    (e.g. ResNet's `out += identity`), the tensor's version counter shows it and the pass is
-    redone with every capture cloned. The model is left exactly as found: hooks removed, and
-    every submodule's `training` and `inplace` flags and buffers restored.
+    (e.g. ResNet's `out += identity`), the tensor's version counter shows it: the pass is
+    redone with those captures cloned, and later passes of the same model clone them from the
+    start (decided once per model, not per batch). The model is left exactly as found: hooks
+    removed, and every submodule's `training` and `inplace` flags and buffers restored.
 
     Raises:
         UnknownLayerError: a name that is no module of `model`.
@@ -361,10 +364,18 @@ def _trace(model: nn.Module, batch: torch.Tensor, outputs: Collection[str],
     unknown = [n.removeprefix(prefix) for n in [*outputs, *inputs] if n not in names]
     if unknown:
         raise UnknownLayerError(f"no module named {', '.join(unknown)}")
-    result, changed = _run(model, batch, set(outputs), set(inputs), clone=False, prefix=prefix)
+    # Which captures the model's own code modifies in place is a property of the model: found
+    # once (one batch runs twice), then those alone are cloned from the start.
+    known = _MUTATED.setdefault(model, set())
+    result, changed = _run(model, batch, set(outputs), set(inputs), clone=known, prefix=prefix)
     if changed:
-        result, _ = _run(model, batch, set(outputs), set(inputs), clone=True, prefix=prefix)
+        known.update(changed)
+        result, _ = _run(model, batch, set(outputs), set(inputs), clone=known, prefix=prefix)
     return result
+
+
+# model -> the capture keys its forward code modifies in place after they are captured
+_MUTATED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def capture(model: nn.Module, batch: torch.Tensor, layers: Collection[str]
