@@ -178,3 +178,23 @@ def test_a_topk_file_of_the_wrong_shapes_is_one_line(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "not a convmaps top-k file" in result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "report").exists()
+
+
+def test_input_pictures_are_decoded_in_the_calling_thread(tmp_path, monkeypatch):
+    """Decoding sets process-wide warning filters: threads would undo each other's."""
+    import threading
+
+    import convmaps.io.images as images
+
+    out = tmp_path / "o"
+    run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
+    threads = set()
+    real = images.decode
+
+    def decode(*a, **k):
+        threads.add(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(images, "decode", decode)
+    build_report(out)
+    assert threads == {threading.current_thread().name}

@@ -25,7 +25,6 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -181,8 +180,10 @@ def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]]) -> 
         pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy())
         write_bytes(root / site.pictures[sha], render.png_bytes(pil), sync=False)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # decoding and zlib release the GIL
-        list(pool.map(draw, sorted(todo.items())))
+    # One at a time, in this thread: decoding sets process-wide warning filters (decompression
+    # bombs are errors), which threads would share and undo for each other.
+    for item in sorted(todo.items()):
+        draw(item)
 
 
 # --- HTML ------------------------------------------------------------------------------------
