@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 import unicodedata
 from pathlib import Path
 
@@ -322,3 +323,52 @@ def test_a_batch_is_stacked_where_it_is_decoded_so_the_loader_can_pin_it():
     assert [it["tensor"] for it in got] == [0, None, 1]
     assert batch is not None and batch.shape == (2, 1, 2, 2) and batch[1].eq(1).all()
     assert collate([{"index": 0, "tensor": None}])[1] is None
+
+
+def test_a_batch_leaves_the_device_once_at_one_place(tmp_path, photos, monkeypatch):
+    """Counted on the CPU: `to_host` is called once a batch (dump, project) or never (topk keeps
+    its top-k on the device), and no job copies a tensor to the host anywhere else."""
+    import torch
+
+    import convmaps.jobs.engine as engine
+    from convmaps.jobs.dump import Dump
+    from convmaps.jobs.topk import Topk
+
+    copies: list[str] = []
+    real = torch.Tensor.cpu
+
+    def cpu(t: torch.Tensor, *a, **k) -> torch.Tensor:
+        copies.append(traceback.format_stack(limit=2)[0])
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+
+    def run(o, job) -> int:
+        before = engine.host_copies
+        copies.clear()
+        run_job(plan_job(o, job))
+        # no .cpu() of a batch's results outside to_host; topk copies its table to the host
+        # only for a checkpoint (here: the last one)
+        assert all("in _save_state" in c or "tensors = {" in c for c in copies), copies
+        assert isinstance(job, Topk) or copies == []
+        return engine.host_copies - before
+
+    common = {"model": "lenet", "inputs": [str(photos)], "workers": 0, "batch_size": 3}
+    assert run(DumpOptions(**common, out=str(tmp_path / "d"), kernels="C3", png=False),
+               Dump()) == 3  # 8 inputs in batches of 3 (the broken one decodes to nothing)
+    assert run(ProjectOptions(**common, out=str(tmp_path / "p"), units=["C3:1"], png=False),
+               Project()) == 3
+    assert run(TopkOptions(**common, out=str(tmp_path / "t"), project="none", png=False),
+               Topk()) == 0
+
+
+def test_to_host_keeps_every_tensor_and_value():
+    import torch
+
+    from convmaps.jobs.engine import to_host
+
+    tree = ({"a": torch.arange(6.0).view(2, 3), "n": 3}, [torch.tensor([True, False])],
+            torch.zeros(0, dtype=torch.int64))
+    back = to_host(tree)
+    assert back[0]["n"] == 3 and torch.equal(back[0]["a"], tree[0]["a"])
+    assert torch.equal(back[1][0], tree[1][0]) and back[2].shape == (0,)

@@ -35,11 +35,15 @@ class TopK:
     def k(self) -> int:
         return int(self.values.shape[1])
 
+    def to(self, device: torch.device | str) -> TopK:
+        return TopK(self.values.to(device), self.images.to(device), self.flat.to(device))
 
-def empty(channels: int) -> TopK:
-    """The top-k of no images: `channels` empty rows."""
-    return TopK(torch.empty(channels, 0), torch.empty(channels, 0, dtype=torch.int64),
-                torch.empty(channels, 0, dtype=torch.int64))
+
+def empty(channels: int, device: torch.device | str = "cpu") -> TopK:
+    """The top-k of no images: `channels` empty rows (on `device`)."""
+    return TopK(torch.empty(channels, 0, device=device),
+                torch.empty(channels, 0, dtype=torch.int64, device=device),
+                torch.empty(channels, 0, dtype=torch.int64, device=device))
 
 
 def maxima(out: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,9 +79,11 @@ def merge(running: TopK, values: Tensor, flat: Tensor, images: Tensor, k: int) -
     """`running` merged with a batch's maxima (`values`, `flat`: `(N, C)`) of the images
     `images` `(N,)`; at most `k` entries a row."""
     c, n = running.values.shape[0], values.shape[0]
-    return ranked(torch.cat([running.values, values.T.float().cpu()], 1),
-                  torch.cat([running.images, images.cpu()[None].expand(c, n)], 1),
-                  torch.cat([running.flat, flat.T.cpu()], 1), k)
+    # on the device of `running` (a GPU keeps its top-k there: no copy per batch)
+    return ranked(torch.cat([running.values, values.T.float().to(running.values.device)], 1),
+                  torch.cat([running.images, images.to(running.images.device)[None].expand(c, n)],
+                            1),
+                  torch.cat([running.flat, flat.T.to(running.flat.device)], 1), k)
 
 
 def update(running: TopK, out: Tensor, images: Tensor, k: int) -> TopK:

@@ -7,6 +7,7 @@ image's files. Which files an image gets comes from `io.layout.ImageLayout`.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -115,6 +116,9 @@ class Dump(Job):
 
     def start(self, plan: Plan, model: torch.nn.Module, device: torch.device) -> None:
         self.model = model
+        # kernel and tap maps are computed on the host, from the host copy of their inputs
+        self.host_convs = {x.name: copy.deepcopy(_conv(x)).cpu() if device.type != "cpu"
+                           else _conv(x) for x in [*self.kernels, *self.taps]}
         for i in sorted(plan.finished):  # files of older options and temporary files go
             key = plan.sources[i].key
             clear_folder(plan.out, key, set(self.layout.files()),
@@ -127,8 +131,8 @@ class Dump(Job):
         outputs = ["", *(x.name for x in self.layers)]  # "": the model's output, for top-5
         inputs = [x.name for x in [*self.pools, *self.kernels, *self.taps]]
         got = trace(self.model, batch, outputs, inputs)
-        logits = got.outputs.pop("").float().cpu()
-        return got, (logits if logits.dim() == 2 else None)
+        logits = got.outputs.pop("").float()
+        return got, (logits if logits.dim() == 2 else None)  # the engine brings it to the host
 
     def write(self, plan: Plan, items: list[dict[str, Any]], stepped: Any
               ) -> list[tuple[int, dict[str, Any]]]:
@@ -333,7 +337,7 @@ def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         chunker = decompose.kernel_map_chunks if kind == "kernels" else decompose.tap_map_chunks
         for layer in convs:
-            conv = _conv(layer)
+            conv = _dump(plan).host_convs[layer.name]
             n_png = capped[layer.name] if _dump(plan).layout.png else 0
             for filters, chunk in chunker(conv, x[layer.name], chunk_bytes, dtype):
                 for o in range(filters.start, min(filters.stop, n_png)):
@@ -342,9 +346,9 @@ def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
                     rel = _dump(plan).layout.filter_png(kind, layer.name, o)
                     write_bytes(folder / rel, pic.png(), sync=False)
                     written.append(rel)
-                yield layer.name, chunk.cpu()
+                yield layer.name, chunk
             if conv.bias is not None:
-                yield f"{layer.name}.bias", conv.bias.detach().to(dtype).cpu()
+                yield f"{layer.name}.bias", conv.bias.detach().to(dtype)
 
     return specs, stream()
 
@@ -376,7 +380,7 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
         for key in lay.switches:
             pool = pools[key.split("@")[0]]
             assert isinstance(pool, nn.MaxPool2d)
-            sw[key] = pooling.switches(pool, got.inputs[key][i]).cpu()
+            sw[key] = pooling.switches(pool, got.inputs[key][i])
         save_tensors(folder / layout.SWITCHES, sw, _metadata(plan, src, sha, [*sw]), sync=False)
         written.append(layout.SWITCHES)
     convs_in = {k: v[i] for k, v in got.inputs.items()}
@@ -387,7 +391,7 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
             meta = _metadata(plan, src, sha, [s.name for s in specs])
             write_safetensors(folder / name, specs, stream, meta, sync=False)
             written.append(name)
-    acts = {k: got.outputs[k][i].to(dtype).cpu() for k in lay.activations}
+    acts = {k: got.outputs[k][i].to(dtype) for k in lay.activations}
     meta = _metadata(plan, src, sha, [*acts])
     if predictions is not None:
         meta[_PREDICTIONS] = json.dumps(predictions)

@@ -10,6 +10,7 @@ decoding, resume, the size bound, progress and the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -58,7 +59,7 @@ from convmaps.jobs.runtime import (
 
 __all__ = ["DecodedImages", "Job", "Plan", "Result", "bundled_samples", "check_bounds",
            "check_network", "check_room", "find_sources", "identity", "image_loader",
-           "collate", "inputs_id", "layer_rows", "model_identity", "plan_job", "run_job"]
+           "collate", "inputs_id", "layer_rows", "to_host", "model_identity", "plan_job", "run_job"]
 
 
 def bundled_samples() -> Path:
@@ -557,7 +558,7 @@ def _run(plan: Plan, on_progress: Callable[[int], None] | None) -> Result:
             for items, batch in loader:
                 if batch is not None:
                     batch = batch.to(device, non_blocking=True, memory_format=memory)
-                stepped = job.step(plan, batch, items)
+                stepped = to_host(job.step(plan, batch, items))
                 fresh = sum(1 for it in items if it["index"] not in plan.finished)
                 in_flight.append((writer.submit(job.write, plan, items, stepped), fresh))
                 settle(2)
@@ -567,6 +568,42 @@ def _run(plan: Plan, on_progress: Callable[[int], None] | None) -> Result:
                 future.cancel()
         job.end(plan)
     return _finish(plan, entries)
+
+
+host_copies = 0  # device -> host transfers of batch results so far (to_host counts them)
+
+
+def to_host(tree: Any) -> Any:
+    """`tree` (tuples, lists, dicts, dataclasses of tensors and other values) with every
+    tensor on the host, brought there in one transfer: the engine's one place where a batch's
+    results leave the device (a copy per tensor would wait on the device once each). On the
+    CPU nothing is copied."""
+    global host_copies
+    leaves: list[torch.Tensor] = []
+    _walk(tree, leaves.append)
+    if not leaves:
+        return tree
+    host_copies += 1
+    if all(t.device.type == "cpu" for t in leaves):
+        return tree
+    raw = [t.detach().contiguous().view(-1).view(torch.uint8) for t in leaves]
+    host = torch.cat(raw).cpu()
+    parts = iter(host.split([r.numel() for r in raw]))
+    return _walk(tree, lambda t: next(parts).view(t.dtype).view(t.shape))
+
+
+def _walk(tree: Any, visit: Callable[[torch.Tensor], Any]) -> Any:
+    """`tree` rebuilt with `visit(t)` in place of every tensor t (in a fixed order)."""
+    if isinstance(tree, torch.Tensor):
+        return visit(tree)
+    if isinstance(tree, dict):
+        return {k: _walk(v, visit) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_walk(v, visit) for v in tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return dataclasses.replace(tree, **{f.name: _walk(getattr(tree, f.name), visit)
+                                            for f in dataclasses.fields(tree) if f.init})
+    return tree
 
 
 def writer_threads() -> int:

@@ -90,7 +90,7 @@ class Project(Job):
             return None
         found = project_batch(self.model, batch, self.units, self.options.mode,
                               batch_size=self.options.batch_size)
-        return batch.cpu().contiguous(), found
+        return batch, found  # the engine brings both to the host, in one copy
 
     def write(self, plan: Plan, items: list[dict[str, Any]], stepped: Any
               ) -> list[tuple[int, dict[str, Any]]]:
@@ -209,7 +209,7 @@ def _write(plan: Plan, src: ImageSource, sha: str, x: torch.Tensor, found: list[
         field = job.fields.get(u.module)
         box: tuple[int, int, int, int] = field.box(*p.position) \
             if field is not None and p.position is not None else (0, 0, int(h), int(w))
-        tensors[key] = p.map.detach().float().cpu().contiguous()
+        tensors[key] = p.map.detach().float().contiguous()
         meta[f"{key}.value"] = f"{p.value:.9g}"
         meta[f"{key}.position"] = "" if p.position is None else f"{p.position[0]},{p.position[1]}"
         meta[f"{key}.box"] = ",".join(str(int(v)) for v in box)

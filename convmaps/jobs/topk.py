@@ -137,6 +137,8 @@ class Topk(Job):
         self.model = model
         if self.state is None:
             self.state = _State({k: empty(self.shapes[k][0]) for k in self.keys}, {})
+        # the running top-k stays on the device and merges there
+        self.state.tops = {k: top.to(device) for k, top in self.state.tops.items()}
         self.saved = time.monotonic()
 
     def step(self, plan: Plan, batch: torch.Tensor | None, items: list[dict[str, Any]]
@@ -145,7 +147,8 @@ class Topk(Job):
         assert state is not None
         if batch is not None:
             got = trace(self.model, batch, self.keys).outputs
-            index = torch.tensor([it["index"] for it in items if it["tensor"] is not None])
+            index = torch.tensor([it["index"] for it in items if it["tensor"] is not None],
+                                 device=batch.device)
             for key in self.keys:
                 state.tops[key] = update(state.tops[key], got[key], index, self.options.k)
         state.entries.update({it["index"]: plain_entry(plan, it) for it in items})
@@ -170,8 +173,8 @@ class Topk(Job):
             raise ConvmapsError(
                 f"no usable image among the {len(manifest['inputs'])} input(s): nothing to "
                 f"rank (why each was skipped: {plan.folder / layout.MANIFEST})")
-        tops = {key: combine([s.tops[key] for s in states if s is not None], self.options.k)
-                for key in self.keys}
+        tops = {key: combine([s.tops[key].to("cpu") for s in states if s is not None],
+                             self.options.k) for key in self.keys}
         _write_results(plan, tops, manifest, self.model)
         for i in range(count):
             (plan.folder / self.layout.state_file(i, count)).unlink(missing_ok=True)
@@ -277,8 +280,8 @@ def _save_state(plan: Plan, state: _State, shard: tuple[int, int]) -> None:
     """A shard's checkpoint: the partial top-k and its images' entries as tensors (40 bytes an
     image, whatever their number: the header stays small), skip reasons as JSON bytes."""
     t = _topk(plan)
-    tensors = {f"{key}/{part}": getattr(top, part) for key, top in state.tops.items()
-               for part in ("values", "images", "flat")}
+    tensors = {f"{key}/{part}": getattr(top, part).cpu() for key, top in state.tops.items()
+               for part in ("values", "images", "flat")}  # a checkpoint's copy, not a batch's
     index = sorted(state.entries)
     entries = [state.entries[i] for i in index]
     tensors["entries/index"] = torch.tensor(index, dtype=torch.int64)
