@@ -485,3 +485,18 @@ def test_a_checkpoint_of_an_imagenet_sized_run_stays_small_and_loads_back(tmp_pa
     assert back is not None and back.done == 5 and len(back.entries) == n
     assert back.entries[1] == state.entries[1]
     assert back.entries[0] == {**state.entries[0], "sha256": None}
+
+
+def test_a_finished_run_whose_input_changed_is_redone_not_returned(tmp_path, photos):
+    first = _planned(tmp_path, photos)
+    run_topk(first)
+    del first
+    assert _planned(tmp_path, photos).done is not None  # nothing changed: already done
+    write_image(photos / "a" / "img0.png", size=(20, 24), seed=1234)  # new bytes, same name
+    again = _planned(tmp_path, photos)
+    assert again.done is None
+    manifest = run_topk(again)
+    entry = next(e for e in manifest["inputs"] if e["key"] == "a/img0.png")
+    from convmaps.io.images import sha256_file
+
+    assert entry["sha256"] == sha256_file(photos / "a" / "img0.png")

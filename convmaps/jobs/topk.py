@@ -28,6 +28,7 @@ from convmaps.core.ranking import TopK, combine, crop, empty, positions, update
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
+from convmaps.io.images import sha256_file
 from convmaps.io.layout import TopkLayout
 from convmaps.io.store import (
     TensorSpec,
@@ -259,7 +260,19 @@ def _finished(plan: Plan) -> dict[str, Any] | None:
         if f.endswith(".safetensors") and (read_metadata(path) or {}).get("run") != \
                 plan.fingerprint:
             return None
+    # an input whose bytes changed since it was ranked (or became unreadable) redoes the run,
+    # as it redoes its image in a dump: the top-k is over every image at once
+    for src, e in zip(plan.sources, m["inputs"], strict=False):
+        if e["key"] != src.key or (e["status"] == "ok") != (_sha(src.path) == e["sha256"]):
+            return None
     return m
+
+
+def _sha(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except (OSError, ConvmapsError):
+        return None
 
 
 # --- the streaming pass -----------------------------------------------------------------------
