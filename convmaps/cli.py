@@ -81,6 +81,8 @@ MaxBytesOpt = Annotated[
 
 
 def _fail(message: str) -> None:
+    # one line whatever the message holds (a path with a newline in its name, say)
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     err_console.print(Text.assemble(("error: ", "bold red"), (message, "red")))
 
 
@@ -235,7 +237,7 @@ def _filters(options: FilterOptions) -> None:
 
 InputsArg = Annotated[
     list[Path] | None,
-    typer.Argument(help="Image files and/or folders (walked recursively). `dump lenet` with none "
+    typer.Argument(help="Image files and/or folders (walked recursively). With none, lenet "
                    "uses the bundled samples.", show_default=False),
 ]
 
@@ -499,11 +501,7 @@ def project(
 @reports_errors
 def topk(
     model: ModelArg,
-    inputs: Annotated[
-        list[Path] | None,
-        typer.Argument(help="Image files and/or folders (walked recursively). `topk lenet` "
-                       "with none uses the bundled samples.", show_default=False),
-    ] = None,
+    inputs: InputsArg = None,
     layers: Annotated[
         str | None, typer.Option("--layers", "-l", help="SPEC of the modules to rank (default: "
                                  "conv); 1-D outputs (linear) rank their values.")

@@ -99,11 +99,16 @@ def _parse(path: Path) -> tuple[str, dict[str, Any]]:
                             f"not {command!r}")
     hints = typing.get_type_hints(COMMANDS[command])
     out: dict[str, Any] = {}
+    raws: dict[str, str] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
         if key not in hints or key == "config":
             known = ", ".join(sorted(["command", *hints.keys() - {"config"}]))
             raise ConvmapsError(f"{path}: unknown key {raw_key!r}; known keys: {known}")
+        if key in out:
+            raise ConvmapsError(f"{path}: {raws[key]!r} and {raw_key!r} name one option; "
+                                "keep one")
+        raws[key] = raw_key
         out[key] = _check(path, raw_key, value, hints[key])
     return command, out
 

@@ -279,3 +279,11 @@ def test_progress_rate_after_a_resume_counts_only_this_runs_images(monkeypatch):
     now[0] = 102.0
     progress(2)  # two new images in two seconds, after eight done by an earlier run
     assert progress.line(now[0]) == "dump: 10/10 images, 1.0 images/s"
+
+
+def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path):
+    result = runner.invoke(app, ["dump", "lenet", str(tmp_path / "no\nsuch.png"),
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no\\nsuch.png" in lines[0]

@@ -44,6 +44,7 @@ def test_types_are_converted_and_dashes_accepted(tmp_path):
         ('command = "train"', "command must be one of dump, filters"),
         ("command = [1]", "command must be one of dump, filters"),
         ('config = "x.toml"', "unknown key 'config'"),
+        ("batch-size = 2\nbatch_size = 3", "'batch-size' and 'batch_size' name one option"),
     ],
 )
 def test_bad_configs_name_key_and_file(tmp_path, text, words):

@@ -102,6 +102,10 @@ class Topk(Job):
         self.layout = TopkLayout(tuple(keys), tuple(min(o.png_cap, shapes[k][0]) for k in keys),
                                  o.png)
         self.mode = None if o.project == NO_PROJECTION else o.project
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # NaN never ranks: every later check would blame the images
+            raise ConvmapsError(f"the weights hold NaN or inf ({', '.join(bad[:3])}); top-k "
+                                "cannot rank their outputs")
         self.state: _State | None = None
 
     def fingerprint(self) -> dict[str, Any]:
@@ -177,8 +181,10 @@ class Topk(Job):
         tops = {key: combine([s.tops[key].to("cpu") for s in states if s is not None],
                              self.options.k) for key in self.keys}
         _write_results(plan, tops, manifest, self.model)
-        for i in range(count):
-            (plan.folder / self.layout.state_file(i, count)).unlink(missing_ok=True)
+        partial = plan.folder / self.layout.partial
+        for path in partial.glob("shard-*-of-*.safetensors"):  # any split's: all merged now
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
         with suppress(OSError):
             (plan.folder / self.layout.partial).rmdir()
 
