@@ -500,3 +500,26 @@ def test_a_finished_run_whose_input_changed_is_redone_not_returned(tmp_path, pho
     from convmaps.io.images import sha256_file
 
     assert entry["sha256"] == sha256_file(photos / "a" / "img0.png")
+
+
+def test_nan_weights_are_refused_in_one_line(tmp_path, photos):
+    from safetensors.torch import save_file
+
+    from convmaps.core.models import build
+
+    state = build("lenet").state_dict()
+    state["C3.weight"][0, 0, 0, 0] = float("nan")
+    ckpt = tmp_path / "nan.safetensors"
+    save_file(state, ckpt, {"arch": "lenet"})
+    with pytest.raises(ConvmapsError, match=r"NaN or inf \(C3.weight\)"):
+        plan_topk(TopkOptions(model=str(ckpt), inputs=[str(photos)], out=str(tmp_path / "o")))
+
+
+def test_a_merge_removes_the_partial_states_of_an_earlier_split(tmp_path, photos):
+    _checkpoint(tmp_path, photos)  # a 2-shard run that never finished
+    partial = tmp_path / "o" / "topk" / "partial"
+    assert [p.name for p in partial.iterdir()] == ["shard-0-of-2.safetensors"]
+    for i in (2, 1, 0):
+        run_topk(_planned(tmp_path, photos, shard=f"{i}/3", resume=False))
+    assert not partial.exists()
+    assert not list((tmp_path / "o" / "topk").glob("manifest.shard-*"))
