@@ -590,18 +590,38 @@ def show(
     path: Annotated[Path, typer.Argument(help="A .safetensors file or a dump folder.")],
 ) -> None:
     """Summary statistics (shape, dtype, min/max, mean/std, zeros) of a file or a whole dump."""
-    from convmaps.io.manifest import read_manifest
+    from convmaps.io import layout
+    from convmaps.io import manifest as manifests
     from convmaps.report.summary import dump_stats, file_stats
 
     if path.is_dir():
-        manifest = read_manifest(path)
-        entries = manifest.get("inputs", [])
-        ok = sum(1 for e in entries if e["status"] == "ok")
-        out_console.print(f"{path}: {manifest.get('model')} ({manifest.get('weights')}), "
-                          f"{ok} image(s) ok, {len(entries) - ok} skipped", highlight=False)
-        _print_predictions(entries)
-        for rel, stats in dump_stats(path).items():
-            out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
+        parts = [(path, layout.MANIFEST, "dump"), (path, layout.PROJECTIONS_MANIFEST,
+                                                    "projections"),
+                 (path / layout.TOPK, layout.MANIFEST, "top-k"),
+                 (path / layout.FILTERS, layout.MANIFEST, "filters")]
+        found = [(folder, name, what, m) for folder, name, what in parts
+                 if (m := manifests.read(folder, name)) is not None]
+        if not found:
+            raise ConvmapsError(f"{path} holds no convmaps manifest (not a convmaps output "
+                                "folder)")
+        for folder, name, what, m in found:
+            entries = m.get("inputs", [])
+            ok = sum(1 for e in entries if e["status"] == "ok")
+            out_console.print(f"{folder / name}: {what} of {m.get('model')} "
+                              f"({m.get('weights')}), {ok} image(s) ok, {len(entries) - ok} "
+                              "skipped", highlight=False)
+            if what == "dump":
+                _print_predictions(entries)
+            if what in ("dump", "projections"):
+                for rel, stats in dump_stats(folder, name).items():
+                    out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
+            else:
+                names = [f"{k}.safetensors" for k in m.get("modules", [])] if what == "top-k" \
+                    else [layout.FILTER_WEIGHTS]
+                for file in names:
+                    if (folder / file).is_file():
+                        out_console.print(_stats_table(str(folder / file),
+                                                       file_stats(folder / file)))
         return
     if not path.is_file():
         raise ConvmapsError(f"{path} does not exist")

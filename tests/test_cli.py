@@ -287,3 +287,22 @@ def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "no\\nsuch.png" in lines[0]
+
+
+def test_show_reads_every_part_of_out_not_only_a_dump(tmp_path):
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["topk", "lenet", "--out", str(out), "-k", "2", "--layers", "C1",
+                               "--no-png", "--project", "none", "--workers", "0"]).exit_code == 0
+    result = runner.invoke(app, ["show", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.output.replace("\n", "")  # long titles wrap
+    assert "top-k of lenet" in text and "C1.safetensors" in text
+    assert runner.invoke(app, ["project", "lenet", "--unit", "C1:0", "--out", str(out),
+                               "--no-png", "--workers", "0"]).exit_code == 0
+    result = runner.invoke(app, ["show", str(out)])
+    text = result.output.replace("\n", "")
+    assert "projections of lenet" in text and "projections.safetensors" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["show", str(empty)])
+    assert result.exit_code == 1 and "not a convmaps output folder" in result.output

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from convmaps.errors import ConvmapsError
-from convmaps.io.manifest import read_manifest
+from convmaps.io.layout import MANIFEST
+from convmaps.io.manifest import read
 
 __all__ = ["Stats", "dump_stats", "file_stats", "tensor_stats"]
 
@@ -109,10 +110,13 @@ def file_stats(path: str | Path) -> list[Stats]:
     return [tensor_stats(k, t) for k, t in _read(Path(path))]
 
 
-def dump_stats(folder: str | Path) -> dict[str, list[Stats]]:
-    """Per file kind (activations, switches, …) and key: stats over every image of a dump."""
+def dump_stats(folder: str | Path, name: str = MANIFEST) -> dict[str, list[Stats]]:
+    """Per file kind (activations, switches, …) and key: stats over every image of a dump (or,
+    with `name` = projections.json, of the projections)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read(folder, name)
+    if manifest is None:
+        raise ConvmapsError(f"{folder} has no {name} (not a convmaps output folder)")
     running: dict[str, dict[str, _Running]] = {}
     for entry in manifest.get("inputs", []):
         for rel in entry.get("files", []):
