@@ -1,6 +1,9 @@
-"""The exception hierarchy: the CLI turns any ConvmapsError into one red line and exit 1."""
+"""The exception hierarchy: the CLI turns any ConvmapsError into one red line and exit 1
+(and `file_kind`, which the messages of io/ and core/ share)."""
 
 from __future__ import annotations
+
+import stat
 
 __all__ = [
     "BadImageError",
@@ -13,6 +16,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "WeightsUnavailableError",
     "WriteError",
+    "file_kind",
 ]
 
 
@@ -54,3 +58,14 @@ class TooLargeError(ConvmapsError):
 
 class WriteError(ConvmapsError):
     """An output that could not be written (disk full, permissions)."""
+
+
+def file_kind(mode: int) -> str:
+    """What a `st_mode` is, for a message that says why a path is not a readable file."""
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +49,55 @@ def golden(request: pytest.FixtureRequest):
             {k: v for k, v in want.info.items() if k.startswith("convmaps-")}
 
     return check
+
+
+def release(path: Path) -> None:
+    """Let every reader blocked on the FIFO at `path` go (it reads end-of-file)."""
+    for _ in range(100):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:  # ENXIO: no reader left; anything else: no FIFO left
+            if e.errno != errno.ENXIO:
+                raise
+            return
+
+
+@pytest.fixture
+def fifo() -> Iterator[Callable[[Path], Path]]:
+    """`fifo(path)` makes a named pipe at `path`; after the test, whatever still waits on one
+    is let go, so that code that wrongly opens one fails its test instead of hanging."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        if path.exists() and not path.is_file():
+            release(path)
+
+
+def no_hang(fn: Callable[..., Any], *args: Any, seconds: float = 60, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, which must return (or raise) within `seconds`: a call stuck on
+    opening a FIFO fails the test rather than hanging the run (unless it holds the GIL)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the test's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} hung for {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from convmaps.io.images import decode, sha256_file
 from convmaps.jobs.dump import plan_dump, run_dump
 from convmaps.options import DType, DumpOptions
 
-from .conftest import recompute, write_image
+from .conftest import no_hang, recompute, write_image
 
 
 def _lenet_ckpt(tmp_path: Path) -> str:
@@ -716,3 +716,22 @@ def test_type_words_skip_modules_that_never_run(tmp_path):
     o.layers, o.kernels = "conv1.conv,aux2.conv.conv", None
     with pytest.raises(ConvmapsError, match="aux2.conv.conv never run"):
         plan_dump(o)
+
+
+def test_fifos_in_place_of_files_do_not_hang_a_resume(tmp_path, photos, fifo):
+    """An input, a tensor file and a PNG replaced by named pipes after a dump: the resume
+    redoes those images (the input is recorded as unreadable) instead of blocking forever."""
+    inputs = [photos / "a" / "cat.png", photos / "c.bmp", photos / "d.webp"]
+    _dump(tmp_path, inputs, layers="C1")
+    out = tmp_path / "out"
+    (out / "cat.png" / "png" / "C1.png").unlink()
+    fifo(out / "cat.png" / "png" / "C1.png")
+    (out / "c.bmp" / "activations.safetensors").unlink()
+    fifo(out / "c.bmp" / "activations.safetensors")
+    inputs[2].unlink()
+    fifo(inputs[2])
+    again = no_hang(_dump, tmp_path, inputs, "out", layers="C1")
+    status = {e["key"]: e["status"] for e in again["inputs"]}
+    assert status["cat.png"] == status["c.bmp"] == "ok"
+    assert status["d.webp"].startswith("skipped: unreadable: not a regular file")
+    assert (out / "cat.png" / "png" / "C1.png").is_file()

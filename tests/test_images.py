@@ -24,6 +24,8 @@ from convmaps.io.images import (
     sha256_file,
 )
 
+from .conftest import no_hang
+
 # --- helpers -----------------------------------------------------------------------------
 
 
@@ -512,3 +514,9 @@ def test_mangled_files_only_ever_raise_bad_image_error(tmp_path: Path) -> None:
             path.write_bytes(bytes(data[: rng.randint(1, len(data))]))
             with contextlib.suppress(BadImageError):
                 assert decode(path).mode == "RGB"
+
+
+def test_sha256_of_a_fifo_is_a_reason_not_a_hang(tmp_path: Path, fifo) -> None:
+    path = fifo(tmp_path / "cat.png")
+    with pytest.raises(BadImageError, match="unreadable: not a regular file but a named pipe"):
+        no_hang(sha256_file, path)

@@ -7,6 +7,8 @@ import pytest
 from convmaps.errors import ConvmapsError
 from convmaps.io.manifest import build, entry, merge, read, read_manifest
 
+from .conftest import no_hang
+
 
 def _write(folder, name, obj):
     (folder / name).write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
@@ -28,6 +30,16 @@ def _write(folder, name, obj):
     {"run": "r", "inputs": [], "layers": [{"params": 3}]},
     {"run": "r", "inputs": [], "layers": [{"name": "C1", "out_shape": ["<script>"]}]},
     {"run": "r", "inputs": [], "input_size": ["<img src=x onerror=alert(1)>", 28]},
+    {"run": "r", "inputs": [], "input_size": [0, 28]},  # the report divides by it
+    {"run": "r", "inputs": [], "input_size": [28]},
+    {"run": "r", "inputs": [], "input_size": [28, 28, 28]},
+    {"run": "r", "inputs": [], "input_size": [10**400, 28]},
+    {"run": "r", "inputs": [{"key": "a", "source": "", "status": "ok", "files": [],
+                             "top5": [{"class": "x", "probability": 10**400}]}]},
+    {"run": "r", "inputs": [{"key": "a", "source": "", "status": "ok", "files": [],
+                             "top5": [{"class": "x", "probability": -0.5}]}]},
+    '{"run": "r", "inputs": [{"key": "a", "source": "", "status": "ok", "files": [], '
+    '"top5": [{"class": "x", "probability": NaN}]}]}',
     {"run": "r", "inputs": [], "options": [1]},
     {"run": "r", "inputs": [], "selected": {"activations": 5}},
     {"run": "r", "inputs": [], "modules": ["../../home/notes"]},
@@ -73,3 +85,11 @@ def test_merge_waits_for_every_finished_shard_of_the_same_inputs(tmp_path):
                                                                    ("a", "1" * 64),
                                                                    ("c", "4" * 64)]
     assert read(tmp_path) == merged and not list(tmp_path.glob("manifest.shard-*"))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.shard-0-of-2.json",
+                                  "projections.json"])
+def test_a_fifo_in_place_of_a_manifest_is_one_line(tmp_path, fifo, name):
+    fifo(tmp_path / name)
+    with pytest.raises(ConvmapsError, match="not a regular file but a named pipe"):
+        no_hang(read, tmp_path, name)

@@ -23,7 +23,7 @@ from convmaps.errors import (
     WeightsUnavailableError,
 )
 
-from .conftest import write_image
+from .conftest import no_hang, write_image
 
 _GET_STATE_DICT = torchvision.models.WeightsEnum.get_state_dict
 
@@ -361,6 +361,24 @@ def test_checkpoint_with_other_class_count(tmp_path):
     state = lenet5(num_classes=4).state_dict()
     torch.save(state, tmp_path / "m.pt")
     assert load_model(str(tmp_path / "m.pt"), arch="lenet").model.OUTPUT.out_features == 4
+
+
+def test_weights_that_are_no_file_say_what_they_are(tmp_path, fifo):
+    """A FIFO would block torch forever; a folder or a device is no checkpoint either."""
+    (tmp_path / "dir.pt").mkdir()
+    for path, kind in ((fifo(tmp_path / "pipe.pt"), "a named pipe"),
+                       (tmp_path / "dir.pt", "a directory"),
+                       (Path("/dev/zero"), "a character device")):
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} is {kind}.*, not a file"):
+            no_hang(load_model, "lenet", str(path))
+
+
+def test_a_fifo_in_the_hub_cache_is_one_line(hub, fifo):
+    weights = torchvision.models.SqueezeNet1_1_Weights.DEFAULT
+    cached = fifo(hub / os.path.basename(weights.url))
+    with pytest.raises(CheckpointError, match=f"cached weights {cached} is a named pipe.*"
+                                              "delete it"):
+        no_hang(load_model, "squeezenet1_1")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])

@@ -23,6 +23,8 @@ from convmaps.jobs.project import run_project
 from convmaps.options import DumpOptions, FilterOptions, ProjectOptions
 from convmaps.report import build_report
 
+from .conftest import no_hang
+
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -198,3 +200,111 @@ def test_input_pictures_are_decoded_in_the_calling_thread(tmp_path, monkeypatch)
     monkeypatch.setattr(images, "decode", decode)
     build_report(out)
     assert threads == {threading.current_thread().name}
+
+
+def _topk_folder(out: Path, tensors: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = out / "topk"
+    folder.mkdir(parents=True)
+    inputs = [{"key": k, "source": k, "status": "ok", "files": []} for k in ("a.png", "b.png")]
+    (folder / "manifest.json").write_text(json.dumps({"run": "r", "modules": ["C1"],
+                                                      "inputs": inputs}))
+    save_file(tensors, folder / "C1.safetensors")
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"images": [[0.0, 1.0]]}, "dtypes"),  # indices stored as floats
+    ({"images": [[0, 2]]}, "out of range"),
+    ({"images": [[-1, 0]]}, "out of range"),
+    ({"values": [[3, 2]]}, "dtypes"),
+    ({"positions": [[[0.5, 1.0], [2.0, 3.0]]]}, "dtypes"),
+    ({"values": [[[3.0], [2.0]]]}, "shapes"),
+])
+def test_a_topk_file_of_odd_dtypes_or_indices_is_one_line(tmp_path, change, why):
+    import torch
+
+    good = {"values": [[3.0, 2.0]], "images": [[1, 0]], "positions": [[[0, 1], [2, 3]]]}
+    tensors = {k: torch.tensor(v) for k, v in {**good, **change}.items()}
+    _topk_folder(tmp_path, tensors)
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "not a convmaps top-k file" in result.output
+    assert why in result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "report").exists()
+
+
+def test_a_well_formed_topk_file_of_narrow_dtypes_reports(tmp_path):
+    import torch
+
+    _topk_folder(tmp_path, {"values": torch.tensor([[3.0, 2.0]], dtype=torch.float16),
+                            "images": torch.tensor([[1, 0]], dtype=torch.uint16)})
+    assert build_report(tmp_path).is_file()
+    assert "b.png" in (tmp_path / "report" / "topk" / "C1" / "0.html").read_text()
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "projections.json", "topk/manifest.json"])
+def test_a_fifo_in_place_of_a_manifest_is_one_line(tmp_path, site, fifo, name):
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    (out / "topk").mkdir()
+    (out / name).unlink(missing_ok=True)
+    fifo(out / name)
+    result = no_hang(runner.invoke, app, ["report", str(out)])
+    assert result.exit_code == 1 and "not a regular file but a named pipe" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_fifos_in_place_of_pictures_do_not_hang_the_report(tmp_path, site, fifo):
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    png = next(out.glob("*/png/C1.png"))
+    png.unlink()
+    fifo(png)  # the report reads its text chunks
+    old = next((out / "report" / "inputs").iterdir())
+    old.unlink()
+    fifo(old)  # the pictures of the last build are copied over
+    index = no_hang(build_report, out)
+    assert index.is_file() and not (out / "report" / "inputs" / old.name).is_fifo()
+
+
+def test_a_second_build_waits_for_the_first(tmp_path, site):
+    import fcntl
+    import threading
+
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    with open(out / ".convmaps-report.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a build in another process holds it
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (build_report(out), done.set()), daemon=True)
+        thread.start()
+        assert not done.wait(2), "the build did not wait for the lock"
+    thread.join(120)
+    assert done.is_set() and (out / "report" / "index.html").is_file()
+
+
+def test_two_builds_at_once_both_succeed(tmp_path, site):
+    import os
+    import sys
+
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    runs = [subprocess.Popen([sys.executable, "-m", "convmaps", "report", str(out)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+    assert (out / "report" / "index.html").is_file() and not list(out.glob(".report*"))
+
+
+def test_a_stale_temporary_folder_with_an_absurd_pid_goes(tmp_path, site):
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    stale = out / f".report.{10**30}.tmp"
+    stale.mkdir()
+    build_report(out)
+    assert not stale.exists()

@@ -19,6 +19,8 @@ from convmaps.io.store import (
     write_safetensors,
 )
 
+from .conftest import no_hang
+
 
 def _tensors() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
@@ -133,6 +135,7 @@ def test_sizes():
 
 @pytest.mark.parametrize("text,words", [
     ("1e999", "too large"), ("1e19", "too large"), ("9223372036854775808", "too large"),
+    ("1e999999999", "too large"), ("1e999999999kib", "too large"),  # past Decimal's exponents
     ("0.001EB", "not understood"), ("inf", "not understood"), ("nan", "not understood"),
     ("-5GB", "not understood"), ("0", "less than one byte"), ("0.5", "less than one byte"),
     (0, "out of range"), (-1, "out of range"), (2**63, "out of range"), (True, "not understood"),
@@ -176,3 +179,23 @@ def test_sync_is_one_fsync_per_file_only_when_asked(tmp_path, monkeypatch):
     assert calls == []
     save_tensors(tmp_path / "b.safetensors", {"x": torch.ones(2)})
     assert len(calls) == 1
+
+
+def test_readers_never_open_a_fifo(tmp_path, fifo):
+    """A named pipe under an output's name would block an open (or a read) forever: files
+    convmaps reads back must be regular files, which a symlink to one is."""
+    from convmaps.io.store import open_regular
+
+    for name in ("activations.safetensors", "a.png"):
+        fifo(tmp_path / name)
+    assert no_hang(read_metadata, tmp_path / "activations.safetensors") is None
+    assert no_hang(png_complete, tmp_path / "a.png") is False
+    with pytest.raises(OSError, match="not a regular file but a named pipe"):
+        no_hang(open_regular, tmp_path / "a.png")
+    with pytest.raises(OSError, match="but a directory"):
+        open_regular(tmp_path)
+    with pytest.raises(OSError, match="but a character device"):
+        open_regular("/dev/null")
+    save_tensors(tmp_path / "t.safetensors", {"a": torch.ones(2)}, {"model": "m"})
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "t.safetensors")
+    assert read_metadata(tmp_path / "link.safetensors") == {"model": "m"}

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +71,18 @@ def test_show_prints_nan_aware_figures_and_a_nan_column(tmp_path):
     row = next(line for line in result.output.splitlines() if line.lstrip("│ ").startswith("x "))
     cells = [c.strip() for c in row.split("│") if c.strip()]
     assert cells[3:6] == ["-3", "2", "-0.5"] and cells[-1] == "2", cells
+
+
+def test_show_of_a_dump_with_a_fifo_in_place_of_a_file_is_one_line(tmp_path, fifo):
+    (tmp_path / "a").mkdir()
+    save_file({"m": torch.ones(2)}, tmp_path / "a" / "activations.safetensors")
+    fifo(tmp_path / "b" / "activations.safetensors")
+    entries = [{"key": k, "source": k, "status": "ok", "files": ["activations.safetensors"]}
+               for k in "ab"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"run": "test", "inputs": entries}))
+    # a process, not a thread: safetensors would block on the FIFO holding the GIL
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-m", "convmaps", "show", str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "not a regular file but a named pipe" in run.stderr
+    assert run.stderr.count("\n") == 1

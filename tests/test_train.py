@@ -259,6 +259,17 @@ def test_train_lenet_validates_before_training(synthetic_dir: Path, tmp_path: Pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_train_lenet_refuses_empty_idx_files(tmp_path: Path, empty: str) -> None:
+    """Valid headers with zero items: one line, not a ZeroDivisionError."""
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        _write_split(tmp_path, prefix, 0 if split == empty else 20, seed=1)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(DatasetError, match=f"the {empty} split .* holds no images"):
+        train_lenet(tmp_path, out, epochs=1)
+    assert not out.exists()
+
+
 def test_export_samples_on_synthetic_data(synthetic_dir: Path, tmp_path: Path) -> None:
     written = export_samples(synthetic_dir, tmp_path, n=3)
     assert [p.name for p in written] == ["0_t-shirt-top.png", "1_trouser.png", "2_pullover.png"]

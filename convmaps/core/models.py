@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import sys
 import threading
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from convmaps.errors import (
     UnknownModelError,
     UnsafeCheckpointError,
     WeightsUnavailableError,
+    file_kind,
 )
 
 __all__ = [
@@ -197,6 +199,21 @@ def _cached_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+def _is_file(path: Path, what: str, remedy: str = "") -> bool:
+    """Whether `path` is there, checked before torch or safetensors open it: it is an error
+    when it is there but is no regular file (a symlink to one is fine), as reading a FIFO
+    would block forever and a device never end."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read: {e.strerror or e}{remedy}") from e
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{what} {path} is {file_kind(mode)}, not a file{remedy}")
+    return True
+
+
 def _one_line(e: BaseException) -> str:
     """An exception's text on one line (torch's messages span several)."""
     text = " ".join(str(e).split()) or type(e).__name__
@@ -315,6 +332,7 @@ def _load_pretrained(arch: str, weights: Any) -> nn.Module:
     """Through torchvision's own weights API, so its cache (TORCH_HOME) and checks apply, but
     with weights_only=True (see _weights_only_hub)."""
     cached = _cached_file(weights.url)
+    _is_file(cached, "cached weights", f"; delete it, or replace it with {weights.url}")
     try:
         # the builder loads the weights strictly: every parameter is replaced
         with _weights_only_hub(cached), _SkipInit():
@@ -339,7 +357,7 @@ def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     fallback.
     """
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path, "checkpoint"):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open

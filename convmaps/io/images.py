@@ -190,10 +190,12 @@ def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, streamed by `hashlib.file_digest` (never all in memory).
 
     Raises:
-        BadImageError: the file cannot be read.
+        BadImageError: the file cannot be read or is no regular file.
     """
+    from convmaps.io.store import open_regular
+
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO in its place would block forever
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise BadImageError(_unreadable(e)) from e

@@ -13,6 +13,7 @@ finish merges them.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
@@ -25,6 +26,7 @@ __all__ = ["build", "by_key", "entry", "merge", "ordered", "read", "read_manifes
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # names report pictures: nothing else may pass
 _MAX_BYTES = 1 << 30  # a manifest of a million images is ~300 MB; refuse absurd files unread
+_MAX_SIDE = 1 << 16  # of a network's input, in pixels: no classifier comes near
 
 
 def entry(key: str, source: str, sha: str | None, status: str, files: list[str],
@@ -92,8 +94,9 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
     if not all(isinstance(v, list) and all(isinstance(x, str) and _plain_name(x) for x in v)
                for v in manifest.get("selected", {}).values()):
         raise bad("selected is not lists of module names")
-    if not _ints(manifest.get("input_size", [1, 1])):
-        raise bad("input_size is not a list of integers")
+    size = manifest.get("input_size", [1, 1])
+    if not (_ints(size) and len(size) == 2 and all(1 <= v <= _MAX_SIDE for v in size)):
+        raise bad(f"input_size is not two integers from 1 to {_MAX_SIDE}")
     layers = manifest.get("layers", [])
     if not isinstance(layers, list) or not all(
             isinstance(r, dict) and isinstance(r.get("name"), str)
@@ -112,9 +115,10 @@ def _check(manifest: Any, path: Path) -> dict[str, Any]:
 
 
 def valid_top5(top5: Any) -> bool:
-    """None, or a list of classes with their probabilities, as `entry` records them."""
+    """None, or a list of classes with their probabilities (0 to 1), as `entry` records them."""
     return top5 is None or (isinstance(top5, list) and all(
         isinstance(t, dict) and isinstance(t.get("probability"), int | float)
+        and 0 <= t["probability"] <= 1  # also no NaN, and no int too large for a float
         and isinstance(t.get("class", ""), str) for t in top5))
 
 
@@ -143,11 +147,15 @@ def read(folder: str | Path, name: str = MANIFEST) -> dict[str, Any] | None:
     Raises:
         ConvmapsError: the file is there but unreadable or not a convmaps manifest.
     """
+    from convmaps.io.store import open_regular
+
     path = Path(folder) / name
     try:
-        if path.stat().st_size > _MAX_BYTES:
-            raise ConvmapsError(f"{path} is over {_MAX_BYTES >> 20} MB; not a convmaps manifest")
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path) as f:  # a FIFO in its place would block forever
+            if os.fstat(f.fileno()).st_size > _MAX_BYTES:
+                raise ConvmapsError(f"{path} is over {_MAX_BYTES >> 20} MB; not a convmaps "
+                                    "manifest")
+            text = f.read().decode("utf-8")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as e:

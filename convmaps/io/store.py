@@ -20,24 +20,28 @@ import errno
 import json
 import os
 import re
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, Overflow, localcontext
+from io import BufferedReader
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from convmaps.errors import ConvmapsError, WriteError
+from convmaps.errors import ConvmapsError, WriteError, file_kind
 from convmaps.io.layout import temp_name
 
 __all__ = [
     "TensorSpec",
     "atomic_write",
+    "check_regular",
     "fsync_dir",
+    "open_regular",
     "parse_bytes",
     "png_complete",
     "read_metadata",
@@ -102,6 +106,37 @@ def fsync_dir(folder: str | Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def open_regular(path: str | Path) -> BufferedReader:
+    """Open a file convmaps reads back, refusing anything but a regular file (a symlink to one
+    is fine): opening a FIFO blocks until someone writes to it, and a device never ends.
+
+    Raises:
+        OSError: the path is missing or unreadable, or is no regular file (`strerror` says
+            what it is instead).
+    """
+    _refuse(os.stat(path).st_mode, path)  # before the open: a device is never even opened
+    # O_NONBLOCK: should a FIFO take the file's place after the stat, the open returns at once
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        _refuse(os.fstat(fd).st_mode, path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path: str | Path) -> None:
+    """`open_regular`'s check, for readers that take a path (safetensors, torch)."""
+    open_regular(path).close()
+
+
+def _refuse(mode: int, path: str | Path) -> None:
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL,
+                      f"not a regular file but {file_kind(mode)}", str(path))
 
 
 def write_bytes(path: str | Path, data: bytes, sync: bool = True) -> None:
@@ -206,9 +241,9 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
 
 def read_metadata(path: str | Path) -> dict[str, str] | None:
     """The `__metadata__` of a safetensors file from its header alone; None if the file is
-    missing or not a complete safetensors file."""
+    missing, no regular file, or not a complete safetensors file."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:  # a foreign file under our name: never read a bogus length
@@ -227,9 +262,10 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG e
 
 
 def png_complete(path: str | Path) -> bool:
-    """Whether a PNG file is there and ends with its IEND chunk (a file cut short does not)."""
+    """Whether a PNG file is there (a regular file) and ends with its IEND chunk (a file cut
+    short does not)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             f.seek(0, os.SEEK_END)
             if f.tell() < len(_PNG_END):
                 return False
@@ -262,7 +298,9 @@ def parse_bytes(text: str | int) -> int:
     if not m or m[2].lower() not in _UNITS:
         raise ConvmapsError(f"size {text!r} not understood; {hint}")
     # Decimal, not float: exact for any digits, and "1e999" is a number, not inf.
-    value = Decimal(m[1]) * _UNITS[m[2].lower()]
+    with localcontext() as ctx:
+        ctx.traps[Overflow] = False  # "1e999999999" is past Decimal's exponents: Infinity
+        value = Decimal(m[1]) * _UNITS[m[2].lower()]
     if value >= _MAX_BYTES + 1:
         raise ConvmapsError(f"size {text!r} is too large (at most {_MAX_BYTES} bytes); {hint}")
     if value < 1:

@@ -23,7 +23,7 @@ from convmaps import __version__
 from convmaps.core.capture import Layer, LayerRow, Trace, meta_trace, modules_run, select, trace
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel
-from convmaps.errors import ConvmapsError
+from convmaps.errors import BadImageError, ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
 from convmaps.io.images import ImageSource, sha256_file
@@ -274,7 +274,10 @@ def _finished_entry(plan: Plan, source: ImageSource) -> dict[str, Any] | None:
         meta = read_metadata(folder / f)
         if meta is None or meta.get("run") != plan.fingerprint:
             return None
-        sha = sha or sha256_file(source.path)
+        try:
+            sha = sha or sha256_file(source.path)
+        except BadImageError:  # gone or no longer a file: redone, and decoding says why
+            return None
         if meta.get("sha256") != sha:
             return None
         if _PREDICTIONS in meta:

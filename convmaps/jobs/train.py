@@ -313,6 +313,10 @@ def train_lenet(
     files = [*find_split(data_dir, "train"), *find_split(data_dir, "test")]
     x_train, y_train = load_split(data_dir, "train")
     x_test, y_test = load_split(data_dir, "test")
+    for split, x in (("train", x_train), ("test", x_test)):
+        if not len(x):  # an IDX file with a valid header and no items
+            raise DatasetError(f"the {split} split in {data_dir} holds no images; "
+                               f"training needs both; {_INSTALL_HINT}")
     inputs_train, inputs_test = normalise(x_train), normalise(x_test)
     emit(f"data: {len(x_train)} training and {len(x_test)} test images from {data_dir}")
 

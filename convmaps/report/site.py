@@ -19,12 +19,14 @@ field boxes land where the network looked.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
 import shutil
+import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,12 +37,13 @@ from convmaps import __version__
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
-from convmaps.io.store import read_metadata, write_bytes
+from convmaps.io.store import check_regular, open_regular, read_metadata, write_bytes
 
 __all__ = ["REPORT", "build_report"]
 
 REPORT = "report"
 _MARKER = ".convmaps-report"  # only a folder holding it is ever replaced
+_LOCK = ".convmaps-report.lock"  # in OUT: one build at a time swaps report/ into place
 _TOPK = "topk"
 
 
@@ -87,6 +90,7 @@ def _read_site(out: Path) -> _Site:
 
 def _read_topk(folder: Path, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each module's top-k (values, images, positions, boxes) as lists, small by design."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     units = {}
@@ -95,6 +99,7 @@ def _read_topk(folder: Path, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if not path.is_file():
             continue
         try:
+            check_regular(path)  # is_file() follows a symlink, maybe to a FIFO
             with safe_open(str(path), "pt") as f:
                 got = {k: f.get_tensor(k) for k in ("values", "images", "positions", "boxes")
                        if k in set(f.keys())}  # noqa: SIM118
@@ -107,7 +112,17 @@ def _read_topk(folder: Path, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if ck is None or len(ck) != 2 or "images" not in got or any(
                 tuple(t.shape) != (*ck, *want[k]) for k, t in got.items()):
             raise ConvmapsError(f"{path} is not a convmaps top-k file (tensor shapes)")
-        units[name] = {k: t.tolist() for k, t in got.items()}
+        # float values, integer indices and pixels, images that are entries of the manifest
+        if not got["values"].dtype.is_floating_point or any(
+                t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool
+                for k, t in got.items() if k != "values"):
+            raise ConvmapsError(f"{path} is not a convmaps top-k file (tensor dtypes)")
+        images = got["images"].to(torch.int64)  # uint64 past int64's range wraps negative
+        if images.numel() and not 0 <= images.min() <= images.max() < len(m["inputs"]):
+            raise ConvmapsError(f"{path} is not a convmaps top-k file (image indices out of "
+                                f"range for {len(m['inputs'])} image(s))")
+        units[name] = {k: t.to(torch.float64 if k == "values" else torch.int64).tolist()
+                       for k, t in got.items()}
         units[name]["meta"] = meta
     return units
 
@@ -116,7 +131,7 @@ def _png_text(path: Path) -> dict[str, str]:
     """A PNG's text chunks, read from its head only (they come before the pixels)."""
     text: dict[str, str] = {}
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             if f.read(8) != b"\x89PNG\r\n\x1a\n":
                 return text
             while True:
@@ -456,7 +471,13 @@ def build_report(out: str | Path) -> Path:
     out = Path(out)
     if not out.is_dir():
         raise ConvmapsError(f"{out} is not a folder")
-    site = _read_site(out)
+    site = _read_site(out)  # first: a folder with nothing to report gets no lock file
+    with _locked(out):
+        return _build(site)
+
+
+def _build(site: _Site) -> Path:
+    out = site.out
     final = out / REPORT
     if final.exists() and not (final / _MARKER).is_file():
         raise ConvmapsError(f"{final} exists and was not made by convmaps; move it away first")
@@ -466,7 +487,7 @@ def build_report(out: str | Path) -> Path:
     root.mkdir()
     try:
         if (final / "inputs").is_dir():  # pictures of unchanged images are kept
-            shutil.copytree(final / "inputs", root / "inputs")
+            shutil.copytree(final / "inputs", root / "inputs", ignore=_not_regular)
         _write_site(site, root)
         if final.exists():
             old = out / layout.temp_name(f"{REPORT}-old", os.getpid())
@@ -480,6 +501,37 @@ def build_report(out: str | Path) -> Path:
     return final / "index.html"
 
 
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold `OUT/.convmaps-report.lock` (flock, released by the kernel however the process ends): a
+    second build of the same OUT waits for the first, so that they never swap report/ and
+    remove each other's folders at once."""
+    path = out / _LOCK
+    try:
+        # O_NONBLOCK and O_NOFOLLOW: a FIFO or a symlink under that name must not block or
+        # lead elsewhere; the file stays (removing it would let a third build lock a new one)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ConvmapsError(f"cannot lock {path}: {e.strerror or e}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConvmapsError(f"cannot lock {path}: not a regular file; remove it")
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; builds are not serialised there
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _not_regular(folder: str, names: list[str]) -> list[str]:
+    """Of a folder's names, those copying must pass over: a FIFO would block it forever."""
+    return [n for n in names if not stat.S_ISREG(os.lstat(os.path.join(folder, n)).st_mode)]
+
+
 def _remove_stale(out: Path) -> None:
     """Temporary report folders a killed build left behind (its process is gone)."""
     for path in out.glob(f".{REPORT}*.tmp"):
@@ -489,7 +541,7 @@ def _remove_stale(out: Path) -> None:
         pid = int(name.rsplit(".", 2)[1])
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, OverflowError):  # Overflow: no process has such an id
             shutil.rmtree(path, ignore_errors=True)
         except PermissionError:  # alive, another user's
             continue

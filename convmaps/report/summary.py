@@ -18,6 +18,7 @@ import torch
 from convmaps.errors import ConvmapsError
 from convmaps.io.layout import MANIFEST
 from convmaps.io.manifest import read
+from convmaps.io.store import check_regular
 
 __all__ = ["Stats", "dump_stats", "file_stats", "tensor_stats"]
 
@@ -98,6 +99,7 @@ def _read(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
     try:
+        check_regular(path)  # a FIFO in its place would block safetensors forever
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118
                 yield key, f.get_tensor(key)
