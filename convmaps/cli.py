@@ -623,8 +623,13 @@ def show(
                         out_console.print(_stats_table(str(folder / file),
                                                        file_stats(folder / file)))
         return
-    if not path.is_file():
+    if not path.exists():
         raise ConvmapsError(f"{path} does not exist")
+    if not path.is_file():
+        from convmaps.errors import file_kind
+
+        raise ConvmapsError(f"{path} is {file_kind(path.stat().st_mode)}, not a .safetensors "
+                            "file or an output folder")
     from safetensors import safe_open
 
     stats = file_stats(path)

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from convmaps.cli import app
 from convmaps.errors import ConvmapsError
+from convmaps.io.store import locked
 from convmaps.jobs.dump import plan_dump, run_dump
 from convmaps.jobs.engine import collate, plan_job, run_job
 from convmaps.jobs.filters import run_filters
-from convmaps.jobs.ownership import locked
 from convmaps.jobs.project import Project
 from convmaps.jobs.runtime import (
     batches,

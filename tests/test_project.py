@@ -180,3 +180,22 @@ def test_an_image_that_became_unreadable_loses_its_projections(tmp_path):
                                    out=str(out)))
     assert m["inputs"][0]["status"].startswith("skipped: ") and m["inputs"][0]["files"] == []
     assert not (out / "a.png").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.float8_e4m3fn, "shape"])
+def test_a_projections_file_of_odd_tensors_is_not_extended(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "o"
+    o = ProjectOptions(model="lenet", units=["C1:0"], out=str(out), png=False)
+    run_project(o)
+    path = next(out.glob("*/projections.safetensors"))
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    odd = {k: (v[0] if dtype == "shape" else v.to(dtype)) for k, v in tensors.items()}
+    save_file(odd, path, meta)
+    o.units = ["C3:1"]  # another unit: the image's file is extended, unless it is not ours
+    run_project(o)
+    maps, _ = _read(path)
+    assert list(maps) == ["deconvnet/C3/1"] and maps["deconvnet/C3/1"].dtype == torch.float32

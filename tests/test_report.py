@@ -308,3 +308,58 @@ def test_a_stale_temporary_folder_with_an_absurd_pid_goes(tmp_path, site):
     stale.mkdir()
     build_report(out)
     assert not stale.exists()
+
+
+def test_parts_are_joined_by_what_an_image_is_not_by_its_name(tmp_path):
+    """A dump and a top-k whose inputs share a name but not bytes: the unit page does not
+    link the top-k's image to the dump's page of another image, nor the other way round."""
+    from convmaps.jobs.topk import plan_topk, run_topk
+    from convmaps.options import TopkOptions
+
+    from .conftest import write_image
+
+    write_image(tmp_path / "one" / "shoe.png", seed=1)
+    write_image(tmp_path / "two" / "shoe.png", seed=2)
+    out = tmp_path / "o"
+    run_dump(plan_dump(DumpOptions(model="lenet", inputs=[str(tmp_path / "one")], out=str(out),
+                                   png=False, workers=0)))
+    run_topk(plan_topk(TopkOptions(model="lenet", inputs=[str(tmp_path / "two")], out=str(out),
+                                   k=1, layers="C1", png=False, project="none", workers=0)))
+    build_report(out)
+    unit = (out / "report" / "topk" / "C1" / "0.html").read_text()
+    assert "shoe.png" in unit and "images/0.html" not in unit
+    image = (out / "report" / "images" / "0.html").read_text()
+    assert "topk/C1/0.html" not in image
+
+
+def test_a_symlink_inside_the_report_is_refused_and_nothing_outside_is_copied(tmp_path):
+    out = tmp_path / "o"
+    run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
+    build_report(out)
+    secret = tmp_path / "private"
+    secret.mkdir()
+    (secret / "secret.txt").write_text("not for the web")
+    shutil.rmtree(out / "report" / "inputs")
+    (out / "report" / "inputs").symlink_to(secret, target_is_directory=True)
+    with pytest.raises(ConvmapsError, match="is a symlink"):
+        build_report(out)
+    assert not list(out.rglob("secret.txt"))[1:]  # only the one behind the link
+
+
+def test_replacing_a_part_removes_the_report_built_on_it(tmp_path):
+    from convmaps.jobs.topk import plan_topk, run_topk
+    from convmaps.options import TopkOptions
+
+    out = tmp_path / "o"
+
+    def topk(k: int, resume: bool = True) -> None:
+        run_topk(plan_topk(TopkOptions(model="lenet", out=str(out), k=k, layers="C1", png=False,
+                                       project="none", workers=0, resume=resume)))
+
+    topk(2)
+    build_report(out)
+    assert (out / "report" / "index.html").is_file()
+    topk(2)  # the same run: nothing replaced, the report stays
+    assert (out / "report" / "index.html").is_file()
+    topk(3, resume=False)  # --overwrite: the report showed what is gone
+    assert not (out / "report").exists()

@@ -23,8 +23,8 @@ import re
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal, Overflow, localcontext
 from io import BufferedReader
@@ -41,11 +41,13 @@ __all__ = [
     "atomic_write",
     "check_regular",
     "fsync_dir",
+    "locked",
     "open_regular",
     "parse_bytes",
     "png_complete",
     "read_metadata",
     "save_tensors",
+    "symlink_under",
     "write_bytes",
     "write_json",
     "write_safetensors",
@@ -307,3 +309,31 @@ def parse_bytes(text: str | int) -> int:
         raise ConvmapsError(f"size {text!r} is less than one byte; {hint}")
     return int(value)
 
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `folder` itself while the block runs (flock on the
+    directory: no lock file is left behind to be mistaken for an output or an input)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def symlink_under(root: Path) -> Path | None:
+    """The first symlink inside `root` (which convmaps writes into), or None; `root` itself
+    counts too. Never follows one."""
+    if root.is_symlink():
+        return root
+    if not root.is_dir():
+        return None
+    for here, dirs, names in os.walk(root):  # does not follow symlinked folders
+        for name in [*dirs, *names]:
+            if (Path(here) / name).is_symlink():
+                return Path(here) / name
+    return None

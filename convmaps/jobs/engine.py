@@ -38,16 +38,8 @@ from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
 from convmaps.io.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
-from convmaps.io.store import fsync_dir, parse_bytes, write_json
-from convmaps.jobs.ownership import (
-    claim,
-    hold,
-    listed_files,
-    locked,
-    release,
-    safe_folder,
-    symlink_under,
-)
+from convmaps.io.store import fsync_dir, locked, parse_bytes, symlink_under, write_json
+from convmaps.jobs.ownership import claim, hold, listed_files, release, safe_folder
 from convmaps.jobs.runtime import (
     batches,
     default_workers,
@@ -455,6 +447,14 @@ def plan_job(o: Any, job: Job) -> Plan:
     return plan
 
 
+def _replace(job: Job, out: Path, folder: Path, m: Entry) -> None:
+    """Remove an older part of OUT (--overwrite), and the report that showed it."""
+    from convmaps.report import remove_report
+
+    job.remove(folder, m)
+    remove_report(out)
+
+
 @dataclass
 class _RunLock:
     """This run's hold on its part of OUT (see `ownership.hold`), released once."""
@@ -482,8 +482,8 @@ def _plan(o: Any, job: Job, loaded: LoadedModel, table: list[LayerRow],
           ) -> Plan:
     out = Path(o.out)
     previous = listed_files(folder, fingerprint, job.manifest)
-    earlier = claim(folder, fingerprint, o.resume, remove=job.remove, what=job.what,
-                    shards=shard[1], name=job.manifest)
+    earlier = claim(folder, fingerprint, o.resume, remove=partial(_replace, job, out),
+                    what=job.what, shards=shard[1], name=job.manifest)
     job.neighbours(out, loaded, o.resume)
     sources, skips = find_sources(o.inputs, loaded.arch, out, job.ours(out, earlier))
     options = {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(o).items()
@@ -505,8 +505,9 @@ def _plan(o: Any, job: Job, loaded: LoadedModel, table: list[LayerRow],
     plan.batches = batches(len(sources), o.batch_size, shard)
     if o.resume:
         plan.done = job.done(plan)
+        mine = set(plan.mine)
         plan.finished = job.resume(plan) if plan.done is None else {
-            i: e for i, e in enumerate(plan.done["inputs"]) if i in set(plan.mine)}
+            i: e for i, e in enumerate(plan.done["inputs"]) if i in mine}
     if plan.done is None:
         need, what_, hint = job.bytes(plan)
         if hasattr(o, "max_bytes"):

@@ -3,6 +3,7 @@ grid each, and a manifest that makes the folder this run configuration's (the ow
 other options are refused, or replaced with --overwrite, so no stale grid stays behind).
 
     >>> from convmaps.options import FilterOptions
+from convmaps.report import remove_report
     >>> import tempfile
     >>> [name for name, _ in run_filters(FilterOptions("lenet", out=tempfile.mkdtemp()))]
     ['C1', 'C3', 'C5']
@@ -24,10 +25,11 @@ from convmaps.core.models import load_model
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
-from convmaps.io.store import save_tensors, write_bytes, write_json
+from convmaps.io.store import locked, save_tensors, symlink_under, write_bytes, write_json
 from convmaps.jobs.engine import check_network, identity, model_identity
-from convmaps.jobs.ownership import claim, clear_folder, locked, symlink_under
+from convmaps.jobs.ownership import claim, clear_folder
 from convmaps.options import FilterOptions
+from convmaps.report import remove_report
 
 __all__ = ["run_filters"]
 
@@ -80,3 +82,4 @@ def _remove_filters(folder: Path, m: dict[str, Any]) -> None:
     """Remove the files a filters manifest lists, never anything else."""
     mine = {f for f in m.get("files", []) if layout.is_filters_output(f)}
     clear_folder(folder.parent, folder.name, set(), lambda rel: rel in mine)
+    remove_report(folder.parent)  # it showed the old filters

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,8 +19,7 @@ from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
 
-__all__ = ["claim", "clear_folder", "hold", "listed_files", "locked", "owner", "release",
-           "safe_folder", "symlink_under"]
+__all__ = ["claim", "clear_folder", "hold", "listed_files", "owner", "release", "safe_folder"]
 
 _RUN_LOCK = ".convmaps-run.{part}.{run}.lock"  # held (shared) by every process of one run
 
@@ -125,21 +124,6 @@ def clear_folder(out: Path, key: str, keep: set[str], owned: Callable[[str], boo
                 emptied.add(root)
 
 
-@contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `folder` itself while the block runs (flock on the
-    directory: no lock file is left behind to be mistaken for an output or an input)."""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def hold(folder: Path, part: str, run: str) -> int:
     """Mark `folder` as being written by run `run` (for the part `part`: a dump, projections,
     a top-k) until `release`: a run of other options there meanwhile is refused in one line
@@ -186,17 +170,3 @@ def release(folder: Path, part: str, run: str, fd: int) -> None:
 
 def is_run_lock(name: str) -> bool:
     return name.startswith(".convmaps-run.") and name.endswith(".lock")
-
-
-def symlink_under(root: Path) -> Path | None:
-    """The first symlink inside `root` (which convmaps writes into), or None; `root` itself
-    counts too. Never follows one."""
-    if root.is_symlink():
-        return root
-    if not root.is_dir():
-        return None
-    for here, dirs, names in os.walk(root):  # does not follow symlinked folders
-        for name in [*dirs, *names]:
-            if (Path(here) / name).is_symlink():
-                return Path(here) / name
-    return None

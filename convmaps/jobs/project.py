@@ -25,7 +25,7 @@ from convmaps.core.capture import LayerRow
 from convmaps.core.deconv import Unit, output_shapes, parse_unit, project_batch
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, normalisation
-from convmaps.errors import ConvmapsError
+from convmaps.errors import BadImageError, ConvmapsError
 from convmaps.io import layout
 from convmaps.io.images import ImageSource, sha256_file
 from convmaps.io.store import png_complete, read_metadata, save_tensors, write_bytes
@@ -80,7 +80,7 @@ class Project(Job):
 
     def resume(self, plan: Plan) -> dict[int, dict[str, Any]]:
         return {i: e for i in plan.mine if i not in plan.skips
-                and (e := _finished_entry(plan, plan.sources[i])) is not None}
+                and (e := _finished_entry(plan, i)) is not None}
 
     def start(self, plan: Plan, model: torch.nn.Module, device: torch.device) -> None:
         self.model = model
@@ -146,10 +146,11 @@ def _project(plan: Plan) -> Project:
     return job
 
 
-def _finished_entry(plan: Plan, source: ImageSource) -> dict[str, Any] | None:
+def _finished_entry(plan: Plan, i: int) -> dict[str, Any] | None:
     """The image's entry when its projections file holds every unit of this run, made by this
     network from this very image, and its PNGs are whole; else None."""
     job = _project(plan)
+    source = plan.sources[i]
     folder = plan.out / source.key
     meta = read_metadata(folder / layout.PROJECTIONS)
     wanted = job.planned()
@@ -160,10 +161,13 @@ def _finished_entry(plan: Plan, source: ImageSource) -> dict[str, Any] | None:
     if not all(layout.projection_key(str(job.options.mode), u.module, u.channel, u.position)
                in keys for u in job.units):
         return None
-    if meta.get("sha256") != sha256_file(source.path):
+    try:
+        if meta.get("sha256") != sha256_file(source.path):
+            return None
+    except BadImageError:  # not readable now: redone, and recorded as skipped
         return None
     files = sorted(f for f in job.files(plan, source.key) if (folder / f).is_file())
-    return plain_entry(plan, {"index": plan.sources.index(source), "tensor": True,
+    return plain_entry(plan, {"index": i, "tensor": True,
                               "sha256": meta["sha256"]}, files)
 
 
@@ -182,9 +186,19 @@ def _kept(folder: Path, run: str, sha: str) -> dict[str, torch.Tensor]:
     meta = read_metadata(path)
     if meta is None or meta.get("run") != run or meta.get("sha256") != sha:
         return {}
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        kept = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return {}
+    # what this job writes, or the file is not ours to extend: (C_in, H, W) float32 maps
+    shape = next(iter(kept.values())).shape if kept else None
+    if not all(t.dtype == torch.float32 and t.dim() == 3 and t.shape == shape
+               for t in kept.values()):
+        return {}
+    return kept
 
 
 def _write(plan: Plan, src: ImageSource, sha: str, x: torch.Tensor, found: list[Any],

@@ -23,6 +23,7 @@ import contextlib
 import html
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -37,11 +38,12 @@ from convmaps import __version__
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
-from convmaps.io.store import check_regular, open_regular, read_metadata, write_bytes
+from convmaps.io.store import check_regular, open_regular, read_metadata, symlink_under, write_bytes
 
-__all__ = ["REPORT", "build_report"]
+__all__ = ["REPORT", "build_report", "remove_report"]
 
 REPORT = "report"
+_PICTURE = re.compile(r"[0-9a-f]{32}\.png")  # inputs/<sha256[:32]>.png
 _MARKER = ".convmaps-report"  # only a folder holding it is ever replaced
 _LOCK = ".convmaps-report.lock"  # in OUT: one build at a time swaps report/ into place
 _TOPK = "topk"
@@ -60,6 +62,9 @@ class _Site:
     units: dict[str, dict[str, Any]] = field(default_factory=dict)  # topk module -> tensors
     pictures: dict[str, str] = field(default_factory=dict)  # sha256 -> report-relative PNG
     pages: dict[str, str] = field(default_factory=dict)  # image key -> its page
+    # parts of OUT are joined by what an image is (its sha256), never by its name alone
+    by_sha: dict[str, str] = field(default_factory=dict)  # sha256 -> its image page
+    projected: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     @property
     def header(self) -> dict[str, Any]:
@@ -348,7 +353,7 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
                     parts.append(f"<details><summary>{_e(kind[:-1])} maps of {_e(conv)} "
                                  f"({len(pngs)} filter(s))</summary><div class=\"grid\">"
                                  + "".join(figs) + "</div></details>")
-    proj = _projection_entry(site, key)
+    proj = _projection_entry(site, e)
     if proj:
         meta = read_metadata(folder / layout.PROJECTIONS) or {}
         figs = []
@@ -363,11 +368,9 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
     return _page(key, "\n".join(parts), up, site)
 
 
-def _projection_entry(site: _Site, key: str) -> dict[str, Any] | None:
-    if not site.projections:
-        return None
-    return next((e for e in site.projections["inputs"] if e["key"] == key
-                 and e["status"] == "ok"), None)
+def _projection_entry(site: _Site, e: dict[str, Any]) -> dict[str, Any] | None:
+    """The projections of the image of entry `e`: same folder, same bytes."""
+    return site.projected.get((e["key"], e.get("sha256") or ""))
 
 
 def _filters_page(site: _Site) -> str:
@@ -440,8 +443,8 @@ def _topk_unit(site: _Site, name: str, c: int) -> str:
         img = f'<span class="boxed"><img src="{up}{_url(pic)}" alt="">{overlay}</span>' \
             if pic else ""
         name_link = _e(e["key"])
-        if e["key"] in site.pages:
-            name_link = f'<a href="{up}{_url(site.pages[e["key"]])}">{name_link}</a>'
+        if (page := site.by_sha.get(e.get("sha256") or "")) is not None:
+            name_link = f'<a href="{up}{_url(page)}">{name_link}</a>'
         where = f" at {pos[0]},{pos[1]}" if pos else ""
         cells.append(f"<figure>{img}<figcaption>#{rank + 1} · {value:.4g}{_e(where)}<br>"
                      f"{name_link}</figcaption></figure>")
@@ -481,6 +484,9 @@ def _build(site: _Site) -> Path:
     final = out / REPORT
     if final.exists() and not (final / _MARKER).is_file():
         raise ConvmapsError(f"{final} exists and was not made by convmaps; move it away first")
+    if (link := symlink_under(final)) is not None:  # a copy through it would publish its target
+        raise ConvmapsError(f"{link} is a symlink: convmaps copies nothing through one inside "
+                            "OUT; remove it")
     _remove_stale(out)
     root = out / layout.temp_name(REPORT, os.getpid())
     shutil.rmtree(root, ignore_errors=True)
@@ -528,8 +534,19 @@ def _locked(out: Path) -> Iterator[None]:
 
 
 def _not_regular(folder: str, names: list[str]) -> list[str]:
-    """Of a folder's names, those copying must pass over: a FIFO would block it forever."""
-    return [n for n in names if not stat.S_ISREG(os.lstat(os.path.join(folder, n)).st_mode)]
+    """Of a folder's names, those copying must pass over: anything but a picture the report
+    drew (`<32 hex digits>.png`), and anything not a regular file (a FIFO would block)."""
+    return [n for n in names if not _PICTURE.fullmatch(n)
+            or not stat.S_ISREG(os.lstat(os.path.join(folder, n)).st_mode)]
+
+
+def remove_report(out: Path) -> None:
+    """Remove `OUT/report/` when convmaps made it: a command that replaces a part of OUT
+    leaves no report that shows the old part (run `convmaps report` again)."""
+    final = out / REPORT
+    if final.is_dir() and not final.is_symlink() and (final / _MARKER).is_file() \
+            and symlink_under(final) is None:
+        shutil.rmtree(final, ignore_errors=True)
 
 
 def _remove_stale(out: Path) -> None:
@@ -559,18 +576,21 @@ def _write_site(site: _Site, root: Path) -> None:
         if e["status"] == "ok" and e["key"] not in seen:
             seen.add(e["key"])
             site.pages[e["key"]] = f"images/{len(pages)}.html"
+            site.by_sha.setdefault(e.get("sha256") or "", site.pages[e["key"]])
             pages.append(e)
-    back: dict[str, list[tuple[str, str]]] = {}  # image key -> its top-k units
+    site.projected = {(e["key"], e.get("sha256") or ""): e
+                      for e in (site.projections or {}).get("inputs", []) if e["status"] == "ok"}
+    back: dict[str, list[tuple[str, str]]] = {}  # image sha256 -> its top-k units
     if site.topk:
         for name, u in site.units.items():
             for c, row in enumerate(u.get("images", [])):
                 for index in row:
                     if 0 <= index < len(topk_inputs):
-                        back.setdefault(topk_inputs[index]["key"], []).append(
+                        back.setdefault(topk_inputs[index].get("sha256") or "", []).append(
                             (f"{name}:{c}", f"topk/{name}/{c}.html"))
     files: dict[str, str] = {"index.html": _index(site)}
     for e in pages:
-        files[site.pages[e["key"]]] = _image_page(site, e, back.get(e["key"], []))
+        files[site.pages[e["key"]]] = _image_page(site, e, back.get(e.get("sha256") or "", []))
     if site.filters:
         files["filters.html"] = _filters_page(site)
     if site.topk:
