@@ -3,6 +3,8 @@ script a user would write (and torchlens, when installed), in one run; medians a
 
     python benchmarks/bench_dump.py [--images 100] [--repeats 3] [--workers 2] [--photos DIR]
                                     [--png-only] [--out DIR]
+    python benchmarks/bench_dump.py --floor [--models alexnet,resnet18] [--images 32]
+                                    [--repeats 3] [--workers W] [--threads T] [--out DIR]
 
 - plain:    `alexnet(weights=AlexNet_Weights.DEFAULT)`, PIL decode + `weights.transforms()`,
             batched forward with a cloning hook on every leaf module, `safetensors.torch.
@@ -14,6 +16,11 @@ script a user would write (and torchlens, when installed), in one run; medians a
             with PNG grids on, to show what PNG adds. Besides the whole call, the work beyond
             start-up (`run_dump` alone, without loading the model in `plan_dump`) is timed,
             and PNG's cost is reported on it too.
+
+`--floor` times no whole processes (importing torch hides the work): for each of `--models`,
+the dump's work beyond a one-photo run (run_dump on N photos minus run_dump on 1, the model
+loaded beforehand) against the same difference for (a) a decode + forward-only loop and (b)
+that loop plus writing the same tensor bytes raw, one folder per photo. See `floor.py`.
 
 `--png-only` runs only the two convmaps methods (a few minutes on 2 cores with --images 16).
 `--out DIR` writes every method's files under DIR (default: the temp folder, `$TMPDIR` or /tmp):
@@ -140,14 +147,29 @@ def main() -> None:
     ap.add_argument("--png-only", action="store_true",
                     help="only convmaps with and without PNG (what PNG costs)")
     ap.add_argument("--out", type=Path, help="where outputs are written (default: temp folder)")
+    ap.add_argument("--floor", action="store_true",
+                    help="the dump's work beyond a one-photo run against a forward-only loop\n"
+                         "and that loop writing the same bytes raw (see floor.py)")
+    ap.add_argument("--models", default="alexnet,resnet18", help="with --floor: architectures")
+    ap.add_argument("--threads", type=int,
+                    help="with --floor: torch threads, every method (default: convmaps' own)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-"))
-    weights = cached_weights(tmp)
     if a.photos:
         files = sorted(p for p in a.photos.iterdir() if p.suffix.lower() in (".jpg", ".png"))
         files = files[: a.images]
     else:
         files = make_photos(tmp / "photos", a.images)
+    if a.floor:
+        from floor import run as floor_run  # benchmarks/ is on the path of this script
+
+        a.batch = BATCH
+        try:
+            floor_run(a, files, tmp, cached_weights)
+        finally:
+            shutil.rmtree(tmp)
+        return
+    weights = cached_weights(tmp)
     methods: dict[str, Callable[[Path], float | None]] = {
         "plain": lambda out: plain(files, out),
         "convmaps": lambda out: convmaps(files, out, False, a.workers),
