@@ -145,10 +145,39 @@ def write_bytes(path: str | Path, data: bytes, sync: bool = True) -> None:
     atomic_write(path, lambda f: f.write(data), sync)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Deterministic JSON (no timestamps; key order as given)."""
-    text = json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
-    write_bytes(path, text.encode())
+def write_json(path: str | Path, obj: dict[str, Any]) -> None:
+    """Deterministic JSON (no timestamps; key order as given), streamed: a top-level list of
+    records (a manifest's inputs, its layer table) is written one record a line, compactly,
+    so that a manifest of a million images is neither a billion bytes of indentation nor
+    a second copy of itself in memory."""
+
+    def chunks() -> Iterator[str]:
+        yield "{"
+        for n, (key, value) in enumerate(obj.items()):
+            yield ("," if n else "") + "\n " + json.dumps(key, ensure_ascii=False) + ": "
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                for i, record in enumerate(value):
+                    yield ("[" if i == 0 else ",") + "\n  " + _dumps(record)
+                yield "\n ]"
+            else:  # JSON strings hold no raw newline: re-indenting is safe
+                yield json.dumps(value, indent=1, ensure_ascii=False).replace("\n", "\n ")
+        yield "\n}\n"
+
+    def write(f: IO[bytes]) -> None:
+        buffer: list[str] = []
+        size = 0
+        for chunk in chunks():
+            buffer.append(chunk)
+            size += len(chunk)
+            if size > 1 << 20:
+                f.write("".join(buffer).encode())
+                buffer, size = [], 0
+        f.write("".join(buffer).encode())
+
+    atomic_write(path, write)
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
 
 @dataclass(frozen=True)
