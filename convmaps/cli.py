@@ -42,7 +42,7 @@ ModelArg = Annotated[
     typer.Argument(
         help="A torchvision classifier (alexnet, vgg11 … vgg19_bn, resnet18, …), `lenet` (the "
         "bundled, trained LeNet-5), or a checkpoint file (.safetensors, .pt/.pth) with --arch.",
-        show_default=False,
+        show_default=False, metavar="MODEL",
     ),
 ]
 WeightsOpt = Annotated[
@@ -238,7 +238,7 @@ def _filters(options: FilterOptions) -> None:
 InputsArg = Annotated[
     list[Path] | None,
     typer.Argument(help="Image files and/or folders (walked recursively). With none, lenet "
-                   "uses the bundled samples.", show_default=False),
+                   "uses the bundled samples.", show_default=False, metavar="INPUT"),
 ]
 
 

@@ -306,3 +306,22 @@ def test_show_reads_every_part_of_out_not_only_a_dump(tmp_path):
     empty.mkdir()
     result = runner.invoke(app, ["show", str(empty)])
     assert result.exit_code == 1 and "not a convmaps output folder" in result.output
+
+
+@pytest.mark.parametrize("args,words", [
+    (["dump", "lenet", "--layers", ""], "empty SPEC '' selects nothing"),
+    (["topk", "lenet", "--layers", ""], "empty SPEC '' selects nothing"),
+    (["dump", "lenet", "--layers", "5-2"], "the range '5-2' runs backwards; write 2-5"),
+    (["layers", "VGG16"], "Did you mean: vgg16,"),
+    (["project", "lenet"], "--unit C5:0"),
+])
+def test_cli_polish_says_what_to_do(tmp_path, args, words):
+    result = runner.invoke(app, [*args, *(["--out", str(tmp_path / "o")]
+                                          if args[0] != "layers" else [])])
+    assert result.exit_code == 1 and words in result.output, result.output
+
+
+def test_help_names_its_arguments_as_the_contract_does():
+    for command in ("dump", "topk", "project"):
+        usage = runner.invoke(app, [command, "--help"]).output
+        assert "MODEL" in usage and "[INPUT]..." in usage and "{model}" not in usage

@@ -165,7 +165,10 @@ def _select_item(model: nn.Module, layers: list[Layer], root_name: str, item: st
     if m := re.fullmatch(r"(\d+)(?:-(\d+))?", item):
         lo, hi = int(m[1]), int(m[2] or m[1])
         top = max(by_index, default=-1)
-        if lo > hi or hi > top or any(i not in by_index for i in range(lo, hi + 1)):
+        if lo > hi:
+            raise UnknownLayerError(f"{flag}: the range {item!r} runs backwards; write "
+                                    f"{hi}-{lo}")
+        if hi > top or any(i not in by_index for i in range(lo, hi + 1)):
             raise UnknownLayerError(f"{flag}: no layer {item!r}; {_spec_help(layers, root_name)}")
         found = [by_index[i] for i in range(lo, hi + 1)]
     elif item in by_name:

@@ -131,7 +131,11 @@ def _check_arch(arch: str) -> str:
     names = model_names()
     if arch in names:
         return arch
-    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+    folded = {n.lower(): n for n in names}  # VGG16 -> vgg16 first, then look-alikes
+    close = ([folded[arch.lower()]] if arch.lower() in folded else []) + [
+        n for n in difflib.get_close_matches(arch.lower(), names, n=5, cutoff=0.5)
+        if n != folded.get(arch.lower())]
+    close = close[:5]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(
         f"unknown model {arch!r}.{hint} Run `convmaps layers --help` for the forms MODEL takes "

@@ -71,7 +71,7 @@ class Dump(Job):
                                                   ran=ran)
 
         self.options = o
-        self.layers = pick(o.layers or "all", "--layers", False)
+        self.layers = pick("all" if o.layers is None else o.layers, "--layers", False)
         self.pools = [x for x in self.layers if isinstance(x.module, nn.MaxPool2d)] \
             if o.switches else []
         self.kernels = pick(o.kernels, "--kernels", True)

@@ -81,7 +81,8 @@ class Topk(Job):
                                 f"{', '.join(Mode.__members__)} or {NO_PROJECTION}")
         model = loaded.model
         input_shape = (loaded.in_channels, *loaded.input_size)
-        chosen = select(model, o.layers or Kind.conv.value, ran=modules_run(model, input_shape))
+        chosen = select(model, Kind.conv.value if o.layers is None else o.layers,
+                        ran=modules_run(model, input_shape))
         keys = [x.name for x in chosen]
         # a module called twice per pass ranks its first call, the one its name means
         traced = meta_trace(model, input_shape, keys).outputs
