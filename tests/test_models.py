@@ -390,3 +390,18 @@ def test_broken_checkpoints(tmp_path, content):
             load_state_file(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_state_file(tmp_path / "missing.pt")
+
+
+def test_a_plain_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path):
+    """A process of its own: pytest would catch the warning before it reached stderr."""
+    import pickle
+    import subprocess
+    import sys
+
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"C1.weight": [1.0]}, protocol=4))
+    run = subprocess.run([sys.executable, "-m", "convmaps", "layers", "lenet", "--weights",
+                          str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "refused" in lines[0], lines

@@ -17,6 +17,7 @@ import re
 import stat
 import sys
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -310,7 +311,8 @@ def _weights_only_hub(cached: Path) -> Iterator[None]:
             kwargs["weights_only"] = True  # even if a builder ever passes False
             kwargs.setdefault("map_location", "cpu")  # convmaps builds on the CPU
             try:
-                state = original(self, *args, **kwargs)
+                with _quiet_pickle():
+                    state = original(self, *args, **kwargs)
             except Exception as e:  # a damaged pickle raises nearly anything
                 if not cached.exists():
                     raise  # not cached and not downloaded: _load_pretrained says what to do
@@ -330,6 +332,15 @@ def _weights_only_hub(cached: Path) -> Iterator[None]:
             sys.stderr.write("".join(
                 ln for ln in lines if not (failed and ln.startswith("Downloading: "))
             ))
+
+
+@contextlib.contextmanager
+def _quiet_pickle() -> Iterator[None]:
+    """torch's two-line warning about a pickle protocol it did not write: a file that is
+    refused gets one clear line instead, and a file that loads needs no warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
 
 
 def _load_pretrained(arch: str, weights: Any) -> nn.Module:
@@ -380,7 +391,8 @@ def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             f"{path}: checkpoints must end in {', '.join(_CHECKPOINT_SUFFIXES)}"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _quiet_pickle():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged pickle raises nearly anything (KeyError for text)
         raise _load_error(path, e) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
