@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import stat
 import unicodedata
@@ -37,9 +38,11 @@ from convmaps.errors import BadImageError, ConvmapsError
 __all__ = [
     "BACKGROUND",
     "IMAGE_SUFFIXES",
+    "MAX_FILE_BYTES",
     "MAX_PIXELS",
     "ImageSource",
     "decode",
+    "decode_and_hash",
     "find_images",
     "sha256_file",
 ]
@@ -56,6 +59,8 @@ always gives the same RGB values whatever viewer or library made it."""
 
 MAX_PIXELS = 64_000_000
 """Default limit on width x height, checked from the header before any pixel is decoded."""
+MAX_FILE_BYTES = 1 << 30
+"""Largest image file decoded: it is read whole, to be hashed and decoded from one read."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,32 @@ def decode(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """
     path = Path(path)
     _check_regular_file(path)
-    image = _read_first_frame(path, max_pixels)
+    return _rgb(_read_first_frame(path, max_pixels))
+
+
+def decode_and_hash(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str]:
+    """`decode` and `sha256_file` from one read of the file: the sha256 names the very bytes
+    that were decoded, and a folder of images is read once, not twice.
+
+    Raises:
+        BadImageError: as `decode`, or a file over `MAX_FILE_BYTES`.
+    """
+    from convmaps.io.store import open_regular
+
+    path = Path(path)
+    _check_regular_file(path)
+    try:
+        with open_regular(path) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise BadImageError(_unreadable(e)) from e
+    if len(data) > MAX_FILE_BYTES:
+        raise BadImageError(f"too large: over {MAX_FILE_BYTES >> 20} MiB")
+    return _rgb(_read_first_frame(io.BytesIO(data), max_pixels)), \
+        hashlib.sha256(data).hexdigest()
+
+
+def _rgb(image: Image.Image) -> Image.Image:
     try:
         return _to_rgb(image)
     except (ValueError, OSError) as e:  # Pillow: "conversion from X to Y not supported"
@@ -249,7 +279,7 @@ def _check_regular_file(path: Path) -> None:
         raise BadImageError("empty file")
 
 
-def _read_first_frame(path: Path, max_pixels: int) -> Image.Image:
+def _read_first_frame(path: Path | io.BytesIO, max_pixels: int) -> Image.Image:
     """Open, size-check, fully load and orient frame 0; the result no longer needs the file."""
     try:
         # Pillow warns about pixel counts over Image.MAX_IMAGE_PIXELS from inside Image.open;

@@ -37,7 +37,13 @@ from convmaps.core.models import LoadedModel, bundled_lenet_path
 from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
-from convmaps.io.images import MAX_PIXELS, ImageSource, decode, find_images, sha256_file
+from convmaps.io.images import (
+    MAX_PIXELS,
+    ImageSource,
+    decode_and_hash,
+    find_images,
+    sha256_file,
+)
 from convmaps.io.store import fsync_dir, locked, parse_bytes, symlink_under, write_json
 from convmaps.jobs.ownership import claim, hold, listed_files, release, safe_folder
 from convmaps.jobs.runtime import (
@@ -185,9 +191,8 @@ class DecodedImages(torch.utils.data.Dataset[dict[str, Any]]):
         if i in self.skips:
             return {"index": i, "sha256": None, "tensor": None, "reason": self.skips[i]}
         try:
-            image = decode(src.path)  # first: it refuses FIFOs and devices, which would hang
+            image, sha = decode_and_hash(src.path)  # one read; FIFOs and devices refused
             _check_resized(image.size, self.preprocess)
-            sha = sha256_file(src.path)
             tensor = self.preprocess(image)
             return {"index": i, "sha256": sha, "tensor": tensor, "reason": None}
         except (BadImageError, OSError) as e:
