@@ -188,7 +188,10 @@ def test_lenet_equals_brute_force_from_dump(tmp_path, fashion_pngs):
     assert (ties["values"][:, :-1] == ties["values"][:, 1:]).any()  # ties were ranked
 
 
-def test_alexnet_equals_dump_and_boxes_are_rfs(tmp_path):
+def test_alexnet_equals_brute_force_over_the_dump_and_plumbs_fields_boxes(tmp_path):
+    """Values and images: an independent brute force over dump's activations. Boxes: a
+    plumbing check only (topk passes `fields()`'s boxes through); the boxes themselves are
+    checked independently, by perturbation, in test_fields."""
     from convmaps.core.fields import fields
 
     photos = tmp_path / "photos"
@@ -249,7 +252,9 @@ def test_projections_are_autograd_gradients_cropped_to_boxes(tmp_path):
                                            atol=1e-6)
 
 
-def test_deconvnet_crops_are_project_of_that_unit(tmp_path):
+def test_plumbing_deconvnet_crops_are_project_of_that_unit(tmp_path):
+    """A plumbing check (topk crops what `core.deconv.project` gives); beside it, the test
+    above recomputes gradient-mode crops independently with torch.autograd."""
     from convmaps.core.deconv import Unit, project
 
     manifest = _topk(tmp_path, [], layers="C1,S4", k=2, project="deconvnet", png=False)

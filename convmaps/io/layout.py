@@ -34,6 +34,7 @@ __all__ = [
     "TopkLayout",
     "collision",
     "filter_png",
+    "filter_png_folder",
     "filters_files",
     "is_filters_output",
     "PROJECTIONS_MANIFEST",
@@ -44,6 +45,7 @@ __all__ = [
     "is_temp",
     "is_topk_output",
     "projection_key",
+    "projection_of_png",
     "projection_png",
     "shard_manifest",
     "temp_name",
@@ -116,7 +118,7 @@ class ImageLayout:
         """`png/<conv>.<kind>/<filter>.png`, the filter number zero-padded to the width of
         the conv's PNG count (`07.png` of 16), so that names sort in filter order."""
         count = dict(self.kernels if kind == "kernels" else self.taps).get(conv, filter_index + 1)
-        return f"png/{conv}.{kind}/{filter_index:0{len(str(count))}d}.png"
+        return f"{filter_png_folder(kind, conv)}/{filter_index:0{len(str(count))}d}.png"
 
     def png_files(self) -> list[str]:
         if not self.png:
@@ -129,6 +131,18 @@ class ImageLayout:
     def files(self) -> list[str]:
         """Every file an image gets, sorted: what its manifest entry lists."""
         return sorted(self.tensor_files() + self.png_files())
+
+
+def filter_png_folder(kind: str, conv: str) -> str:
+    """The folder of one conv's kernel-map or tap-map PNGs in an image folder."""
+    return f"png/{conv}.{kind}"
+
+
+def projection_of_png(rel: str) -> str | None:
+    """The projection key a PNG path of an image folder shows (`projection_png`'s inverse),
+    or None for another file."""
+    head, tail = f"png/{_PROJECTION_PNGS}/", ".png"
+    return rel[len(head):-len(tail)] if rel.startswith(head) and rel.endswith(tail) else None
 
 
 def is_dump_output(rel: str) -> bool:
@@ -209,7 +223,10 @@ class TopkLayout:
         return f"{self.partial}/shard-{index}-of-{count}.safetensors"
 
     def channel_png(self, key: str, channel: int) -> str:
-        return f"png/{key}/{channel}.png"
+        """`png/<module>/<channel>.png`, zero-padded to the width of the module's largest
+        figure number (`03.png` of 16 figures), so that names sort in channel order."""
+        count = dict(zip(self.modules, self.png_caps, strict=True)).get(key, channel + 1)
+        return f"png/{key}/{channel:0{len(str(max(count - 1, channel, 0)))}d}.png"
 
     def module_png(self, key: str) -> str:
         return f"png/{key}.png"

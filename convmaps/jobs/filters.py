@@ -3,7 +3,6 @@ grid each, and a manifest that makes the folder this run configuration's (the ow
 other options are refused, or replaced with --overwrite, so no stale grid stays behind).
 
     >>> from convmaps.options import FilterOptions
-from convmaps.report import remove_report
     >>> import tempfile
     >>> [name for name, _ in run_filters(FilterOptions("lenet", out=tempfile.mkdtemp()))]
     ['C1', 'C3', 'C5']

@@ -46,7 +46,6 @@ REPORT = "report"
 _PICTURE = re.compile(r"[0-9a-f]{32}\.png")  # inputs/<sha256[:32]>.png
 _MARKER = ".convmaps-report"  # only a folder holding it is ever replaced
 _LOCK = ".convmaps-report.lock"  # in OUT: one build at a time swaps report/ into place
-_TOPK = "topk"
 
 
 @dataclass
@@ -83,13 +82,13 @@ def _read_site(out: Path) -> _Site:
     filters = [m for m in (listed or {}).get("modules", [])
                if (folder / layout.filter_png(m)).is_file()]
     filters_meta = read_metadata(folder / layout.FILTER_WEIGHTS) or {}
-    topk = manifests.read(out / _TOPK) if (out / _TOPK).is_dir() else None
+    topk = manifests.read(out / layout.TOPK) if (out / layout.TOPK).is_dir() else None
     if not (dump or projections or filters or topk):
         raise ConvmapsError(f"{out} holds nothing to report (no manifest.json, projections.json,"
                             " filters/ or topk/)")
     site = _Site(out, dump, projections, filters, filters_meta, topk)
     if topk is not None:
-        site.units = _read_topk(out / _TOPK, topk)
+        site.units = _read_topk(out / layout.TOPK, topk)
     return site
 
 
@@ -100,7 +99,7 @@ def _read_topk(folder: Path, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     units = {}
     for name in m.get("modules", []):
-        path = folder / f"{name}.safetensors"
+        path = folder / layout.TopkLayout().module_file(name)
         if not path.is_file():
             continue
         try:
@@ -336,7 +335,7 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
         scale = scale if scale in ("layer", "channel") else "layer"  # as the dump drew them
         figs = []
         for k in site.dump.get("selected", {}).get("activations", []):
-            rel = f"png/{k}.png"
+            rel = layout.ImageLayout().activation_png(k)
             if rel in files:
                 shape = shapes.get(k.split("@")[0])
                 figs.append(_figure(f"{base}/{rel}", f"{_e(k)} · {_shape(shape)}",
@@ -345,7 +344,7 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
             parts.append('<h2>Feature maps</h2><div class="grid">' + "".join(figs) + "</div>")
         for kind in ("kernels", "taps"):
             for conv in site.dump.get("selected", {}).get(kind, []):
-                prefix = f"png/{conv}.{kind}/"
+                prefix = layout.filter_png_folder(kind, conv) + "/"
                 pngs = sorted(f for f in files if f.startswith(prefix))
                 if pngs:
                     figs = [_figure(f"{base}/{f}", f"{_e(conv)} filter {_e(Path(f).stem)}")
@@ -358,8 +357,7 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
         meta = read_metadata(folder / layout.PROJECTIONS) or {}
         figs = []
         for f in sorted(proj.get("files", [])):
-            if f.endswith(".png"):
-                k = f.removeprefix("png/projections/").removesuffix(".png")
+            if (k := layout.projection_of_png(f)) is not None:
                 cap = (f"{_e(k)} · value {_e(meta.get(k + '.value', '?'))} · at "
                        f"{_e(meta.get(k + '.position') or '—')}")
                 figs.append(_figure(f"{base}/{f}", cap, ' class="wide"'))
@@ -400,10 +398,11 @@ def _topk_index(site: _Site) -> str:
 def _topk_module(site: _Site, name: str) -> str:
     u = site.units[name]
     values = u.get("values") or []
-    grid = f"../../topk/png/{name}.png"
+    grid = _topk_layout(site).module_png(name)
     parts = []
-    if (site.out / _TOPK / "png" / f"{name}.png").is_file():
-        parts.append(_figure(grid, f"{_e(name)}: each unit's top-1 patch"))
+    if (site.out / layout.TOPK / grid).is_file():
+        parts.append(_figure(_url("../..", layout.TOPK, grid),
+                             f"{_e(name)}: each unit's top-1 patch"))
     rows = []
     for c, vals in enumerate(values):
         link = f'<a href="{_url(name)}/{c}.html">{c}</a>'
@@ -415,15 +414,25 @@ def _topk_module(site: _Site, name: str) -> str:
     return _page(f"Top-k · {name}", "\n".join(parts), "../", site)
 
 
+def _topk_layout(site: _Site) -> layout.TopkLayout:
+    """The names the top-k run gave its figures (their numbers are zero-padded to the count
+    of figures of each module: `--png-cap` channels at most)."""
+    cap = (site.topk or {}).get("options", {}).get("png_cap", 0)
+    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0 else 0
+    names = tuple(site.units)
+    return layout.TopkLayout(names, tuple(min(cap, len(site.units[n].get("values", [])))
+                                          for n in names), True)
+
+
 def _topk_unit(site: _Site, name: str, c: int) -> str:
     assert site.topk is not None
     u = site.units[name]
     up = "../../"
     inputs = site.topk["inputs"]
     parts = []
-    fig = site.out / _TOPK / "png" / name / f"{c}.png"
-    if fig.is_file():
-        parts.append(_figure(f"{up}../topk/png/{name}/{c}.png",
+    fig = _topk_layout(site).channel_png(name, c)
+    if (site.out / layout.TOPK / fig).is_file():
+        parts.append(_figure(_url(f"{up}..", layout.TOPK, fig),
                              f"{_e(name)} unit {c}: top patches and their projections",
                              ' class="wide"'))
     cells = []
