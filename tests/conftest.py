@@ -151,3 +151,24 @@ def recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, (nn.Dropout, nn.Flatten)):
         return x.flatten(1) if isinstance(module, nn.Flatten) else x
     raise NotImplementedError(type(module))
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path opened (by `os.open` or `open`) while the test runs, in order."""
+    import builtins
+
+    paths: list[str] = []
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(p: Any, *a: Any, **k: Any) -> Any:
+        paths.append(str(p))
+        return real_os_open(p, *a, **k)
+
+    def py_open(p: Any, *a: Any, **k: Any) -> Any:
+        paths.append(str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", py_open)
+    return paths

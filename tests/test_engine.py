@@ -374,29 +374,14 @@ def test_to_host_keeps_every_tensor_and_value():
     assert torch.equal(back[1][0], tree[1][0]) and back[2].shape == (0,)
 
 
-def test_the_loader_reads_each_input_once(tmp_path, monkeypatch):
-    import builtins
-
+def test_the_loader_reads_each_input_once(tmp_path, opened):
     from convmaps.core.models import load_model
     from convmaps.io.images import find_images, sha256_file
     from convmaps.jobs.engine import DecodedImages
 
     path = write_image(tmp_path / "x.png")
-    sources = find_images([path])
-    opened: list[str] = []
-    real_os_open, real_open = os.open, builtins.open
-
-    def os_open(p, *a, **k):  # type: ignore[no-untyped-def]
-        opened.append(str(p))
-        return real_os_open(p, *a, **k)
-
-    def py_open(p, *a, **k):  # type: ignore[no-untyped-def]
-        opened.append(str(p))
-        return real_open(p, *a, **k)
-
-    item_source = DecodedImages(sources, load_model("lenet").preprocess, {})
-    monkeypatch.setattr(os, "open", os_open)
-    monkeypatch.setattr(builtins, "open", py_open)
-    item = item_source[0]
-    monkeypatch.undo()
-    assert opened.count(str(path)) == 1 and item["sha256"] == sha256_file(path)
+    images = DecodedImages(find_images([path]), load_model("lenet").preprocess, {})
+    opened.clear()
+    item = images[0]
+    assert opened.count(str(path)) == 1
+    assert item["sha256"] == sha256_file(path)

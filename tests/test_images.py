@@ -522,28 +522,13 @@ def test_sha256_of_a_fifo_is_a_reason_not_a_hang(tmp_path: Path, fifo) -> None:
         no_hang(sha256_file, path)
 
 
-def test_decode_and_hash_read_the_file_once_and_agree_with_each_reader(tmp_path, monkeypatch):
-    import builtins
-
+def test_decode_and_hash_read_the_file_once_and_agree_with_each_reader(tmp_path, opened):
     from convmaps.io.images import decode_and_hash
 
     path = tmp_path / "x.png"
     Image.new("RGB", (7, 5), (10, 20, 30)).save(path)
-    opened: list[str] = []
-    real_os_open, real_open = os.open, builtins.open
-
-    def os_open(p, *a, **k):  # type: ignore[no-untyped-def]
-        opened.append(str(p))
-        return real_os_open(p, *a, **k)
-
-    def py_open(p, *a, **k):  # type: ignore[no-untyped-def]
-        opened.append(str(p))
-        return real_open(p, *a, **k)
-
-    monkeypatch.setattr(os, "open", os_open)
-    monkeypatch.setattr(builtins, "open", py_open)
+    opened.clear()
     image, sha = decode_and_hash(path)
-    monkeypatch.undo()
     assert opened.count(str(path)) == 1  # one read for both
     assert sha == sha256_file(path)
     assert np.array_equal(np.asarray(image), np.asarray(decode(path)))

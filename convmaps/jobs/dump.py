@@ -37,7 +37,16 @@ from convmaps.io.store import (
     write_bytes,
     write_safetensors,
 )
-from convmaps.jobs.engine import Job, Plan, Result, identity, plain_entry, plan_job, run_job
+from convmaps.jobs.engine import (
+    Job,
+    Plan,
+    Result,
+    identity,
+    per_image,
+    plain_entry,
+    plan_job,
+    run_job,
+)
 from convmaps.jobs.ownership import clear_folder, owner
 from convmaps.jobs.runtime import memory_format
 from convmaps.options import DType, DumpOptions, PngScale
@@ -418,23 +427,14 @@ def _classifier_key(plan: Plan, got: Trace, i: int) -> str | None:
 def _write_batch(plan: Plan, items: list[dict[str, Any]], got: Trace | None,
                  logits: torch.Tensor | None) -> list[tuple[int, dict[str, Any]]]:
     """All files of one batch (runs on a writer thread); returns manifest entries."""
-    done = []
-    good = [it for it in items if it["tensor"] is not None]
-    for it in items:
-        src = plan.sources[it["index"]]
-        if it["tensor"] is None:
-            if it["index"] not in plan.skips:  # a clash is never ours to clear
-                clear_folder(plan.out, src.key, set(), owner(plan.listed.get(src.key, set())))
-            done.append((it["index"], plain_entry(plan, it)))
-    for row, it in enumerate(good):
-        i, src = it["index"], plan.sources[it["index"]]
-        if i in plan.complete:  # computed again only for its neighbours' sake
-            done.append((i, plan.finished[i]))
-            continue
+
+    def write_one(row: int, it: dict[str, Any]) -> dict[str, Any]:
         assert got is not None
         predictions = top5(logits[row], _dump(plan).categories) if logits is not None else None
-        files = _write_image(plan, src, it["sha256"], got, row, predictions)
-        done.append((i, plain_entry(plan, it, files, predictions)))
-    return done
+        files = _write_image(plan, plan.sources[it["index"]], it["sha256"], got, row,
+                             predictions)
+        return plain_entry(plan, it, files, predictions)
+
+    return per_image(plan, items, write_one)
 
 

@@ -45,7 +45,15 @@ from convmaps.io.images import (
     sha256_file,
 )
 from convmaps.io.store import fsync_dir, locked, parse_bytes, symlink_under, write_json
-from convmaps.jobs.ownership import claim, hold, listed_files, release, safe_folder
+from convmaps.jobs.ownership import (
+    claim,
+    clear_folder,
+    hold,
+    listed_files,
+    owner,
+    release,
+    safe_folder,
+)
 from convmaps.jobs.runtime import (
     batches,
     default_workers,
@@ -56,8 +64,9 @@ from convmaps.jobs.runtime import (
 )
 
 __all__ = ["DecodedImages", "Job", "Plan", "Result", "bundled_samples", "check_bounds",
-           "check_network", "check_room", "find_sources", "identity", "image_loader",
-           "collate", "inputs_id", "layer_rows", "to_host", "model_identity", "plan_job", "run_job"]
+           "check_network", "check_room", "collate", "find_sources", "identity",
+           "image_loader", "inputs_id", "layer_rows", "model_identity", "per_image",
+           "plain_entry", "plan_job", "run_job", "to_host"]
 
 
 def bundled_samples() -> Path:
@@ -380,6 +389,26 @@ class Result:
     already: int
     skipped: list[Entry]
     merged: bool  # whether `path` is the merged manifest of every shard
+
+
+def per_image(plan: Plan, items: list[Entry], write_one: Callable[[int, Entry], Entry]
+              ) -> list[tuple[int, Entry]]:
+    """A batch's manifest entries, for a job that writes files per image: a skipped item's
+    (its old files go, except after a clash, which is never ours to clear), a finished
+    image's own (it ran again only for its neighbours' sake), and `write_one(row, item)` for
+    every other decoded one (`row`: its row in the batch)."""
+    done = []
+    for it in items:
+        if it["tensor"] is None:
+            key = plan.sources[it["index"]].key
+            if it["index"] not in plan.skips:  # an image that became unreadable loses them
+                clear_folder(plan.out, key, set(), owner(plan.listed.get(key, set())))
+            done.append((it["index"], plain_entry(plan, it)))
+    good = [it for it in items if it["tensor"] is not None]
+    for row, it in enumerate(good):
+        i = it["index"]
+        done.append((i, plan.finished[i] if i in plan.finished else write_one(row, it)))
+    return done
 
 
 def check_network(out: Path, loaded: LoadedModel, what: str) -> None:

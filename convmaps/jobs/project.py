@@ -29,7 +29,16 @@ from convmaps.errors import BadImageError, ConvmapsError
 from convmaps.io import layout
 from convmaps.io.images import ImageSource, sha256_file
 from convmaps.io.store import png_complete, read_metadata, save_tensors, write_bytes
-from convmaps.jobs.engine import Job, Plan, Result, check_network, plain_entry, plan_job, run_job
+from convmaps.jobs.engine import (
+    Job,
+    Plan,
+    Result,
+    check_network,
+    per_image,
+    plain_entry,
+    plan_job,
+    run_job,
+)
 from convmaps.jobs.ownership import clear_folder, owner
 from convmaps.options import ProjectOptions
 
@@ -96,25 +105,13 @@ class Project(Job):
               ) -> list[tuple[int, dict[str, Any]]]:
         from convmaps import render
 
-        done = []
-        good = [it for it in items if it["tensor"] is not None]
-        for it in items:
-            src = plan.sources[it["index"]]
-            if it["tensor"] is None:
-                if it["index"] not in plan.skips:  # an unreadable image loses its projections
-                    clear_folder(plan.out, src.key, set(),
-                                 owner(plan.listed.get(src.key, set())))
-                done.append((it["index"], plain_entry(plan, it)))
-        for row, it in enumerate(good):
-            i, src = it["index"], plan.sources[it["index"]]
-            if i in plan.finished:  # computed again only for its neighbours' sake
-                done.append((i, plan.finished[i]))
-                continue
+        def write_one(row: int, it: dict[str, Any]) -> dict[str, Any]:
             x, found = stepped
-            files = _write(plan, src, it["sha256"], x[row], found[row],
+            files = _write(plan, plan.sources[it["index"]], it["sha256"], x[row], found[row],
                            render.picture(x[row], self.mean, self.std))
-            done.append((i, plain_entry(plan, it, files)))
-        return done
+            return plain_entry(plan, it, files)
+
+        return per_image(plan, items, write_one)
 
     def describe(self, plan: Plan) -> str:
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
