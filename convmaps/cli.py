@@ -172,14 +172,14 @@ def layers(
     from rich.filesize import decimal
 
     from convmaps.core.capture import layer_table
-    from convmaps.core.fields import fields
+    from convmaps.core.fields import survey
     from convmaps.core.models import load_model
 
     # Shapes do not depend on weight values, so no pretrained file is needed to list layers.
     loaded = load_model(model, weights or "none", arch)
     size = _size(input_size) or loaded.input_size
-    rows = layer_table(loaded.model, (loaded.in_channels, *size))
-    rf = fields(loaded.model, (loaded.in_channels, *size), strict=False)
+    traced, rf = survey(loaded.model, (loaded.in_channels, *size))  # one meta pass
+    rows = layer_table(loaded.model, (loaded.in_channels, *size), traced)
     table = Table(title=f"{loaded.arch} · input {loaded.in_channels}×{size[0]}×{size[1]}")
     for col, just in (("#", "right"), ("name", "left"), ("type", "left"), ("input", "right"),
                       ("output", "right"), ("field", "right"), ("jump", "right"),

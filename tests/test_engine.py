@@ -385,3 +385,29 @@ def test_the_loader_reads_each_input_once(tmp_path, opened):
     item = images[0]
     assert opened.count(str(path)) == 1
     assert item["sha256"] == sha256_file(path)
+
+
+def test_a_plan_makes_one_pass_on_the_meta_device(tmp_path, photos, monkeypatch):
+    """Shapes, parameters, receptive fields and which modules run: one pass, for every job."""
+    import convmaps.core.capture as capture
+    import convmaps.core.fields as fields
+    from convmaps.jobs.dump import Dump
+    from convmaps.jobs.topk import Topk
+
+    passes: list[int] = []
+    real = capture.meta_trace
+
+    def counted(*a, **k):  # type: ignore[no-untyped-def]
+        passes.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(capture, "meta_trace", counted)
+    monkeypatch.setattr(fields, "meta_trace", counted)
+    common = {"model": "lenet", "inputs": [str(photos)], "workers": 0}
+    for o, job in ((DumpOptions(**common, out=str(tmp_path / "d"), kernels="C3"), Dump()),
+                   (TopkOptions(**common, out=str(tmp_path / "t")), Topk()),
+                   (ProjectOptions(**common, out=str(tmp_path / "p"), units=["C3:1"]),
+                    Project())):
+        passes.clear()
+        plan_job(o, job)
+        assert len(passes) == 1, type(job).__name__

@@ -428,20 +428,25 @@ def meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: Collection
                  {k[strip:]: v for k, v in t.inputs.items()})
 
 
-def modules_run(model: nn.Module, input_shape: tuple[int, ...]) -> frozenset[str]:
+def modules_run(model: nn.Module, input_shape: tuple[int, ...], traced: Trace | None = None
+                ) -> frozenset[str]:
     """The names of the modules that run in eval mode for one image of `input_shape` (C, H, W)
     and give a tensor, from one pass on the meta device (GoogLeNet's and Inception's aux heads
-    do not run)."""
-    names = [n for n, _ in model.named_modules() if n]
-    outputs = meta_trace(model, input_shape, names, inputs=False).outputs
-    return frozenset(key.split("@")[0] for key in outputs)
+    do not run), or from `traced`, a meta trace of every module (`fields.survey`)."""
+    if traced is None:
+        names = [n for n, _ in model.named_modules() if n]
+        traced = meta_trace(model, input_shape, names, inputs=False)
+    return frozenset(key.split("@")[0] for key in traced.outputs)
 
 
-def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:
+def layer_table(model: nn.Module, input_shape: tuple[int, ...], traced: Trace | None = None
+                ) -> list[LayerRow]:
     """Every selectable layer with its per-image input/output shapes for `input_shape` (C, H, W),
-    its parameter count and, for convs, the bytes of one image's kernel and tap maps."""
+    its parameter count and, for convs, the bytes of one image's kernel and tap maps. The
+    shapes come from `traced` (a meta trace of every module's inputs and outputs, as
+    `fields.survey` gives) or from a meta pass of their own."""
     layers = list_layers(model)
-    shapes = meta_trace(model, input_shape, [x.name for x in layers])
+    shapes = traced or meta_trace(model, input_shape, [x.name for x in layers])
     rows = []
     for layer in layers:
         i = shapes.inputs.get(layer.name)

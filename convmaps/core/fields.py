@@ -69,7 +69,7 @@ from convmaps.errors import ConvmapsError, UnknownLayerError
 
 _log = logging.getLogger("convmaps")
 
-__all__ = ["Field", "box", "fields"]
+__all__ = ["Field", "box", "fields", "survey"]
 
 Box = tuple[int, int, int, int]
 
@@ -788,11 +788,11 @@ def _field(g: Geometry | None, hw: tuple[int, int], batch_dims: int = 1) -> Fiel
 
 
 def _meta_trace(model: nn.Module, input_shape: tuple[int, ...], names: list[str],
-                mode: _GeometryMode) -> Trace:
-    """Outputs of `names` from a forward pass on the meta device, the input seeded with the
-    identity geometry."""
+                mode: _GeometryMode, inputs: bool = False) -> Trace:
+    """Outputs (and with `inputs`, inputs) of `names` from a forward pass on the meta device,
+    the input seeded with the identity geometry."""
     geo = _Geo((2, 3), (_Axis.pixels(input_shape[1]), _Axis.pixels(input_shape[2])))
-    return meta_trace(model, input_shape, names, inputs=False,
+    return meta_trace(model, input_shape, names, inputs=inputs,
                       on_input=lambda x: mode.set(x, geo))
 
 
@@ -811,13 +811,20 @@ def fields(model: nn.Module, input_shape: tuple[int, int, int], *, strict: bool 
     Raises:
         ConvmapsError: the forward pass fails, or (strict) a field cannot be followed.
     """
+    return survey(model, input_shape, strict=strict, inputs=False)[1]
+
+
+def survey(model: nn.Module, input_shape: tuple[int, int, int], *, strict: bool = False,
+           inputs: bool = True) -> tuple[Trace, dict[str, Field]]:
+    """One pass on the meta device for everything a plan needs: every module's output (and,
+    with `inputs`, input) shapes as a `Trace`, and the receptive fields of `fields`."""
     if len(input_shape) != 3:
         raise ConvmapsError(f"input shape {tuple(input_shape)}: give (C, H, W)")
     hw = (int(input_shape[1]), int(input_shape[2]))
     mode = _GeometryMode()
     names = [n for n, _ in model.named_modules() if n]
     with mode:  # trace() leaves every submodule's flags and buffers as found
-        shapes = _meta_trace(model, tuple(input_shape), names, mode)
+        shapes = _meta_trace(model, tuple(input_shape), names, mode, inputs)
     order = {n: i for i, n in enumerate(names)}
     out: dict[str, Field] = {}
     dropped: dict[str, list[str]] = {}  # reason -> modules left out for it
@@ -838,7 +845,7 @@ def fields(model: nn.Module, input_shape: tuple[int, int, int], *, strict: bool 
         _log.warning("no receptive field for %s", "; ".join(
             f"{', '.join(keys)} (cannot follow {reason})" for reason, keys in dropped.items()
         ))
-    return out
+    return shapes, out
 
 
 def box(model: nn.Module, input_shape: tuple[int, int, int], module: str, y: int, x: int

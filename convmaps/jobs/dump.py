@@ -20,7 +20,7 @@ from rich.filesize import decimal
 from torch import nn
 
 from convmaps import __version__
-from convmaps.core.capture import Layer, LayerRow, Trace, meta_trace, modules_run, select, trace
+from convmaps.core.capture import Layer, LayerRow, Trace, modules_run, select, trace
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel
 from convmaps.errors import BadImageError, ConvmapsError
@@ -68,12 +68,12 @@ class Dump(Job):
     bounds = (("png_cap", 0),)
 
     def prepare(self, o: DumpOptions, loaded: LoadedModel, table: list[LayerRow],
-                fields: dict[str, Field]) -> None:
+                fields: dict[str, Field], traced: Trace) -> None:
         parse_bytes(o.chunk_bytes)
         model = loaded.model
         input_shape = (loaded.in_channels, *loaded.input_size)
         # Modules that never run in eval mode (GoogLeNet/Inception aux heads) have no output.
-        ran = modules_run(model, input_shape)
+        ran = modules_run(model, input_shape, traced)
 
         def pick(spec: str | None, flag: str, conv_only: bool) -> list[Layer]:
             return [] if spec is None else select(model, spec, conv_only=conv_only, flag=flag,
@@ -87,7 +87,7 @@ class Dump(Job):
         self.taps = pick(o.taps, "--taps", True)
         if not (self.layers or self.kernels or self.taps):
             raise ConvmapsError("nothing selected: give --layers, --kernels or --taps a layer")
-        shapes = meta_trace(model, input_shape, {x.name for x in [*self.layers, *self.pools]})
+        shapes = traced
         self.layout = _image_layout(o, self.layers, self.pools, self.kernels, self.taps, shapes)
         self.categories = class_names(loaded)
         self.image_bytes = _image_bytes(self.layout, shapes, self.kernels, self.taps, table,

@@ -31,7 +31,7 @@ import torch
 from rich.filesize import decimal
 
 from convmaps import __version__
-from convmaps.core.capture import LayerRow
+from convmaps.core.capture import LayerRow, Trace
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, bundled_lenet_path
 from convmaps.errors import BadImageError, ConvmapsError, TooLargeError
@@ -266,9 +266,10 @@ class Job:
         return out
 
     def prepare(self, o: Any, loaded: LoadedModel, table: list[LayerRow],
-                fields: dict[str, Field]) -> None:
+                fields: dict[str, Field], traced: Trace) -> None:
         """Resolve what the options name (modules, units) against the model, before any
-        input is looked at."""
+        input is looked at. `traced`: every module's inputs and outputs for one image, on
+        the meta device (shapes only), from the plan's one pass."""
 
     def fingerprint(self) -> dict[str, Any]:
         """What besides the model changes the bytes of the job's outputs."""
@@ -443,7 +444,7 @@ def plan_job(o: Any, job: Job) -> Plan:
     """Load the model, resolve what the job needs, claim its folder, find inputs and finished
     work and check the size, all before any image is decoded."""
     from convmaps.core.capture import layer_table
-    from convmaps.core.fields import fields
+    from convmaps.core.fields import survey
     from convmaps.core.models import load_model
 
     check_bounds(o, (("batch_size", 1), ("workers", 0), ("threads", 1), *job.bounds))
@@ -452,9 +453,10 @@ def plan_job(o: Any, job: Job) -> Plan:
     device = resolve_device(o.device)
     loaded = load_model(o.model, o.weights, o.arch)
     input_shape = (loaded.in_channels, *loaded.input_size)
-    table = layer_table(loaded.model, input_shape)
-    found = fields(loaded.model, input_shape, strict=False)
-    job.prepare(o, loaded, table, found)
+    # one pass on the meta device: every module's shapes, and the receptive fields
+    traced, found = survey(loaded.model, input_shape)
+    table = layer_table(loaded.model, input_shape, traced)
+    job.prepare(o, loaded, table, found, traced)
     what = {**model_identity(loaded), **job.fingerprint()}
     fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(o.out)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from convmaps import __version__
-from convmaps.core.capture import LayerRow
-from convmaps.core.deconv import Unit, output_shapes, parse_unit, project_batch
+from convmaps.core.capture import LayerRow, Trace
+from convmaps.core.deconv import Unit, parse_unit, project_batch
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, normalisation
 from convmaps.errors import BadImageError, ConvmapsError
@@ -54,12 +54,12 @@ class Project(Job):
     manifest = layout.PROJECTIONS_MANIFEST
 
     def prepare(self, o: ProjectOptions, loaded: LoadedModel, table: list[LayerRow],
-                fields: dict[str, Field]) -> None:
+                fields: dict[str, Field], traced: Trace) -> None:
         model = loaded.model
         if not o.units:
             example = next((r.name for r in reversed(table) if r.type == "Conv2d"), "MODULE")
             raise ConvmapsError(f"give at least one --unit MODULE:C (e.g. --unit {example}:0)")
-        shapes = output_shapes(model, (loaded.in_channels, *loaded.input_size))
+        shapes = {k: tuple(v.shape[1:]) for k, v in traced.outputs.items()}
         self.options = o
         self.units: list[Unit] = [parse_unit(text, model, shapes) for text in o.units]
         self.fields = fields

@@ -21,7 +21,7 @@ from rich.filesize import decimal
 from torch import Tensor
 
 from convmaps import __version__
-from convmaps.core.capture import Kind, LayerRow, meta_trace, modules_run, select, trace
+from convmaps.core.capture import Kind, LayerRow, Trace, modules_run, select, trace
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, normalisation
 from convmaps.core.ranking import TopK, combine, crop, empty, positions, update
@@ -75,18 +75,17 @@ class Topk(Job):
         return out / layout.TOPK
 
     def prepare(self, o: TopkOptions, loaded: LoadedModel, table: list[LayerRow],
-                fields: dict[str, Field]) -> None:
+                fields: dict[str, Field], traced: Trace) -> None:
         if o.project != NO_PROJECTION and o.project not in Mode.__members__:
             raise ConvmapsError(f"--project {o.project!r}: choose "
                                 f"{', '.join(Mode.__members__)} or {NO_PROJECTION}")
         model = loaded.model
         input_shape = (loaded.in_channels, *loaded.input_size)
         chosen = select(model, Kind.conv.value if o.layers is None else o.layers,
-                        ran=modules_run(model, input_shape))
+                        ran=modules_run(model, input_shape, traced))
         keys = [x.name for x in chosen]
         # a module called twice per pass ranks its first call, the one its name means
-        traced = meta_trace(model, input_shape, keys).outputs
-        shapes = {k: tuple(traced[k].shape[1:]) for k in keys}
+        shapes = {k: tuple(traced.outputs[k].shape[1:]) for k in keys}
         for key, shape in shapes.items():
             if len(shape) not in (1, 3):
                 raise ConvmapsError(f"--layers: {key} gives {tuple(shape)} per image; topk "
