@@ -363,3 +363,14 @@ def test_replacing_a_part_removes_the_report_built_on_it(tmp_path):
     assert (out / "report" / "index.html").is_file()
     topk(3, resume=False)  # --overwrite: the report showed what is gone
     assert not (out / "report").exists()
+
+
+def test_a_report_records_what_it_was_built_from(tmp_path):
+    import json
+
+    out = tmp_path / "o"
+    m = run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
+    build_report(out)
+    text = (out / "report" / ".convmaps-report").read_text()
+    built = json.loads(text.removeprefix("made by convmaps report from "))
+    assert built == {"dump": {"run": m["run"], "inputs": len(m["inputs"])}}

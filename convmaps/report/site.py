@@ -612,4 +612,11 @@ def _write_site(site: _Site, root: Path) -> None:
         write_bytes(root / rel, text.encode(), sync=False)
     for asset in ("style.css", "report.js"):
         write_bytes(root / asset, _asset(asset), sync=False)
-    write_bytes(root / _MARKER, b"made by convmaps report\n", sync=False)
+    # what the site was built from: each part's run, and the inputs it joined by sha256
+    built_from = {part: {"run": m.get("run"), "inputs": len(m.get("inputs", []))}
+                  for part, m in (("dump", site.dump), ("projections", site.projections),
+                                  ("topk", site.topk)) if m}
+    if site.filters:
+        built_from["filters"] = {"modules": site.filters}
+    write_bytes(root / _MARKER, ("made by convmaps report from " + json.dumps(
+        built_from, sort_keys=True) + "\n").encode(), sync=False)
