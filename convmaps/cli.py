@@ -365,11 +365,12 @@ class _PlainProgress:
     not those already done before it."""
 
     def __init__(self, label: str, total: int, every: float = 10.0, what: str = "dump",
-                 already: int = 0) -> None:
+                 already: int = 0, unit: str = "images") -> None:
         import time
 
         self.clock = time.monotonic
         self.label, self.total, self.every, self.what = label, total, every, what
+        self.unit = unit
         self.done = self.base = already
         self.start = self.last = self.clock()
 
@@ -384,7 +385,8 @@ class _PlainProgress:
         rate = (self.done - self.base) / max(now - self.start, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else None
         eta = f", about {_duration(left)} left" if left is not None and left > 0 else ""
-        return f"{self.label}{self.what}: {self.done}/{self.total} images, {rate:.1f} images/s{eta}"
+        return (f"{self.label}{self.what}: {self.done}/{self.total} {self.unit}, {rate:.1f} "
+                f"{self.unit}/s{eta}")
 
 
 def _duration(seconds: float) -> str:
@@ -406,9 +408,12 @@ def _print_skipped(entries: list[dict[str, Any]], limit: int = 20) -> list[dict[
     return skipped
 
 
-def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[int], None]], R],
+def _with_progress(label: str, what: str, total: int,
+                   run: Callable[[Callable[[int], None], Callable[[str, int, int], None]], R],
                    already: int = 0) -> R:
-    """`run(on_progress)` with a progress bar on a terminal, plain lines in a log file."""
+    """`run(on_progress, on_phase)` with progress bars on a terminal, plain lines in a log file:
+    the images, then any later phase (topk's projections) with its own count, rate and time
+    left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -419,18 +424,33 @@ def _with_progress(label: str, what: str, total: int, run: Callable[[Callable[[i
     )
 
     if not err_console.is_terminal:
-        return run(_PlainProgress(label, total, what=what, already=already))
+        phases: dict[str, _PlainProgress] = {}
+
+        def plain_phase(name: str, done: int, of: int) -> None:
+            if name not in phases:
+                phases[name] = _PlainProgress(label, of, what=f"{what} {name}", unit="units")
+            phases[name](done - phases[name].done)
+
+        return run(_PlainProgress(label, total, what=what, already=already), plain_phase)
     speed = TextColumn("{task.fields[rate]}")
-    with Progress(TextColumn(f"{label}{what}"), BarColumn(), MofNCompleteColumn(), speed,
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), speed,
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task(what, total=total, completed=already, rate="")
+        task = bar.add_task(f"{label}{what}", total=total, completed=already, rate="")
+        tasks: dict[str, Any] = {}
 
         def step(n: int) -> None:
             bar.advance(task, n)
             rate = bar.tasks[0].speed
             bar.update(task, rate=f"{rate:.1f} images/s" if rate else "")
 
-        return run(step)
+        def phase(name: str, done: int, of: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"{label}{what} {name}", total=of, rate="")
+            bar.update(tasks[name], completed=done)
+            rate = next(t.speed for t in bar.tasks if t.id == tasks[name])
+            bar.update(tasks[name], rate=f"{rate:.1f} units/s" if rate else "")
+
+        return run(step, phase)
 
 
 def _dump(options: DumpOptions) -> None:
@@ -446,7 +466,7 @@ def _job(options: Any, job: Any, strict: bool = False) -> None:
     plan = plan_job(options, job)
     err_console.print(job.describe(plan), highlight=False)
     result = _with_progress(plan.label, job.name, len(plan.mine),
-                            lambda step: run_job(plan, on_progress=step), len(plan.finished))
+                            lambda step, phase: run_job(plan, step, phase), len(plan.finished))
     _print_skipped(result.skipped)
     out_console.print(job.closing(plan, result), highlight=False)
     if result.skipped and strict:

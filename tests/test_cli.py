@@ -325,3 +325,11 @@ def test_help_names_its_arguments_as_the_contract_does():
     for command in ("dump", "topk", "project"):
         usage = runner.invoke(app, [command, "--help"]).output
         assert "MODEL" in usage and "[INPUT]..." in usage and "{model}" not in usage
+
+
+def test_topk_shows_progress_of_its_projection_phase_too(tmp_path):
+    result = runner.invoke(app, ["topk", "lenet", "--out", str(tmp_path / "o"), "-k", "2",
+                                 "--layers", "C1,C3", "--png-cap", "1", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "topk: 8/8 images" in result.output
+    assert "topk projections: 22/22 units" in result.output and "units/s" in result.output

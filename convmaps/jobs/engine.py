@@ -355,6 +355,8 @@ class Plan:
     done: Entry | None = None  # the manifest of an identical finished run
     lock: Any = None  # this run's hold on its part of OUT, released when the run ends
     device: torch.device = torch.device("cpu")  # where the run computes (resolve_device)
+    # reports a later phase's progress: (phase, done, total), e.g. topk's projections
+    on_phase: Callable[[str, int, int], None] | None = None
 
     @property
     def out(self) -> Path:
@@ -551,7 +553,8 @@ def _plan(o: Any, job: Job, loaded: LoadedModel, table: list[LayerRow],
     return plan
 
 
-def run_job(plan: Plan, on_progress: Callable[[int], None] | None = None) -> Result:
+def run_job(plan: Plan, on_progress: Callable[[int], None] | None = None,
+            on_phase: Callable[[str, int, int], None] | None = None) -> Result:
     """Run the planned job; returns what it did (its manifest is in OUT: this shard's until
     the last shard to finish merges them).
 
@@ -559,7 +562,9 @@ def run_job(plan: Plan, on_progress: Callable[[int], None] | None = None) -> Res
     Decoding runs in DataLoader workers, the job's step in this thread, and writing on
     `writer_threads()` threads with at most two batches in flight, so memory stays bounded
     when the disk is slower than the model. `on_progress(n)` is called as each batch's
-    files are written, with its count of images not done before (`plan.finished`)."""
+    files are written, with its count of images not done before (`plan.finished`);
+    `on_phase(phase, done, total)` as a later phase goes (topk's projections and figures)."""
+    plan.on_phase = on_phase
     try:
         return _run(plan, on_progress)
     finally:

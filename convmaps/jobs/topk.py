@@ -404,6 +404,14 @@ def _write_results(plan: Plan, tops: dict[str, TopK], manifest: dict[str, Any],
     c_in, (h, w) = loaded.in_channels, loaded.input_size
     geometry = t.fields
     images = _Winners(plan, manifest)
+    total, done = sum(int(tops[k].values.shape[0]) for k in t.keys), 0
+
+    def tick(n: int) -> None:  # units whose projections and figures are written
+        nonlocal done
+        done += n
+        if plan.on_phase:
+            plan.on_phase("projections" if t.mode else "figures", done, total)
+
     for key in t.keys:
         top = tops[key]
         spatial = len(t.shapes[key]) == 3
@@ -421,7 +429,7 @@ def _write_results(plan: Plan, tops: dict[str, TopK], manifest: dict[str, Any],
         meta = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
                 "run": plan.fingerprint, "module": key, f"module.{key}": plan.reprs[key],
                 "k": str(top.k), "mode": plan.options.project}
-        chunks = _chunks(plan, key, top, pos, boxes, size, images, model)
+        chunks = _chunks(plan, key, top, pos, boxes, size, images, model, tick)
         write_safetensors(plan.folder / t.layout.module_file(key), specs,
                           _then(tensors.items(), chunks), meta)
 
@@ -462,8 +470,8 @@ class _Winners:
 
 
 def _chunks(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
-            size: tuple[int, int], images: _Winners, model: torch.nn.Module
-            ) -> Iterator[tuple[str, Tensor]]:
+            size: tuple[int, int], images: _Winners, model: torch.nn.Module,
+            tick: Callable[[int], None]) -> Iterator[tuple[str, Tensor]]:
     """The `projections` tensor in channel chunks, with each channel's figure drawn as its
     chunk passes (and the module's overview at the end): nothing is projected twice."""
     t = _topk(plan)
@@ -472,7 +480,9 @@ def _chunks(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
     cap = dict(zip(t.keys, t.layout.png_caps, strict=True))[key] if t.layout.png else 0
     channels, k = top.values.shape
     if not t.mode and not t.layout.png:
+        tick(channels)
         return
+
     def patch(c: int, r: int) -> Tensor:
         seen = images.picture(int(top.images[c, r]))
         return crop(seen, boxes[c, r].tolist(), size, 128)  # grey outside the image
@@ -495,6 +505,7 @@ def _chunks(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
                 write_bytes(plan.folder / t.layout.channel_png(key, c),
                             render.png_bytes(img), sync=False)
             tiles.append(render.shrink(patch(c, 0), _OVERVIEW_PX))
+        tick(len(rows))
     if t.layout.png:
         img = render.topk_overview(torch.stack(tiles) if tiles else torch.empty(0, 3, 1, 1))
         write_bytes(plan.folder / t.layout.module_png(key), render.png_bytes(img), sync=False)
