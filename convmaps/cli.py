@@ -228,7 +228,7 @@ def filters(
 def _filters(options: FilterOptions) -> None:
     from convmaps.jobs.filters import run_filters
 
-    notes = run_filters(options)
+    notes = _with_progress("", "filters", 0, lambda _, phase: run_filters(options, phase))
     for name, note in notes:
         if note:
             err_console.print(f"{name}: {note}")
@@ -408,12 +408,15 @@ def _print_skipped(entries: list[dict[str, Any]], limit: int = 20) -> list[dict[
     return skipped
 
 
+_PHASE_UNITS = {"grids": "layers"}  # what a phase counts, where not units
+
+
 def _with_progress(label: str, what: str, total: int,
                    run: Callable[[Callable[[int], None], Callable[[str, int, int], None]], R],
                    already: int = 0) -> R:
     """`run(on_progress, on_phase)` with progress bars on a terminal, plain lines in a log file:
-    the images, then any later phase (topk's projections) with its own count, rate and time
-    left."""
+    the images (none where `total` is 0), then any later phase (topk's projections, filters'
+    grids) with its own count, rate and time left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -428,14 +431,16 @@ def _with_progress(label: str, what: str, total: int,
 
         def plain_phase(name: str, done: int, of: int) -> None:
             if name not in phases:
-                phases[name] = _PlainProgress(label, of, what=f"{what} {name}", unit="units")
+                phases[name] = _PlainProgress(label, of, what=f"{what} {name}",
+                                              unit=_PHASE_UNITS.get(name, "units"))
             phases[name](done - phases[name].done)
 
         return run(_PlainProgress(label, total, what=what, already=already), plain_phase)
     speed = TextColumn("{task.fields[rate]}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), speed,
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task(f"{label}{what}", total=total, completed=already, rate="")
+        task = bar.add_task(f"{label}{what}", total=total, completed=already, rate="",
+                            visible=total > 0)
         tasks: dict[str, Any] = {}
 
         def step(n: int) -> None:
@@ -448,7 +453,8 @@ def _with_progress(label: str, what: str, total: int,
                 tasks[name] = bar.add_task(f"{label}{what} {name}", total=of, rate="")
             bar.update(tasks[name], completed=done)
             rate = next(t.speed for t in bar.tasks if t.id == tasks[name])
-            bar.update(tasks[name], rate=f"{rate:.1f} units/s" if rate else "")
+            unit = _PHASE_UNITS.get(name, "units")
+            bar.update(tasks[name], rate=f"{rate:.1f} {unit}/s" if rate else "")
 
         return run(step, phase)
 
@@ -469,6 +475,9 @@ def _job(options: Any, job: Any, strict: bool = False) -> None:
                             lambda step, phase: run_job(plan, step, phase), len(plan.finished))
     _print_skipped(result.skipped)
     out_console.print(job.closing(plan, result), highlight=False)
+    if result.skipped and not result.written and not result.already:
+        # a run that made nothing (a named notes.txt, a folder of broken files) is a failure
+        raise ConvmapsError("nothing written: every input was skipped (the lines above say why)")
     if result.skipped and strict:
         raise typer.Exit(1)
 

@@ -151,7 +151,7 @@ class Dump(Job):
     def describe(self, plan: Plan) -> str:
         refused = sum(1 for i in plan.mine if i in plan.skips)
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
-                f"image(s), {len(plan.finished)} already done · {len(self.layers)} layer(s) · "
+                f"input(s), {len(plan.finished)} already done · {len(self.layers)} layer(s) · "
                 f"at most {decimal(self.image_bytes * (plan.pending + refused))} to write")
 
 

@@ -115,7 +115,7 @@ class Project(Job):
 
     def describe(self, plan: Plan) -> str:
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
-                f"image(s), {len(plan.finished)} already done · {len(self.units)} unit(s) · "
+                f"input(s), {len(plan.finished)} already done · {len(self.units)} unit(s) · "
                 f"{self.options.mode}")
 
     def closing(self, plan: Plan, result: Result) -> str:

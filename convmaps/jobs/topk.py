@@ -190,7 +190,7 @@ class Topk(Job):
 
     def describe(self, plan: Plan) -> str:
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
-                f"image(s) · top-{self.options.k} of {len(self.keys)} module(s) · projections "
+                f"input(s) · top-{self.options.k} of {len(self.keys)} module(s) · projections "
                 f"{self.options.project} · at most {decimal(_result_bytes(plan))} to write")
 
     def closing(self, plan: Plan, result: Result) -> str:
