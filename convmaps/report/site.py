@@ -2,9 +2,10 @@
 
 `OUT/report/index.html` and its pages open from disk (`file://`) in any browser, with no
 server, network, CDN or web font: pictures are referenced where convmaps wrote them (never
-inlined), styles are one CSS file, and the little data a script needs sits in the page itself
-(browsers block `fetch` from `file://`). Every page reads without JavaScript; the script only
-names the channel under the mouse and sorts tables.
+inlined) or, `standalone`, hard-linked (copied where the file system links nothing) into
+`report/files/` so that `report/` stands alone; styles are one CSS file, and the little data a
+script needs sits in the page itself (browsers block `fetch` from `file://`). Every page reads
+without JavaScript; the script only names the channel under the mouse and sorts tables.
 
 It covers whatever OUT holds: a dump (`manifest.json`), projections (`projections.json`),
 `filters/` and `topk/`. It reads only files on disk and never runs the model; the pictures of
