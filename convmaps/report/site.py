@@ -212,8 +212,6 @@ def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]],
                 todo[sha] = e["source"]
     if not todo:
         return
-    if on_phase:
-        on_phase("pictures", 0, len(todo))
     from convmaps import render
     from convmaps.core.models import normalisation, preset
     from convmaps.io.images import decode, sha256_file
@@ -224,6 +222,8 @@ def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]],
         site.pictures.clear()
         return
     mean, std = normalisation(preprocess)
+    if on_phase:
+        on_phase("pictures", 0, len(todo))
 
     def draw(item: tuple[str, str]) -> None:
         sha, source = item
