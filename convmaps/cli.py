@@ -228,7 +228,8 @@ def filters(
 def _filters(options: FilterOptions) -> None:
     from convmaps.jobs.filters import run_filters
 
-    notes = _with_progress("", "filters", 0, lambda _, phase: run_filters(options, phase))
+    notes = _with_progress("", "filters", None, lambda _, phase: run_filters(options, phase),
+                           units=lambda _: "layers")
     for name, note in notes:
         if note:
             err_console.print(f"{name}: {note}")
@@ -408,15 +409,12 @@ def _print_skipped(entries: list[dict[str, Any]], limit: int = 20) -> list[dict[
     return skipped
 
 
-_PHASE_UNITS = {"grids": "layers"}  # what a phase counts, where not units
-
-
-def _with_progress(label: str, what: str, total: int,
+def _with_progress(label: str, what: str, total: int | None,
                    run: Callable[[Callable[[int], None], Callable[[str, int, int], None]], R],
-                   already: int = 0) -> R:
+                   already: int = 0, units: Callable[[str], str] = lambda phase: "units") -> R:
     """`run(on_progress, on_phase)` with progress bars on a terminal, plain lines in a log file:
-    the images (none where `total` is 0), then any later phase (topk's projections, filters'
-    grids) with its own count, rate and time left."""
+    the images (none if `total` is None), then any later phase (topk's projections) with its
+    own count of `units(phase)`, rate and time left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -431,16 +429,17 @@ def _with_progress(label: str, what: str, total: int,
 
         def plain_phase(name: str, done: int, of: int) -> None:
             if name not in phases:
-                phases[name] = _PlainProgress(label, of, what=f"{what} {name}",
-                                              unit=_PHASE_UNITS.get(name, "units"))
+                phases[name] = _PlainProgress(label, of, what=f"{what} {name}", unit=units(name))
             phases[name](done - phases[name].done)
 
+        if total is None:
+            return run(lambda n: None, plain_phase)
         return run(_PlainProgress(label, total, what=what, already=already), plain_phase)
     speed = TextColumn("{task.fields[rate]}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), speed,
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
         task = bar.add_task(f"{label}{what}", total=total, completed=already, rate="",
-                            visible=total > 0)
+                            visible=total is not None)
         tasks: dict[str, Any] = {}
 
         def step(n: int) -> None:
@@ -453,8 +452,7 @@ def _with_progress(label: str, what: str, total: int,
                 tasks[name] = bar.add_task(f"{label}{what} {name}", total=of, rate="")
             bar.update(tasks[name], completed=done)
             rate = next(t.speed for t in bar.tasks if t.id == tasks[name])
-            unit = _PHASE_UNITS.get(name, "units")
-            bar.update(tasks[name], rate=f"{rate:.1f} {unit}/s" if rate else "")
+            bar.update(tasks[name], rate=f"{rate:.1f} {units(name)}/s" if rate else "")
 
         return run(step, phase)
 
@@ -579,12 +577,22 @@ def topk(
 def report(
     out: Annotated[Path, typer.Argument(help="An output folder: a dump, projections, filters/ "
                                         "and/or topk/.")] = Path("convmaps_out"),
+    standalone: Annotated[bool, typer.Option(
+        "--standalone", help="Put every picture the pages show inside OUT/report/ (hard links, "
+        "or copies where the disk makes none), so that report/ alone can be zipped and opened "
+        "anywhere.")] = False,
 ) -> None:
     """Write OUT/report/, a static HTML site of what OUT holds; open OUT/report/index.html from
     disk in any browser (no server, no network)."""
     from convmaps.report import build_report
 
-    index = build_report(out)
+    notes: list[str] = []
+    index = _with_progress("", "report", None, lambda _, phase: build_report(
+        out, standalone, phase, notes.append), units=lambda phase: phase)
+    for note in notes[:20]:
+        err_console.print(Text(note, style="yellow"))
+    if len(notes) > 20:
+        err_console.print(f"… and {len(notes) - 20} more")
     out_console.print(f"wrote {index.parent}; open {index.resolve().as_uri()}", highlight=False)
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "projection_key",
     "projection_of_png",
     "projection_png",
+    "report_copy",
     "shard_manifest",
     "temp_name",
 ]
@@ -242,6 +243,16 @@ class TopkLayout:
         """Every final file of a finished run, sorted (partial top-k files are gone by then)."""
         return sorted([MANIFEST, *(self.module_file(k) for k in self.modules),
                        *self.png_files()])
+
+
+def report_copy(rel: str) -> str:
+    """Where a standalone report keeps its copy of `OUT/<rel>`, relative to `OUT/report/`: the
+    same path under `files/`, so that no two copies collide.
+
+    >>> report_copy("cat.jpg/png/C1.png")
+    'files/cat.jpg/png/C1.png'
+    """
+    return f"files/{rel}"
 
 
 def filter_png(conv: str) -> str:
