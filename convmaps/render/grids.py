@@ -458,8 +458,18 @@ def _title(canvas: np.ndarray, head: _Head | None) -> None:
     for i, line in enumerate(head):
         if len(line) > room:
             line = line[: room - 3] + "..."
-        if line:
-            _text(canvas, line, 2 + i * _LINE, _PAD)
+        if line:  # piece by piece: a dump repeats each module and image name, not the line
+            mask = np.hstack([_glyphs(p) for p in _interleave(line.split(_SEP), _SEP) if p])
+            _ink(canvas, mask, 2 + i * _LINE, _PAD)
+
+
+_SEP = " · "
+
+
+def _interleave(parts: list[str], sep: str) -> list[str]:
+    out = [sep] * (2 * len(parts) - 1)
+    out[::2] = parts
+    return out
 
 
 def chart_size(titled: bool = True) -> tuple[int, int]:
@@ -735,7 +745,10 @@ def _lines(canvas: np.ndarray, geom: _Geom, lines: list[str]) -> None:
 
 def _text(canvas: np.ndarray, s: str, y: int, x: int, align: str = "left") -> None:
     """Ink `s` at (y, x) (x is its left end, right end or middle), clipped to the canvas."""
-    mask = _glyphs(s)
+    _ink(canvas, _glyphs(s), y, x, align)
+
+
+def _ink(canvas: np.ndarray, mask: np.ndarray, y: int, x: int, align: str = "left") -> None:
     h, w = mask.shape
     x -= w if align == "right" else w // 2 if align == "centre" else 0
     x = min(max(x, 0), max(canvas.shape[1] - w, 0))
