@@ -74,7 +74,8 @@ def run_filters(o: FilterOptions, on_phase: Callable[[str, int, int], None] | No
         for name, w in weights.items():
             note = None
             if o.png:
-                img, note = render.filter_grid(w, max_filters=o.png_cap, max_kernels=o.png_cap)
+                img, note = render.filter_grid(w, max_filters=o.png_cap, max_kernels=o.png_cap,
+                                               title=f"{loaded.arch} · {name}")
                 write_bytes(folder / layout.filter_png(name), render.png_bytes(img, note=note))
             notes.append((name, note))
             if on_phase and o.png:
