@@ -24,7 +24,7 @@ full (Krypton, Nakandala et al., SIGMOD 2019). Models that are not a chain of mo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,10 +63,13 @@ def occluded(image: Tensor, boxes: Sequence[tuple[int, int, int, int]], fill: fl
 @dataclass
 class Occlusion:
     """Outputs at every patch position: `logits` (Py, Px, classes) and `sums[module]` (Py, Px,
-    channels), each channel's feature map summed over space."""
+    channels), each channel's feature map summed over space; and of the unoccluded image,
+    `clear` (classes,) and `peaks[module]` (channels,), each channel's maximum."""
 
     logits: Tensor
+    clear: Tensor
     sums: dict[str, Tensor] = field(default_factory=dict)
+    peaks: dict[str, Tensor] = field(default_factory=dict)
     incremental: bool = False  # whether the incremental pass ran (a chain), not full passes
     full_from: str | None = None  # the first module that ran in full at some position
 
@@ -98,6 +101,7 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
     missing = [m for m in modules if steps is not None and m not in ends]
     if missing:
         raise ConvmapsError(f"no module {missing[0]!r} in the chain of {type(model).__name__}")
+    spatial = {m: model.get_submodule(m) for m in modules}
     logits: list[Tensor] = []
     sums: dict[str, list[Tensor]] = {m: [] for m in modules}
     full_from: set[int] = set()
@@ -105,6 +109,7 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
     try:
         model.eval()
         with torch.no_grad():
+            clear, peaks = _full(model, image[None], spatial, lambda t: t.amax((2, 3)))
             base = _base(steps, image[None]) if steps is not None else []
             for start in range(0, len(boxes), batch_size):
                 part = boxes[start:start + batch_size]
@@ -113,7 +118,8 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
                                                     {ends[m]: m for m in modules})
                     full_from.add(first)
                 else:
-                    out, kept = _full(model, occluded(image, part, fill), modules)
+                    out, kept = _full(model, occluded(image, part, fill), spatial,
+                                      lambda t: t.sum((2, 3)))
                 logits.append(out)
                 for m in modules:
                     sums[m].append(kept[m])
@@ -122,20 +128,25 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
             module.training = flag
     shape = (len(ys), len(xs))
     first = min(full_from, default=len(steps or []))
-    return Occlusion(torch.cat(logits).reshape(*shape, -1),
+    return Occlusion(torch.cat(logits).reshape(*shape, -1), clear[0],
                      {m: torch.cat(v).reshape(*shape, -1) for m, v in sums.items()},
-                     steps is not None,
+                     {m: v[0] for m, v in peaks.items()}, steps is not None,
                      steps[first][0] if steps is not None and first < len(steps) else None)
 
 
-def _full(model: nn.Module, x: Tensor, modules: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Full forward passes, with `modules`' channel sums taken by forward hooks."""
+def _full(model: nn.Module, x: Tensor, modules: dict[str, nn.Module],
+          reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Full forward passes, with `reduce` of `modules`' outputs (B, C, H, W) -> (B, C) taken by
+    forward hooks (before any in-place op after them changes the output)."""
     kept: dict[str, Tensor] = {}
     handles = []
-    for name in modules:
+    for name, module in modules.items():
         def hook(_: nn.Module, __: object, out: Tensor, name: str = name) -> None:
-            kept[name] = out.flatten(2).sum(2)
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+            if out.dim() != 4:
+                raise ConvmapsError(f"{name} gives {tuple(out.shape[1:])} per image, not "
+                                    "feature maps (C, H, W) to sum")
+            kept[name] = reduce(out)
+        handles.append(module.register_forward_hook(hook))
     try:
         return model(x), kept
     finally:
@@ -196,7 +207,7 @@ def _incremental(steps: Sequence[tuple[str, nn.Module]], base: Sequence[Tensor],
         else:
             x = module(x)
         if i in keep:
-            kept[keep[i]] = x.sums() if isinstance(x, _Patched) else x.flatten(2).sum(2)
+            kept[keep[i]] = x.sums() if isinstance(x, _Patched) else x.sum((2, 3))
     assert isinstance(x, Tensor)  # a classifier ends in a full pass (flatten, linear)
     return x, kept, first
 

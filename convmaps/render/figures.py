@@ -12,6 +12,7 @@ from torch import Tensor
 from convmaps.render.grids import upscale_factor
 
 __all__ = [
+    "occlusion_figure",
     "picture",
     "projection_figure",
     "shrink",
@@ -220,3 +221,96 @@ def topk_png_bound(n: int, h: int, w: int) -> int:
     rows = 2 * (h * f + _TOPK_GUTTER_PX) + _TOPK_TEXT_PX + _TOPK_BAR_PX
     raw = n * rows * (3 * (w * f + _TOPK_GUTTER_PX) + 1) + rows * (3 * 264 + 1)  # bar >= 264
     return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096
+
+
+# --- occlusion (convmaps occlude) ------------------------------------------------------------
+
+# Class colours of the most-probable-class map (Tableau 10); other classes are grey.
+_CLASS_RGB = ((78, 121, 167), (242, 142, 43), (225, 87, 89), (118, 183, 178), (89, 161, 79),
+              (237, 201, 72), (176, 122, 161), (255, 157, 167), (156, 117, 95))
+_OTHER_RGB = (186, 176, 172)
+
+
+def occlusion_figure(image: Tensor, probability: Tensor, top_class: Tensor, unit: Tensor | None,
+                     names: list[str], patch: int, stride: int, title: str = "") -> Image.Image:
+    """Zeiler & Fergus's Fig. 7 for one image: the input (uint8 RGB (3, H, W)); the target
+    class's probability at each patch position (Py, Px) on a fixed 0-1 scale; the most probable
+    class there, the most frequent classes in colour with their names; and the unit's summed
+    feature map (Py, Px) on its own range. Each position's cell is drawn centred on its patch's
+    centre, over the faded input."""
+    from PIL import ImageDraw, ImageFont
+
+    from convmaps.render.scales import Scale, colorize
+
+    _, h, w = image.shape
+    factor = max(1, math.ceil(_PANEL_PX / max(h, 1)))
+    size = (w * factor, h * factor)
+    font = ImageFont.load_default()
+
+    def panel(rgb: Tensor) -> Image.Image:
+        pic = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+        return pic.resize(size, Image.Resampling.NEAREST)
+
+    faded = panel((image.float() * 0.35 + 255 * 0.65).to(torch.uint8))
+    py, px = probability.shape[-2:]
+    # cells of side `stride` centred on the patches' centres, clipped to the picture
+    box = [max(0, patch / 2 - stride / 2) * factor, max(0, patch / 2 - stride / 2) * factor]
+    end = [min(h, (py - 1) * stride + patch / 2 + stride / 2) * factor,
+           min(w, (px - 1) * stride + patch / 2 + stride / 2) * factor]
+
+    def over(rgb: Tensor) -> Image.Image:
+        out = faded.copy()
+        cells = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+        out.paste(cells.resize((round(end[1] - box[1]), round(end[0] - box[0])),
+                               Image.Resampling.NEAREST), (round(box[1]), round(box[0])))
+        return out
+
+    prob = colorize(_as_float(probability).clamp(0, 1), Scale.SEQUENTIAL)
+    counts = torch.bincount(top_class.flatten(), minlength=1)
+    common = [int(c) for c in counts.argsort(descending=True)[:len(_CLASS_RGB)] if counts[c] > 0]
+    classes = torch.tensor(_OTHER_RGB, dtype=torch.uint8).view(3, 1, 1).expand(
+        3, *top_class.shape).clone()
+    for c, rgb in zip(common, _CLASS_RGB, strict=False):
+        classes[:, top_class == c] = torch.tensor(rgb, dtype=torch.uint8).view(3, 1)
+    panels = [(panel(image), "input"), (over(prob), "probability of the target class"),
+              (over(classes), "most probable class")]
+    lo = hi = 0.0
+    if unit is not None:
+        u = _as_float(unit)
+        lo, hi = float(u.min()), float(u.max())
+        u01 = (u - lo) / (hi - lo) if hi > lo else u * 0
+        panels.append((over(colorize(u01, Scale.SEQUENTIAL)), "unit: summed feature map"))
+    gap, head = 8, _CAPTION_PX + 4
+    legend = 4 + _CAPTION_PX * (len(common) + (1 if counts.numel() > len(common) else 0))
+    width = len(panels) * (size[0] + gap) - gap
+    canvas = Image.new("RGB", (width, head + size[1] + 4 + max(legend, 2 * _CAPTION_PX) + head),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((0, 2), title, fill=(0, 0, 0), font=font)
+    top = head + 2
+    for i, (pic, label) in enumerate(panels):
+        x = i * (size[0] + gap)
+        canvas.paste(pic, (x, top + head - 2))
+        draw.text((x, top), label, fill=(0, 0, 0), font=font)
+    y = top + head + size[1] + 2
+    bars = [(1, 0.0, 1.0)] + ([(3, lo, hi)] if unit is not None else [])
+    for i, a, b in bars:  # a viridis bar with its ends' values
+        x = i * (size[0] + gap)
+        ramp = colorize(torch.linspace(0, 1, size[0] // 2).view(1, -1).expand(10, -1),
+                        Scale.SEQUENTIAL)
+        canvas.paste(Image.fromarray(ramp.permute(1, 2, 0).contiguous().numpy()), (x, y))
+        draw.text((x, y + 12), f"{a:.3g}", fill=(0, 0, 0), font=font)
+        draw.text((x + size[0] // 2, y + 12), f"{b:.3g}", fill=(0, 0, 0), font=font, anchor="ra")
+    x = 2 * (size[0] + gap)
+    for row, (c, rgb) in enumerate(zip(common, _CLASS_RGB, strict=False)):
+        draw.rectangle([x, y + row * _CAPTION_PX, x + 10, y + row * _CAPTION_PX + 10], fill=rgb)
+        name = names[c] if c < len(names) else str(c)
+        draw.text((x + 14, y + row * _CAPTION_PX), f"{name} ({c})", fill=(0, 0, 0), font=font)
+    if counts.numel() > len(common) and len(common) == len(_CLASS_RGB):
+        row = len(common)
+        draw.rectangle([x, y + row * _CAPTION_PX, x + 10, y + row * _CAPTION_PX + 10],
+                       fill=_OTHER_RGB)
+        draw.text((x + 14, y + row * _CAPTION_PX), "other classes", fill=(0, 0, 0), font=font)
+    canvas.info["convmaps-scale"] = "occlusion"
+    return canvas
