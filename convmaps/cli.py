@@ -526,6 +526,55 @@ def project(
 
 @app.command()
 @reports_errors
+def occlude(
+    model: ModelArg,
+    inputs: InputsArg = None,
+    patch: Annotated[int, typer.Option("--patch", min=1, help="The grey square's side, in "
+                                       "input pixels.")] = 16,
+    stride: Annotated[int, typer.Option("--stride", min=1, help="Pixels between patch "
+                                        "positions.")] = 4,
+    fill: Annotated[float, typer.Option("--fill", help="The square's value in normalised "
+                                        "units (0: the data set's mean colour).")] = 0.0,
+    target: Annotated[str, typer.Option("--target", help="top (each image's unoccluded top "
+                                        "class) or a class index.")] = "top",
+    unit: Annotated[
+        list[str] | None,
+        typer.Option("--unit", "-u", help="MODULE:C whose summed feature map to map; repeat "
+                     "for more. Default: the last conv layer's strongest channel."),
+    ] = None,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    device: DeviceOpt = "cpu",
+    png: Annotated[bool, typer.Option("--png/--no-png", help="A figure per image.")] = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per batch, and patch "
+                          "positions per step (memory grows with it).")
+    ] = 64,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    shard: ShardOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="Skip images whose maps are done; "
+                           "--overwrite replaces occlusion maps of other options.")
+    ] = True,
+) -> None:
+    """Slide a grey square over each input (Zeiler & Fergus, Fig. 7): the target class's
+    probability, the most probable class and a unit's activity at every position, into
+    OUT/<image key>/occlusion.safetensors and png/occlusion.png."""
+    from convmaps.jobs.occlude import Occlude
+    from convmaps.options import OccludeOptions
+
+    o = OccludeOptions(model=model, inputs=[str(p) for p in inputs or []], patch=patch,
+                       stride=stride, fill=fill, target=target, units=unit or [], out=str(out),
+                       weights=weights, arch=arch, device=device, png=png,
+                       batch_size=batch_size, workers=workers, threads=threads, shard=shard,
+                       resume=resume)
+    _job(o, Occlude())
+
+
+@app.command()
+@reports_errors
 def topk(
     model: ModelArg,
     inputs: InputsArg = None,
@@ -634,6 +683,7 @@ def show(
     if path.is_dir():
         parts = [(path, layout.MANIFEST, "dump"), (path, layout.PROJECTIONS_MANIFEST,
                                                     "projections"),
+                 (path, layout.OCCLUSION_MANIFEST, "occlusion maps"),
                  (path / layout.TOPK, layout.MANIFEST, "top-k"),
                  (path / layout.FILTERS, layout.MANIFEST, "filters")]
         found = [(folder, name, what, m) for folder, name, what in parts
@@ -649,7 +699,7 @@ def show(
                               "skipped", highlight=False)
             if what == "dump":
                 _print_predictions(entries)
-            if what in ("dump", "projections"):
+            if what in ("dump", "projections", "occlusion maps"):
                 for rel, stats in dump_stats(folder, name).items():
                     out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
             else:

@@ -757,7 +757,17 @@ GOLDEN = {
     "projection_grey_whole": lambda: _projection(1, (-5, -5, 21, 21), "class 'Sneaker'"),
     "topk_figure": lambda: _topk_pictures()[0],
     "topk_overview": lambda: _topk_pictures()[1],
+    "occlusion": lambda: _occlusion_picture(),
 }
+
+
+def _occlusion_picture() -> Image.Image:
+    from convmaps.render import occlusion_figure
+
+    image = ((_ramp(3, 28, 28) + 0.5) * 255).to(torch.uint8)
+    top = (torch.arange(36) * 5 % 11).reshape(6, 6)  # 11 classes: 9 coloured, 2 "other"
+    return occlusion_figure(image, _ramp(6, 6) + 0.5, top, _ramp(6, 6) * 3, ["T-shirt/top"] * 3,
+                            8, 4, title="lenet · x.png · target Sandal (5), p = 0.9 unoccluded")
 
 
 def _topk_pictures() -> tuple[Image.Image, Image.Image]:

@@ -28,6 +28,7 @@ projections, top-k). This module only gathers their public names.
 from __future__ import annotations
 
 from convmaps.render.figures import (
+    occlusion_figure,
     picture,
     projection_figure,
     shrink,
@@ -64,6 +65,7 @@ __all__ = [
     "grid_geometry",
     "image_size",
     "map_grid",
+    "occlusion_figure",
     "picture",
     "png_bound",
     "png_bytes",

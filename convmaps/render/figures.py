@@ -13,6 +13,7 @@ from convmaps.render.grids import _FONT_W, _LINE, _TITLE_H, _glyphs, upscale_fac
 from convmaps.render.scales import Scale, colorize
 
 __all__ = [
+    "occlusion_figure",
     "picture",
     "projection_figure",
     "shrink",
@@ -302,3 +303,92 @@ def topk_png_bound(n: int, h: int, w: int) -> int:
     rows = 2 * (h * f + _TOPK_GUTTER_PX + _LINE) + _TOPK_TEXT_PX + _TOPK_BAR_PX + _TITLE_H
     raw = n * rows * (3 * (w * f + _TOPK_GUTTER_PX) + 1) + rows * (3 * 600 + 1)  # title >= 600
     return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096
+
+
+# --- occlusion (convmaps occlude) ------------------------------------------------------------
+
+# Class colours of the most-probable-class map (Tableau 10); other classes are grey.
+_CLASS_RGB = ((78, 121, 167), (242, 142, 43), (225, 87, 89), (118, 183, 178), (89, 161, 79),
+              (237, 201, 72), (176, 122, 161), (255, 157, 167), (156, 117, 95))
+_OTHER_RGB = (186, 176, 172)
+
+
+def occlusion_figure(image: Tensor, probability: Tensor, top_class: Tensor, unit: Tensor | None,
+                     names: list[str], patch: int, stride: int, title: str | None = None
+                     ) -> Image.Image:
+    """Zeiler & Fergus's Fig. 7 for one image: the input (uint8 RGB (3, H, W)); the target
+    class's probability at each patch position (Py, Px) on a fixed 0-1 scale; the most probable
+    class there, the most frequent classes in colour with their names; and the unit's summed
+    feature map (Py, Px) on its own range. Each position's cell is drawn centred on its patch's
+    centre, over the faded input. With a `title` (model, image, target), a strip says it."""
+    from PIL import ImageDraw
+
+    from convmaps.render.scales import Scale, colorize
+
+    _, h, w = image.shape
+    factor = max(1, math.ceil(_PANEL_PX / max(h, 1)))
+    size = (w * factor, h * factor)
+
+    def panel(rgb: Tensor) -> Image.Image:
+        pic = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+        return pic.resize(size, Image.Resampling.NEAREST)
+
+    faded = panel((image.float() * 0.35 + 255 * 0.65).to(torch.uint8))
+    py, px = probability.shape[-2:]
+    # cells of side `stride` centred on the patches' centres, clipped to the picture
+    box = [max(0, patch / 2 - stride / 2) * factor, max(0, patch / 2 - stride / 2) * factor]
+    end = [min(h, (py - 1) * stride + patch / 2 + stride / 2) * factor,
+           min(w, (px - 1) * stride + patch / 2 + stride / 2) * factor]
+
+    def over(rgb: Tensor) -> Image.Image:
+        out = faded.copy()
+        cells = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+        out.paste(cells.resize((round(end[1] - box[1]), round(end[0] - box[0])),
+                               Image.Resampling.NEAREST), (round(box[1]), round(box[0])))
+        return out
+
+    prob = colorize(_as_float(probability).clamp(0, 1), Scale.SEQUENTIAL)
+    counts = torch.bincount(top_class.flatten(), minlength=1)
+    common = [int(c) for c in counts.argsort(descending=True)[:len(_CLASS_RGB)] if counts[c] > 0]
+    classes = torch.tensor(_OTHER_RGB, dtype=torch.uint8).view(3, 1, 1).expand(
+        3, *top_class.shape).clone()
+    for c, rgb in zip(common, _CLASS_RGB, strict=False):
+        classes[:, top_class == c] = torch.tensor(rgb, dtype=torch.uint8).view(3, 1)
+    panels = [(panel(image), "input"), (over(prob), "probability of the target class"),
+              (over(classes), "most probable class")]
+    lo = hi = 0.0
+    if unit is not None:
+        u = _as_float(unit)
+        lo, hi = float(u.min()), float(u.max())
+        u01 = (u - lo) / (hi - lo) if hi > lo else u * 0
+        panels.append((over(colorize(u01, Scale.SEQUENTIAL)), "unit: its feature map summed"))
+    others = counts.numel() > len(common) and len(common) == len(_CLASS_RGB)
+    legend = (len(common) + others) * _LINE
+    gap = 8
+    width = len(panels) * (size[0] + gap) - gap
+    what = (f"at each position of a {patch} px grey square (every {stride} px, each cell at the "
+            "square's centre)")
+    canvas, top = _titled(width, _LINE + 2 + size[1] + 4 + max(legend, _LEGEND_PX),
+                          None if title is None else (title, what))
+    draw = ImageDraw.Draw(canvas)
+    for i, (pic, label) in enumerate(panels):
+        x = i * (size[0] + gap)
+        _write(canvas, label, x, top)
+        canvas.paste(pic, (x, top + _LINE + 2))
+    y = top + _LINE + 2 + size[1] + 4
+    for i, a, b in [(1, 0.0, 1.0)] + ([(3, lo, hi)] if unit is not None else []):
+        x, bar_w = i * (size[0] + gap), min(_BAR_PX, size[0])  # viridis, its ends' values
+        ramp = colorize(torch.linspace(0, 1, bar_w).view(1, -1).expand(_BAR_H, -1),
+                        Scale.SEQUENTIAL)
+        canvas.paste(Image.fromarray(ramp.permute(1, 2, 0).contiguous().numpy()), (x, y))
+        draw.rectangle([x - 1, y - 1, x + bar_w, y + _BAR_H], outline=_INK_RGB)
+        _write(canvas, f"{a:.3g}", x, y + _BAR_H + 2)
+        _write(canvas, f"{b:.3g}", x + bar_w, y + _BAR_H + 2, "right")
+    x = 2 * (size[0] + gap)
+    rows = [(rgb, f"{names[c] if c < len(names) else c} ({c})")
+            for c, rgb in zip(common, _CLASS_RGB, strict=False)]
+    for row, (rgb, text) in enumerate(rows + ([(_OTHER_RGB, "other classes")] if others else [])):
+        draw.rectangle([x, y + row * _LINE + 1, x + 9, y + row * _LINE + 10], fill=rgb)
+        _write(canvas, text, x + 14, y + row * _LINE)
+    canvas.info["convmaps-scale"] = "occlusion"
+    return canvas
