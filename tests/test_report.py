@@ -572,3 +572,29 @@ def test_a_real_browser_shows_the_pictures_of_a_standalone_report_moved_away(tmp
     assert coloured("shown.png") > 0.1  # the maps, drawn from the copies
     shutil.rmtree(alone / "files")
     assert coloured("gone.png") < 0.01  # (the check sees a missing picture)
+
+
+def test_occlusion_maps_are_on_their_image_pages_and_in_a_standalone_report(tmp_path):
+    """An OUT with only occlusion maps gets image pages showing them; beside a dump, the
+    dump's image pages show them too, joined by sha256."""
+    from convmaps.jobs.occlude import run_occlude
+    from convmaps.options import OccludeOptions
+
+    out = tmp_path / "o"
+    run_occlude(OccludeOptions(model="lenet", out=str(out), patch=10, stride=9, workers=0))
+    build_report(out, standalone=True)
+    index = (out / "report" / "index.html").read_text()
+    assert "Images with projections or occlusion maps" in index
+    pages = sorted((out / "report" / "images").glob("*.html"))
+    assert len(pages) == 8
+    for page in pages:
+        html = page.read_text()
+        assert "Occlusion (where the network looks)" in html and "target" in html
+        (src,) = [r for r in _refs(page) if r.endswith("occlusion.png")]
+        assert (page.parent / unquote(src)).resolve().is_file()
+    assert _built_from(out)["occlusion"]["inputs"] == 8
+    run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
+    build_report(out)
+    first = (out / "report" / "images" / "0.html").read_text()
+    assert "Occlusion (where the network looks)" in first
+    assert "<th>probability</th>" in first  # the dump's page: its predictions, then occlusion

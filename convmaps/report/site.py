@@ -8,9 +8,9 @@ script needs sits in the page itself (browsers block `fetch` from `file://`). Ev
 without JavaScript; the script only names the channel under the mouse and sorts tables.
 
 It covers whatever OUT holds: a dump (`manifest.json`), projections (`projections.json`),
-`filters/` and `topk/`. It reads only files on disk and never runs the model; the pictures of
-the inputs are drawn from the source images with the run's own preprocessing, so receptive-
-field boxes land where the network looked.
+occlusion maps (`occlusion.json`), `filters/` and `topk/`. It reads only files on disk and never
+runs the model; the pictures of the inputs are drawn from the source images with the run's own
+preprocessing, so receptive-field boxes land where the network looked.
 
     >>> import tempfile
     >>> build_report(tempfile.mkdtemp())  # doctest: +ELLIPSIS
@@ -66,6 +66,7 @@ class _Site:
     out: Path
     dump: dict[str, Any] | None
     projections: dict[str, Any] | None
+    occlusion: dict[str, Any] | None
     filters: list[str]  # conv names with a filters PNG
     filters_meta: dict[str, str]
     topk: dict[str, Any] | None
@@ -75,11 +76,13 @@ class _Site:
     # parts of OUT are joined by what an image is (its sha256), never by its name alone
     by_sha: dict[str, str] = field(default_factory=dict)  # sha256 -> its image page
     projected: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    occluded: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     copies: _Copies | None = None  # a standalone report's copies of the pictures of OUT
 
     @property
     def header(self) -> dict[str, Any]:
-        return self.dump or self.projections or self.topk or {"model": self.filters_meta.get(
+        return self.dump or self.projections or self.occlusion or self.topk or {
+            "model": self.filters_meta.get(
             "model", "?"), "weights": self.filters_meta.get("weights", "?")}
 
 
@@ -115,16 +118,17 @@ class _Copies:
 def _read_site(out: Path) -> _Site:
     dump = manifests.read(out)
     projections = manifests.read(out, layout.PROJECTIONS_MANIFEST)
+    occlusion = manifests.read(out, layout.OCCLUSION_MANIFEST)
     folder = out / layout.FILTERS
     listed = manifests.read(folder)  # only what the last filters run wrote: no stale grids
     filters = [m for m in (listed or {}).get("modules", [])
                if (folder / layout.filter_png(m)).is_file()]
     filters_meta = read_metadata(folder / layout.FILTER_WEIGHTS) or {}
     topk = manifests.read(out / layout.TOPK) if (out / layout.TOPK).is_dir() else None
-    if not (dump or projections or filters or topk):
+    if not (dump or projections or occlusion or filters or topk):
         raise ConvmapsError(f"{out} holds nothing to report (no manifest.json, projections.json,"
-                            " filters/ or topk/)")
-    site = _Site(out, dump, projections, filters, filters_meta, topk)
+                            " occlusion.json, filters/ or topk/)")
+    site = _Site(out, dump, projections, occlusion, filters, filters_meta, topk)
     if topk is not None:
         site.units = _read_topk(out / layout.TOPK, topk)
     return site
@@ -326,10 +330,11 @@ def _index(site: _Site) -> str:
         ok = sum(1 for e in site.dump["inputs"] if e["status"] == "ok")
         parts.append(f"<h2>Images ({ok} of {len(site.dump['inputs'])} ok)</h2>"
                      + _table(["", "image", "predicted", "status"], rows, sortable=True))
-    elif site.projections:
-        links = [f'<li><a href="{_url(site.pages[e["key"]])}">{_e(e["key"])}</a></li>'
-                 for e in site.projections["inputs"] if e["key"] in site.pages]
-        parts.append("<h2>Images with projections</h2><ul>" + "".join(links) + "</ul>")
+    elif site.pages:
+        links = [f'<li><a href="{_url(page)}">{_e(key)}</a></li>'
+                 for key, page in site.pages.items()]
+        parts.append("<h2>Images with projections or occlusion maps</h2><ul>" + "".join(links)
+                     + "</ul>")
     if site.topk:
         parts.append(f'<h2>Top-k</h2><p><a href="topk/index.html">{len(site.units)} module(s)'
                      f'</a> over {len(site.topk["inputs"])} image(s)</p>')
@@ -413,6 +418,14 @@ def _image_page(site: _Site, e: dict[str, Any], units: dict[str, dict[int, int]]
                 figs.append(_figure(site, f"{key}/{f}", up, cap, ' class="wide"'))
         if figs:
             parts.append("<h2>Projections to pixel space</h2>" + "".join(figs))
+    occ = site.occluded.get((key, e.get("sha256") or ""))
+    if occ and layout.OCCLUSION_PNG in occ.get("files", []):
+        meta = read_metadata(folder / layout.OCCLUSION) or {}
+        cap = (f"a {_e(meta.get('patch', '?'))} px grey square every "
+               f"{_e(meta.get('stride', '?'))} px · target {_e(meta.get('target_name', '?'))} · "
+               f"unit {_e(meta.get('units') or '—')}")
+        parts.append("<h2>Occlusion (where the network looks)</h2>"
+                     + _figure(site, f"{key}/{layout.OCCLUSION_PNG}", up, cap, ' class="wide"'))
     if units:
         parts.append(_units_driven(units, up))
     return _page(key, "\n".join(parts), up, site)
@@ -670,21 +683,23 @@ def _built_from(report: Path) -> dict[str, Any]:
 
 
 def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
-    entries = [*(site.dump or {}).get("inputs", []), *(site.projections or {}).get("inputs", [])]
+    parts = [m.get("inputs", []) for m in (site.dump, site.projections, site.occlusion) if m]
+    entries = [e for part in parts for e in part]
     topk_inputs = (site.topk or {}).get("inputs", [])
     winners = {i for u in site.units.values() for row in u.get("images", []) for i in row}
     entries += [e for i, e in enumerate(topk_inputs) if i in winners]
     _draw_inputs(site, root, entries, on_phase)
-    pages: list[dict[str, Any]] = []  # image pages: dump images, then images with projections only
+    pages: list[dict[str, Any]] = []  # image pages: dump images, then the others' images
     seen = set()
-    for e in [*(site.dump or {}).get("inputs", []), *(site.projections or {}).get("inputs", [])]:
+    for e in [e for part in parts for e in part]:
         if e["status"] == "ok" and e["key"] not in seen:
             seen.add(e["key"])
             site.pages[e["key"]] = f"images/{len(pages)}.html"
             site.by_sha.setdefault(e.get("sha256") or "", site.pages[e["key"]])
             pages.append(e)
-    site.projected = {(e["key"], e.get("sha256") or ""): e
-                      for e in (site.projections or {}).get("inputs", []) if e["status"] == "ok"}
+    site.projected, site.occluded = ({(e["key"], e.get("sha256") or ""): e
+                                      for e in (m or {}).get("inputs", []) if e["status"] == "ok"}
+                                     for m in (site.projections, site.occlusion))
     # image sha256 -> module -> unit -> the image's best rank among the unit's top k
     back: dict[str, dict[str, dict[int, int]]] = {}
     for name, u in site.units.items():
@@ -718,7 +733,7 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
     # whether it holds its pictures
     built_from: dict[str, Any] = {part: {"run": m.get("run"), "inputs": len(m.get("inputs", []))}
                   for part, m in (("dump", site.dump), ("projections", site.projections),
-                                  ("topk", site.topk)) if m}
+                                  ("occlusion", site.occlusion), ("topk", site.topk)) if m}
     if site.filters:
         built_from["filters"] = {"modules": site.filters}
     built_from["standalone"] = site.copies is not None
