@@ -206,3 +206,17 @@ def test_progress_in_a_log_and_a_figure_that_says_what_it_shows(tmp_path):
 
     with Image.open(tmp_path / "o" / "0_t-shirt-top.png" / "png" / "occlusion.png") as img:
         assert img.width > 3 * 224 and img.height > 224  # four panels over a title line
+
+
+def test_the_manifest_says_how_the_maps_were_computed(tmp_path):
+    write_image(tmp_path / "in" / "a.png", (60, 60))
+    for model, method, patch in (("lenet", "incremental", "14"),
+                                 ("resnet18", "full passes (ResNet is not", "112")):
+        out = tmp_path / model
+        args = ["occlude", model, str(tmp_path / "in"), "--out", str(out), "--patch", patch,
+                "--stride", patch, "--no-png"]
+        result = runner.invoke(app, args + (["-w", "none"] if model != "lenet" else []))
+        assert result.exit_code == 0, result.output
+        m = json.loads((out / "occlusion.json").read_text())
+        assert m["method"].startswith(method)
+        assert method.split(" (")[0] in result.output

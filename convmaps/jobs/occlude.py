@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from convmaps import __version__
+from convmaps.core import chain
 from convmaps.core.capture import LayerRow, Trace
 from convmaps.core.deconv import parse_unit
 from convmaps.core.fields import Field
@@ -84,6 +85,12 @@ class Occlude(Job):
         from convmaps.jobs.dump import class_names
 
         self.names = class_names(loaded)
+        try:  # said once, in the manifest and the header line: how the maps are computed
+            chain.steps(loaded.model)
+            self.method = "incremental (a chain of modules: each layer recomputes its window)"
+        except ConvmapsError:
+            self.method = (f"full passes ({type(loaded.model).__name__} is not a chain of "
+                           "modules)")
         self.mean, self.std = normalisation(loaded.preprocess)
 
     def modules(self) -> list[str]:
@@ -95,6 +102,9 @@ class Occlude(Job):
         o = self.options
         return {"patch": o.patch, "stride": o.stride, "fill": o.fill, "target": o.target,
                 "units": [str(u) for u in self.units], "png": o.png}
+
+    def header(self) -> dict[str, Any]:
+        return {"method": self.method}
 
     def files(self, plan: Plan, key: str) -> list[str]:
         return [layout.OCCLUSION, *([layout.OCCLUSION_PNG] if self.options.png else [])]
@@ -142,7 +152,8 @@ class Occlude(Job):
         n = len(corners(h, o.patch, o.stride)) * len(corners(w, o.patch, o.stride))
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
                 f"input(s), {len(plan.finished)} already done · {o.patch} px patch, stride "
-                f"{o.stride}: {n} positions an image · target {o.target}")
+                f"{o.stride}: {n} positions an image · target {o.target} · "
+                f"{self.method.split(' (')[0]}")
 
     def closing(self, plan: Plan, result: Result) -> str:
         return (f"{plan.label}occlusion maps: {result.written} image(s) written, "
