@@ -320,17 +320,32 @@ def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> di
 
 
 def run(ctx: typer.Context, config: Path, **values: Any) -> None:
-    """Run a dump (or, with `command = "filters"`, filters) from a TOML config; see configs/.
-    Options given here override the file's."""
-    from convmaps.config import options_from
+    """Run the command of a TOML config (a dump unless it says `command = ...`), or each of
+    its `[[run]]` steps in order; see configs/. Options given here override the file's, in
+    every step that has them."""
+    from convmaps.config import COMMANDS, steps_from
+    from convmaps.options import OccludeOptions, ProjectOptions, ReportOptions, TopkOptions
 
     if not config.is_file():
         raise ConvmapsError(f"config {config} does not exist")
-    options = options_from(config, _options(ctx, values, only_given=True))
-    if isinstance(options, FilterOptions):
-        _filters(options)
-    else:
-        _dump(options)
+    steps = steps_from(config, _options(ctx, values, only_given=True))
+    for n, options in enumerate(steps, 1):
+        if len(steps) > 1:
+            name = next(k for k, kind in COMMANDS.items() if type(options) is kind)
+            err_console.print(f"step {n}/{len(steps)}: convmaps {name}", style="bold")
+        if isinstance(options, FilterOptions):
+            _filters(options)
+        elif isinstance(options, ReportOptions):
+            _report(Path(options.out), options.standalone)
+        elif isinstance(options, DumpOptions):
+            _dump(options)
+        else:
+            from convmaps.jobs.occlude import Occlude
+            from convmaps.jobs.project import Project
+            from convmaps.jobs.topk import Topk
+
+            jobs = {ProjectOptions: Project, TopkOptions: Topk, OccludeOptions: Occlude}
+            _job(options, jobs[type(options)]())
 
 
 def _run_signature() -> None:
@@ -342,7 +357,8 @@ def _run_signature() -> None:
     config = inspect.Parameter(
         "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
         annotation=Annotated[Path, typer.Argument(
-            help="A TOML file of dump options (or filters options, with command = \"filters\")."
+            help="A TOML file of one command's options (a dump unless it says command = ...), "
+            "or of [[run]] steps."
         )],
     )
     inputs = params["inputs"].replace(annotation=Annotated[
@@ -633,6 +649,10 @@ def report(
 ) -> None:
     """Write OUT/report/, a static HTML site of what OUT holds; open OUT/report/index.html from
     disk in any browser (no server, no network)."""
+    _report(out, standalone)
+
+
+def _report(out: Path, standalone: bool) -> None:
     from convmaps.report import build_report
 
     notes: list[str] = []

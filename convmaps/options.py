@@ -116,6 +116,14 @@ class ProjectOptions:
 
 
 @dataclass
+class ReportOptions:
+    """`report` as a step of a config (`convmaps run`)."""
+
+    out: str = "convmaps_out"
+    standalone: bool = False
+
+
+@dataclass
 class OccludeOptions:
     """Every `occlude` option (Zeiler & Fergus, Fig. 7): a grey square slid over each input."""
 
