@@ -72,6 +72,7 @@ class Occlusion:
     peaks: dict[str, Tensor] = field(default_factory=dict)
     incremental: bool = False  # whether the incremental pass ran (a chain), not full passes
     full_from: str | None = None  # the first module that ran in full at some position
+    # ("flatten": the torch.flatten call in AlexNet's and VGG's forward)
 
 
 def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
@@ -128,10 +129,10 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
             module.training = flag
     shape = (len(ys), len(xs))
     first = min(full_from, default=len(steps or []))
+    named = (steps[first][0] or "flatten") if steps is not None and first < len(steps) else None
     return Occlusion(torch.cat(logits).reshape(*shape, -1), clear[0],
                      {m: torch.cat(v).reshape(*shape, -1) for m, v in sums.items()},
-                     {m: v[0] for m, v in peaks.items()}, steps is not None,
-                     steps[first][0] if steps is not None and first < len(steps) else None)
+                     {m: v[0] for m, v in peaks.items()}, steps is not None, named)
 
 
 def _full(model: nn.Module, x: Tensor, modules: dict[str, nn.Module],
