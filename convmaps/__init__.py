@@ -14,6 +14,9 @@ The Python API, imported on first use (`import convmaps` and `convmaps --help` s
     True
     >>> convmaps.fields(lenet.model, (1, 28, 28))["C3"].box(0, 0)  # C3 at (0, 0) sees these pixels
     (-2, -2, 12, 12)
+    >>> moved = convmaps.invariance(lenet.model, x[0], "rotate", [0.0, 90.0], ["C1", "F6"])
+    >>> moved.distance.shape  # (amounts, modules): how far each output moved
+    torch.Size([2, 2])
 
 Jobs over folders of images run as the CLI runs them, e.g.
 `convmaps.run_dump(convmaps.plan_dump(convmaps.DumpOptions("lenet", out="o")))`.
@@ -39,11 +42,13 @@ _API = {
     "project": "convmaps.core.deconv",
     "Unit": "convmaps.core.deconv",
     "occlude": "convmaps.core.occlusion",
+    "invariance": "convmaps.core.invariance",
     "DumpOptions": "convmaps.options",
     "TopkOptions": "convmaps.options",
     "ProjectOptions": "convmaps.options",
     "FilterOptions": "convmaps.options",
     "OccludeOptions": "convmaps.options",
+    "InvarianceOptions": "convmaps.options",
     "plan_dump": "convmaps.jobs.dump",
     "run_dump": "convmaps.jobs.dump",
     "plan_topk": "convmaps.jobs.topk",
@@ -51,6 +56,7 @@ _API = {
     "run_project": "convmaps.jobs.project",
     "run_filters": "convmaps.jobs.filters",
     "run_occlude": "convmaps.jobs.occlude",
+    "run_invariance": "convmaps.jobs.invariance",
     "build_report": "convmaps.report",
 }
 __all__ = ["__version__", *_API]

@@ -591,6 +591,51 @@ def occlude(
 
 @app.command()
 @reports_errors
+def invariance(
+    model: ModelArg,
+    inputs: InputsArg = None,
+    transform: Annotated[
+        list[str] | None,
+        typer.Option("--transform", "-t", help="translate (vertical, pixels), scale (factor) "
+                     "or rotate (degrees); repeat for more. Default: all three."),
+    ] = None,
+    steps: Annotated[int, typer.Option(
+        "--steps", min=2, help="Amounts per transform, spread over the paper's range (translate "
+        "-60..60 px at 224 px, scale 1..1.8, rotate 0..360 degrees).")] = 9,
+    layers: Annotated[
+        str | None, typer.Option("--layers", "-l", help="SPEC of the modules whose outputs to "
+                                 "compare (default: conv,linear).")
+    ] = None,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per "
+                                            "batch (each runs with its copies).")] = 8,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
+    shard: ShardOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="Go on from the last checkpoint; "
+                           "--overwrite replaces curves of other options in OUT/invariance.")
+    ] = True,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="A plot per transform.")] = True,
+) -> None:
+    """Translate, scale and rotate each input (Zeiler & Fergus, Fig. 5): how far each module's
+    output moves and the top class's probability, into OUT/invariance/."""
+    from convmaps.jobs.invariance import Invariance
+    from convmaps.options import InvarianceOptions
+
+    o = InvarianceOptions(model=model, inputs=[str(p) for p in inputs or []],
+                          transforms=transform or ["translate", "scale", "rotate"], steps=steps,
+                          layers=layers, out=str(out), weights=weights, arch=arch,
+                          batch_size=batch_size, workers=workers, threads=threads, device=device,
+                          shard=shard, resume=resume, png=png)
+    _job(o, Invariance())
+
+
+@app.command()
+@reports_errors
 def topk(
     model: ModelArg,
     inputs: InputsArg = None,
@@ -705,6 +750,7 @@ def show(
                                                     "projections"),
                  (path, layout.OCCLUSION_MANIFEST, "occlusion maps"),
                  (path / layout.TOPK, layout.MANIFEST, "top-k"),
+                 (path / layout.INVARIANCE, layout.MANIFEST, "invariance"),
                  (path / layout.FILTERS, layout.MANIFEST, "filters")]
         found = [(folder, name, what, m) for folder, name, what in parts
                  if (m := manifests.read(folder, name)) is not None]
@@ -724,6 +770,7 @@ def show(
                     out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
             else:
                 names = [f"{k}.safetensors" for k in m.get("modules", [])] if what == "top-k" \
+                    else [layout.INVARIANCE_FILE] if what == "invariance" \
                     else [layout.FILTER_WEIGHTS]
                 for file in names:
                     if (folder / file).is_file():

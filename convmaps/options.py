@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DType", "DumpOptions", "FilterOptions", "Mode", "PngScale", "ProjectOptions",
-           "TopkOptions"]
+__all__ = ["DType", "DumpOptions", "FilterOptions", "InvarianceOptions", "Mode", "PngScale",
+           "ProjectOptions", "TopkOptions"]
 
 
 class DType(StrEnum):
@@ -168,3 +168,26 @@ class TopkOptions:
     png_cap: int = 16  # channels per module that get a figure
     max_bytes: str = "8GB"
     checkpoint_seconds: float = 60.0  # how often the partial top-k is saved while running
+
+
+@dataclass
+class InvarianceOptions:
+    """Every `invariance` option (Zeiler & Fergus, Fig. 5): how module outputs and the top
+    class's probability change as each input is translated, scaled or rotated."""
+
+    model: str = "lenet"
+    inputs: list[str] = field(default_factory=list)
+    transforms: list[str] = field(default_factory=lambda: ["translate", "scale", "rotate"])
+    steps: int = 9  # amounts per transform, spread over the paper's range
+    layers: str | None = None  # None: every conv and linear layer
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    batch_size: int = 8  # images per batch (each runs with its transformed copies)
+    workers: int | None = None  # None: runtime.default_workers()
+    threads: int | None = None  # None: runtime.default_threads()
+    device: str = "cpu"
+    shard: str | None = None  # "I/N": this process does shard I (0-based) of N
+    resume: bool = True  # False (--overwrite): OUT/invariance of other options is replaced
+    png: bool = True
+    checkpoint_seconds: float = 60.0  # how often a shard's rows are saved while running

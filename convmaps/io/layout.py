@@ -28,6 +28,12 @@ __all__ = [
     "SWITCHES",
     "TAPS",
     "TOPK",
+    "INVARIANCE",
+    "INVARIANCE_FILE",
+    "invariance_files",
+    "invariance_png",
+    "is_invariance_output",
+    "state_file",
     "FILTERS",
     "FILTER_WEIGHTS",
     "ImageLayout",
@@ -67,13 +73,16 @@ PROJECTIONS_MANIFEST = "projections.json"  # `convmaps project`'s own manifest
 OCCLUSION = "occlusion.safetensors"
 OCCLUSION_PNG = "png/occlusion.png"
 OCCLUSION_MANIFEST = "occlusion.json"  # `convmaps occlude`'s own manifest
+INVARIANCE = "invariance"  # the folder under OUT that `convmaps invariance` owns
+INVARIANCE_FILE = "invariance.safetensors"
+_PARTIAL = "partial"  # an aggregate folder's shard states (topk/, invariance/)
 _DUMP_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS})
 _PROJECTION_PNGS = "projections"  # png/projections/<mode>/<module>/<channel>.png
 # Top-level names of an output folder that belong to convmaps, besides image folders.
 FILTERS = "filters"  # the folder under OUT that `convmaps filters` owns
 FILTER_WEIGHTS = "filters.safetensors"
 RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, OCCLUSION_MANIFEST, FILTERS, TOPK,
-                      "report"})
+                      INVARIANCE, "report"})
 _SHARD = re.compile(r"(manifest|projections|occlusion)\.shard-(\d+)-of-(\d+)\.json")
 _TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
@@ -234,14 +243,14 @@ class TopkLayout:
     modules: tuple[str, ...] = ()
     png_caps: tuple[int, ...] = ()  # per module: how many channels get a figure
     png: bool = False
-    partial: str = "partial"  # the folder of the shards' partial top-k (a module name has no /)
+    partial: str = _PARTIAL  # the folder of the shards' partial top-k (a module name has no /)
 
     def module_file(self, key: str) -> str:
         return f"{key}.safetensors"
 
     def state_file(self, index: int, count: int) -> str:
         """A shard's partial top-k and checkpoint (a folder of its own: no module name clashes)."""
-        return f"{self.partial}/shard-{index}-of-{count}.safetensors"
+        return state_file(index, count)
 
     def channel_png(self, key: str, channel: int) -> str:
         """`png/<module>/<channel>.png`, zero-padded to the width of the module's largest
@@ -263,6 +272,37 @@ class TopkLayout:
         """Every final file of a finished run, sorted (partial top-k files are gone by then)."""
         return sorted([MANIFEST, *(self.module_file(k) for k in self.modules),
                        *self.png_files()])
+
+
+def state_file(index: int, count: int) -> str:
+    """A shard's partial state and checkpoint in an aggregate folder (`topk/`, `invariance/`)."""
+    return f"{_PARTIAL}/shard-{index}-of-{count}.safetensors"
+
+
+def invariance_png(transform: str) -> str:
+    """The line plots of one transform, under `OUT/invariance/`."""
+    return f"png/{transform}.png"
+
+
+def invariance_files(transforms: tuple[str, ...], png: bool) -> list[str]:
+    """Every final file of a finished `invariance` run under `OUT/invariance/`, sorted.
+
+    >>> invariance_files(("translate", "rotate"), png=True)
+    ['invariance.safetensors', 'manifest.json', 'png/rotate.png', 'png/translate.png']
+    """
+    return sorted([INVARIANCE_FILE, MANIFEST, *(invariance_png(t) for t in transforms if png)])
+
+
+def is_invariance_output(rel: str) -> bool:
+    """Whether a path inside `OUT/invariance/` is a name `invariance` writes there: only such
+    files are removed by `--overwrite`."""
+    parts = PurePosixPath(rel).parts
+    if not parts or is_temp(parts[-1]):
+        return bool(parts)
+    if len(parts) == 1:
+        return parts[0] in (MANIFEST, INVARIANCE_FILE) or is_shard_manifest(parts[0])
+    return len(parts) == 2 and parts[0] in ("png", _PARTIAL) and \
+        parts[1].endswith(".png" if parts[0] == "png" else ".safetensors")
 
 
 def report_copy(rel: str) -> str:

@@ -7,11 +7,9 @@ Files go under `OUT/topk/`, names from `io.layout.TopkLayout`.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +25,9 @@ from convmaps.core.models import LoadedModel, normalisation
 from convmaps.core.ranking import TopK, combine, crop, empty, positions, update
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
-from convmaps.io import manifest as manifests
-from convmaps.io.images import sha256_file
 from convmaps.io.layout import TopkLayout
 from convmaps.io.store import (
     TensorSpec,
-    png_complete,
-    read_metadata,
-    save_tensors,
     write_bytes,
     write_safetensors,
 )
@@ -49,6 +42,17 @@ from convmaps.jobs.engine import (
     run_job,
 )
 from convmaps.jobs.ownership import clear_folder
+from convmaps.jobs.partial import (
+    closing,
+    dump_keys,
+    entry_tensors,
+    every_state,
+    finished,
+    load_state,
+    read_entries,
+    remove_states,
+    save_state,
+)
 from convmaps.jobs.runtime import memory_format
 from convmaps.options import Mode, TopkOptions
 
@@ -125,10 +129,10 @@ class Topk(Job):
         check_network(out, loaded, "a top-k")
 
     def ours(self, out: Path, earlier: list[dict[str, Any]]) -> set[str]:
-        return _dump_keys(out)  # topk writes no image folders: a dump's are no inputs
+        return dump_keys(out)  # topk writes no image folders: a dump's are no inputs
 
     def done(self, plan: Plan) -> dict[str, Any] | None:
-        return _finished(plan)
+        return finished(plan, self.layout.files())
 
     def resume(self, plan: Plan) -> dict[int, dict[str, Any]]:
         self.state = _load_state(plan, plan.shard)
@@ -169,24 +173,14 @@ class Topk(Job):
 
     def finish(self, plan: Plan, manifest: dict[str, Any]) -> None:
         """Every shard's partial top-k merged, and the results written."""
-        index, count = plan.shard
-        states = [self.state if i == index else _load_state(plan, (i, count))
-                  for i in range(count)]
-        if not all(s is not None and s.finished for s in states):
+        assert self.state is not None
+        states = every_state(plan, manifest, self.state, _load_state, "rank")
+        if states is None:
             return
-        if not any(e["status"] == "ok" for e in manifest["inputs"]):
-            raise ConvmapsError(
-                f"no usable image among the {len(manifest['inputs'])} input(s): nothing to "
-                f"rank (why each was skipped: {plan.folder / layout.MANIFEST})")
-        tops = {key: combine([s.tops[key].to("cpu") for s in states if s is not None],
+        tops = {key: combine([s.tops[key].to("cpu") for s in states],
                              self.options.k) for key in self.keys}
         _write_results(plan, tops, manifest, self.model)
-        partial = plan.folder / self.layout.partial
-        for path in partial.glob("shard-*-of-*.safetensors"):  # any split's: all merged now
-            if path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-        with suppress(OSError):
-            (plan.folder / self.layout.partial).rmdir()
+        remove_states(plan.folder)
 
     def describe(self, plan: Plan) -> str:
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
@@ -194,11 +188,8 @@ class Topk(Job):
                 f"{self.options.project} · at most {decimal(_result_bytes(plan))} to write")
 
     def closing(self, plan: Plan, result: Result) -> str:
-        if result.merged and result.manifest.get("finished"):
-            return (f"{plan.label}top-{self.options.k} of {len(self.keys)} module(s) over "
-                    f"{len(plan.sources) - len(result.skipped)} image(s) in {plan.folder}")
-        return (f"{plan.label}{len(plan.mine)} image(s) ranked; the last shard to finish "
-                f"writes {plan.folder}")
+        return closing(plan, result, f"top-{self.options.k} of {len(self.keys)} module(s)",
+                       "ranked")
 
 
 def plan_topk(o: TopkOptions) -> Plan:
@@ -216,15 +207,6 @@ def _topk(plan: Plan) -> Topk:
     job = plan.job
     assert isinstance(job, Topk)
     return job
-
-
-def _dump_keys(out: Path) -> set[str]:
-    """The image folders of a dump in OUT (their PNGs are no inputs)."""
-    try:
-        m = manifests.read(out)
-    except ConvmapsError:
-        return set()
-    return {e["key"] for e in m["inputs"]} if m else set()
 
 
 def _remove_topk(folder: Path, m: dict[str, Any]) -> None:
@@ -249,38 +231,6 @@ def _result_bytes(plan: Plan) -> int:
     return total
 
 
-def _finished(plan: Plan) -> dict[str, Any] | None:
-    """The manifest of an identical finished run whose files are all whole, else None."""
-    t = _topk(plan)
-    try:
-        m = manifests.read(plan.folder)
-    except ConvmapsError:
-        return None
-    if m is None or not m.get("finished") or any(
-            m.get(k) != plan.header[k] for k in ("run", "inputs_id")):
-        return None
-    for f in t.layout.files():
-        path = plan.folder / f
-        if f.endswith(".png") and not png_complete(path):
-            return None
-        if f.endswith(".safetensors") and (read_metadata(path) or {}).get("run") != \
-                plan.fingerprint:
-            return None
-    # an input whose bytes changed since it was ranked (or became unreadable) redoes the run,
-    # as it redoes its image in a dump: the top-k is over every image at once
-    for src, e in zip(plan.sources, m["inputs"], strict=False):
-        if e["key"] != src.key or (e["status"] == "ok") != (_sha(src.path) == e["sha256"]):
-            return None
-    return m
-
-
-def _sha(path: Path) -> str | None:
-    try:
-        return sha256_file(path)
-    except (OSError, ConvmapsError):
-        return None
-
-
 # --- the streaming pass -----------------------------------------------------------------------
 
 
@@ -298,59 +248,28 @@ class _State:
 def _save_state(plan: Plan, state: _State, shard: tuple[int, int]) -> None:
     """A shard's checkpoint: the partial top-k and its images' entries as tensors (40 bytes an
     image, whatever their number: the header stays small), skip reasons as JSON bytes."""
-    t = _topk(plan)
     tensors = {f"{key}/{part}": getattr(top, part).cpu() for key, top in state.tops.items()
                for part in ("values", "images", "flat")}  # a checkpoint's copy, not a batch's
-    index = sorted(state.entries)
-    entries = [state.entries[i] for i in index]
-    tensors["entries/index"] = torch.tensor(index, dtype=torch.int64)
-    tensors["entries/sha256"] = torch.frombuffer(bytearray(b"".join(
-        bytes.fromhex(e["sha256"] or "0" * 64) for e in entries)), dtype=torch.uint8
-    ).reshape(len(entries), 32) if entries else torch.zeros(0, 32, dtype=torch.uint8)
-    reasons = {str(i): e["status"] for i, e in zip(index, entries, strict=True)
-               if e["status"] != "ok"}
-    tensors["entries/skipped"] = torch.frombuffer(bytearray(json.dumps(reasons).encode()),
-                                                  dtype=torch.uint8)
-    meta = {"run": plan.fingerprint, "inputs_id": plan.header["inputs_id"],
-            "batches_done": str(state.done), "finished": str(state.finished)}
-    save_tensors(plan.folder / t.layout.state_file(*shard), tensors, meta)
+    tensors.update(entry_tensors(state.entries))
+    save_state(plan, shard, tensors, {"batches_done": str(state.done),
+                                      "finished": str(state.finished)})
 
 
 def _load_state(plan: Plan, shard: tuple[int, int]) -> _State | None:
-    """A shard's saved partial top-k when it belongs to this run; None when there is none (or
-    it is another run's leftover).
-
-    Raises:
-        ConvmapsError: the file is there but cannot be read or is not a state of this run's
-            shapes: never a silent restart from zero.
-    """
-    from safetensors import SafetensorError, safe_open
-
+    """A shard's saved partial top-k when it belongs to this run (see `partial.load_state`)."""
     t = _topk(plan)
-    path = plan.folder / t.layout.state_file(*shard)
-    if not path.exists():
-        return None
-    meta = read_metadata(path)
-    if meta is not None and (meta.get("run") != plan.fingerprint
-                             or meta.get("inputs_id") != plan.header["inputs_id"]):
-        return None  # another run's: claim removes it with --overwrite
-    try:
-        if meta is None:
-            raise ValueError("no safetensors header")
-        with safe_open(str(path), "pt") as f:
-            got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    def parse(got: dict[str, Tensor], meta: dict[str, str]) -> _State:
         tops = {key: TopK(*(got[f"{key}/{p}"] for p in ("values", "images", "flat")))
                 for key in t.keys}
         _check_tops(plan, tops)
-        entries = _entries(plan, got["entries/index"], got["entries/sha256"],
-                           json.loads(bytes(got["entries/skipped"].tolist()).decode()))
+        entries = read_entries(plan, got)
         done, count = int(meta["batches_done"]), math.ceil(len(plan.sources) / t.options.batch_size)
         if not 0 <= done <= count:
             raise ValueError(f"{done} batches done of {count}")
         return _State(tops, entries, done, meta["finished"] == "True")
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise ConvmapsError(f"{path} is not a readable top-k checkpoint of this run ({e}); "
-                            "remove it, or run the same command with --overwrite") from None
+
+    return load_state(plan, shard, "top-k", parse)
 
 
 def _check_tops(plan: Plan, tops: dict[str, TopK]) -> None:
@@ -371,25 +290,6 @@ def _check_tops(plan: Plan, tops: dict[str, TopK]) -> None:
             raise ValueError(f"{key} names images outside the {len(plan.sources)} inputs")
         if top.flat.numel() and not (int(top.flat.min()) >= 0 and int(top.flat.max()) < cells):
             raise ValueError(f"{key} names positions outside its maps")
-
-
-def _entries(plan: Plan, index: torch.Tensor, sha: torch.Tensor, skipped: dict[str, str]
-             ) -> dict[int, dict[str, Any]]:
-    """The manifest entries a checkpoint's tensors stand for."""
-    if index.dim() != 1 or tuple(sha.shape) != (len(index), 32) or sha.dtype != torch.uint8:
-        raise ValueError("entries of the wrong shapes")
-    if not isinstance(skipped, dict) or not all(isinstance(v, str) for v in skipped.values()):
-        raise ValueError("skip reasons are not a JSON object of strings")
-    found = {}
-    digests = sha.numpy().tobytes()
-    for row, i in enumerate(index.tolist()):
-        if not 0 <= i < len(plan.sources):
-            raise ValueError(f"entry {i} is outside the {len(plan.sources)} inputs")
-        src = plan.sources[i]
-        status = skipped.get(str(i), "ok")
-        digest = digests[32 * row:32 * row + 32].hex() if status == "ok" else None
-        found[i] = manifests.entry(src.key, str(src.path), digest, status, [])
-    return found
 
 
 # --- results: boxes, projections, figures -----------------------------------------------------

@@ -14,7 +14,8 @@ keeps mutable state (caches hold read-only arrays), so every function is thread-
 
 Split by what it draws, imports flowing one way: `png` (PNG encoding) <- `scales` (value
 ranges, colour maps) <- `grids` (tensors to tile grids) <- `figures` (composed RGB figures:
-projections, top-k). This module only gathers their public names.
+projections, top-k) <- `plots` (line plots: invariance). This module only gathers their
+public names.
 
     >>> import torch
     >>> from convmaps.render import map_grid, png_bytes
@@ -51,6 +52,7 @@ from convmaps.render.grids import (
     upscale_factor,
     vector_grid,
 )
+from convmaps.render.plots import invariance_plot
 from convmaps.render.png import png_bytes
 from convmaps.render.scales import Scale, choose_scale, colorize, robust_limit
 
@@ -64,6 +66,7 @@ __all__ = [
     "filter_grid",
     "grid_geometry",
     "image_size",
+    "invariance_plot",
     "map_grid",
     "occlusion_figure",
     "picture",

@@ -8,9 +8,9 @@ script needs sits in the page itself (browsers block `fetch` from `file://`). Ev
 without JavaScript; the script only names the channel under the mouse and sorts tables.
 
 It covers whatever OUT holds: a dump (`manifest.json`), projections (`projections.json`),
-occlusion maps (`occlusion.json`), `filters/` and `topk/`. It reads only files on disk and never
-runs the model; the pictures of the inputs are drawn from the source images with the run's own
-preprocessing, so receptive-field boxes land where the network looked.
+occlusion maps (`occlusion.json`), `filters/`, `topk/` and `invariance/`. It reads only files on
+disk and never runs the model; the pictures of the inputs are drawn from the source images with
+the run's own preprocessing, so receptive-field boxes land where the network looked.
 
     >>> import tempfile
     >>> build_report(tempfile.mkdtemp())  # doctest: +ELLIPSIS
@@ -71,6 +71,7 @@ class _Site:
     filters_meta: dict[str, str]
     topk: dict[str, Any] | None
     units: dict[str, dict[str, Any]] = field(default_factory=dict)  # topk module -> tensors
+    invariance: dict[str, Any] | None = None  # OUT/invariance/manifest.json of a finished run
     pictures: dict[str, str] = field(default_factory=dict)  # sha256 -> report-relative PNG
     pages: dict[str, str] = field(default_factory=dict)  # image key -> its page
     # parts of OUT are joined by what an image is (its sha256), never by its name alone
@@ -81,7 +82,8 @@ class _Site:
 
     @property
     def header(self) -> dict[str, Any]:
-        return self.dump or self.projections or self.occlusion or self.topk or {
+        return self.dump or self.projections or self.occlusion or self.topk or \
+            self.invariance or {
             "model": self.filters_meta.get(
             "model", "?"), "weights": self.filters_meta.get("weights", "?")}
 
@@ -125,10 +127,15 @@ def _read_site(out: Path) -> _Site:
                if (folder / layout.filter_png(m)).is_file()]
     filters_meta = read_metadata(folder / layout.FILTER_WEIGHTS) or {}
     topk = manifests.read(out / layout.TOPK) if (out / layout.TOPK).is_dir() else None
-    if not (dump or projections or occlusion or filters or topk):
+    folder = out / layout.INVARIANCE
+    invariance = manifests.read(folder) if folder.is_dir() else None
+    if invariance is not None and not invariance.get("finished"):
+        invariance = None  # shards still running: no curves yet
+    if not (dump or projections or occlusion or filters or topk or invariance):
         raise ConvmapsError(f"{out} holds nothing to report (no manifest.json, projections.json,"
-                            " occlusion.json, filters/ or topk/)")
-    site = _Site(out, dump, projections, occlusion, filters, filters_meta, topk)
+                            " occlusion.json, filters/, topk/ or invariance/)")
+    site = _Site(out, dump, projections, occlusion, filters, filters_meta, topk,
+                 invariance=invariance)
     if topk is not None:
         site.units = _read_topk(out / layout.TOPK, topk)
     return site
@@ -272,6 +279,8 @@ def _page(title: str, body: str, up: str, site: _Site) -> str:
         nav.append(f'<a href="{up}filters.html">filters</a>')
     if site.topk:
         nav.append(f'<a href="{up}topk/index.html">top-k</a>')
+    if site.invariance:
+        nav.append(f'<a href="{up}invariance.html">invariance</a>')
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(title)} · convmaps</title>"
@@ -341,6 +350,10 @@ def _index(site: _Site) -> str:
     if site.filters:
         parts.append(f'<h2>Filters</h2><p><a href="filters.html">{len(site.filters)} conv '
                      "layer(s)</a></p>")
+    if site.invariance:
+        parts.append(f'<h2>Invariance</h2><p><a href="invariance.html">'
+                     f'{_e(", ".join(site.invariance.get("transforms", [])))}</a> over '
+                     f'{len(site.invariance["inputs"])} image(s)</p>')
     return _page(f"{h.get('model')} · report", "\n".join(parts), "", site)
 
 
@@ -463,6 +476,22 @@ def _filters_page(site: _Site) -> str:
     intro = f"<p>{len(site.filters)} conv layer(s) of {_e(meta.get('model', '?'))} " \
             f"({_e(meta.get('weights', '?'))}).</p>"
     return _page("Filters", intro + '<div class="grid">' + "".join(figs) + "</div>", "", site)
+
+
+def _invariance_page(site: _Site) -> str:
+    """The invariance curves (Zeiler & Fergus, Fig. 5), one plot per transform."""
+    m = site.invariance
+    assert m is not None
+    folder = site.out / layout.INVARIANCE
+    figs = [_figure(site, f"{layout.INVARIANCE}/{layout.invariance_png(t)}", "", _e(t))
+            for t in m.get("transforms", []) if (folder / layout.invariance_png(t)).is_file()]
+    ok = sum(1 for e in m["inputs"] if e["status"] == "ok")
+    intro = (f"<p>Each of {ok} image(s) translated, scaled and rotated: how far the output of "
+             f"each of {len(m.get('modules', []))} module(s) moves from the original's (divided "
+             "by that distance at the largest amount, averaged over the images), and the "
+             "probability of the original top class. The numbers are in "
+             f"<code>{_e(layout.INVARIANCE)}/{_e(layout.INVARIANCE_FILE)}</code>.</p>")
+    return _page("Invariance", intro + "".join(figs), "", site)
 
 
 # --- top-k -----------------------------------------------------------------------------------
@@ -715,6 +744,8 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
         e.get("sha256") or "", {}))) for e in pages]
     if site.filters:
         files.append(("filters.html", partial(_filters_page, site)))
+    if site.invariance:
+        files.append(("invariance.html", partial(_invariance_page, site)))
     if site.topk:
         files.append(("topk/index.html", partial(_topk_index, site)))
         for name, u in site.units.items():
@@ -733,7 +764,8 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
     # whether it holds its pictures
     built_from: dict[str, Any] = {part: {"run": m.get("run"), "inputs": len(m.get("inputs", []))}
                   for part, m in (("dump", site.dump), ("projections", site.projections),
-                                  ("occlusion", site.occlusion), ("topk", site.topk)) if m}
+                                  ("occlusion", site.occlusion), ("topk", site.topk),
+                                  ("invariance", site.invariance)) if m}
     if site.filters:
         built_from["filters"] = {"modules": site.filters}
     built_from["standalone"] = site.copies is not None
