@@ -324,7 +324,13 @@ def run(ctx: typer.Context, config: Path, **values: Any) -> None:
     its `[[run]]` steps in order; see configs/. Options given here override the file's, in
     every step that has them."""
     from convmaps.config import COMMANDS, steps_from
-    from convmaps.options import OccludeOptions, ProjectOptions, ReportOptions, TopkOptions
+    from convmaps.options import (
+        InvarianceOptions,
+        OccludeOptions,
+        ProjectOptions,
+        ReportOptions,
+        TopkOptions,
+    )
 
     if not config.is_file():
         raise ConvmapsError(f"config {config} does not exist")
@@ -340,11 +346,13 @@ def run(ctx: typer.Context, config: Path, **values: Any) -> None:
         elif isinstance(options, DumpOptions):
             _dump(options)
         else:
+            from convmaps.jobs.invariance import Invariance
             from convmaps.jobs.occlude import Occlude
             from convmaps.jobs.project import Project
             from convmaps.jobs.topk import Topk
 
-            jobs = {ProjectOptions: Project, TopkOptions: Topk, OccludeOptions: Occlude}
+            jobs = {ProjectOptions: Project, TopkOptions: Topk, OccludeOptions: Occlude,
+                    InvarianceOptions: Invariance}
             _job(options, jobs[type(options)]())
 
 

@@ -7,9 +7,9 @@
     dtype = "float16"
 
 Keys are the options' field names (`batch_size` or `batch-size`) of the file's `command`
-(default `dump`; also `filters`, `project`, `topk`, `occlude`, `report`). A file of several
-commands lists them as `[[run]]` tables, in order; its top-level keys are shared by every step
-whose command has that option (each must fit one at least):
+(default `dump`; also `filters`, `project`, `topk`, `occlude`, `invariance`, `report`). A file
+of several commands lists them as `[[run]]` tables, in order; its top-level keys are shared by
+every step whose command has that option (each must fit one at least):
 
     model = "alexnet"
     out = "zf"
@@ -35,6 +35,7 @@ from convmaps.errors import ConvmapsError
 from convmaps.options import (
     DumpOptions,
     FilterOptions,
+    InvarianceOptions,
     OccludeOptions,
     ProjectOptions,
     ReportOptions,
@@ -44,12 +45,13 @@ from convmaps.options import (
 __all__ = ["COMMANDS", "load_config", "options_from", "steps_from"]
 
 Options = DumpOptions | FilterOptions | ProjectOptions | TopkOptions | OccludeOptions \
-    | ReportOptions
+    | InvarianceOptions | ReportOptions
 
 # The commands a config can run, by its `command` key (default: dump).
 COMMANDS: dict[str, type[Options]] = {
     "dump": DumpOptions, "filters": FilterOptions, "project": ProjectOptions,
-    "topk": TopkOptions, "occlude": OccludeOptions, "report": ReportOptions,
+    "topk": TopkOptions, "occlude": OccludeOptions, "invariance": InvarianceOptions,
+    "report": ReportOptions,
 }
 
 # Size options: a string such as "8GB" or an integer number of bytes.

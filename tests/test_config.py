@@ -25,10 +25,11 @@ def test_the_zeiler_fergus_config_runs_the_papers_commands_in_order():
     path = Path(__file__).parents[1] / "configs" / "zeiler-fergus.toml"
     steps = steps_from(path, {"inputs": ["photos"], "weights": "none"})
     assert [type(o).__name__ for o in steps] == ["FilterOptions", "TopkOptions",
-                                                 "OccludeOptions", "ReportOptions"]
+                                                 "InvarianceOptions", "OccludeOptions",
+                                                 "ReportOptions"]
     assert all(o.out == "zeiler_fergus" for o in steps)
-    assert steps[1].k == 9 and steps[2].stride == 8 and steps[2].inputs == ["photos"]
-    assert all(o.weights == "none" for o in steps[:3])  # the report has no weights
+    assert steps[1].k == 9 and steps[3].stride == 8 and steps[3].inputs == ["photos"]
+    assert all(o.weights == "none" for o in steps[:4])  # the report has no weights
 
 
 @pytest.mark.parametrize("text,words", [
