@@ -197,11 +197,12 @@ def _edge_units(model: nn.Module, shape: tuple[int, ...], modules: list[str]) ->
 
 
 def _tiny_chain() -> nn.Sequential:
-    """Stride, padding, dilation, groups, ceil_mode, average pools and an adaptive pool of
-    plain windows (which windows follow), on a non-square input."""
+    """Uneven strides, padding, groups, ceil_mode, a dilated pool, average pools and an
+    adaptive pool of plain windows (which windows follow), on a non-square input (the odd
+    chain has a dilated conv)."""
     torch.manual_seed(11)
     net = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(2, 6, (3, 5), stride=(2, 1), padding=(2, 1), dilation=(1, 2))),
+        ("conv1", nn.Conv2d(2, 6, (3, 5), stride=(2, 3), padding=(2, 1))),
         ("bn1", nn.BatchNorm2d(6)),
         ("relu1", nn.ReLU(inplace=True)),
         ("pool1", nn.MaxPool2d(2, stride=2, ceil_mode=True)),  # 13 -> 7: the last reads 1
@@ -222,7 +223,7 @@ WINDOW_CASES = {
     "vgg11": ("vgg11_64", (3, 32, 32), ["features.0", "features.4", "features.8",
                                         "features.13", "features.18"]),
     "lenet": ("lenet64", (1, 28, 28), ["C1", "S2", "C3", "relu3", "S4"]),
-    "tiny": ("tiny64", (2, 23, 19), ["conv1", "bn1", "pool1", "conv2", "pool2", "avg",
+    "tiny": ("tiny64", (2, 23, 31), ["conv1", "bn1", "pool1", "conv2", "pool2", "avg",
                                      "adaptive", "conv3"]),
     "odd": ("odd64", (3, 29, 23), ["conv1", "pool1", "conv2", "avg"]),
 }
