@@ -1,5 +1,6 @@
 """Drawing and encoding AlexNet's 21 activation PNGs of one photo, as a dump does it
-(`render.draw(...).png()`), per deflate level: what the default level rests on.
+(`render.draw(...).png()`, each with its title strip), per deflate level: what the default
+level rests on.
 
     python benchmarks/bench_png.py [--photos 3] [--repeats 7]
 
@@ -40,7 +41,8 @@ def main() -> None:
     draw: list[float] = []
     for _ in range(a.repeats):
         start = time.perf_counter()
-        images = [[render.draw("activation", got.outputs[k][i]) for k in leaves]
+        images = [[render.draw("activation", got.outputs[k][i],
+                               title=f"alexnet · {k} · {files[i].name}") for k in leaves]
                   for i in range(len(files))]
         draw.append((time.perf_counter() - start) / len(files))
     pixels = sum(pic.rows.shape[0] * (pic.rows.shape[1] - 1) for pic in images[0])

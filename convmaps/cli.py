@@ -228,7 +228,8 @@ def filters(
 def _filters(options: FilterOptions) -> None:
     from convmaps.jobs.filters import run_filters
 
-    notes = run_filters(options)
+    notes = _with_progress("", "filters", None, lambda _, phase: run_filters(options, phase),
+                           units=lambda _: "layers")
     for name, note in notes:
         if note:
             err_console.print(f"{name}: {note}")
@@ -324,17 +325,32 @@ def _dtype(value: str) -> DType:
 
 
 def run(ctx: typer.Context, config: Path, **values: Any) -> None:
-    """Run a dump (or, with `command = "filters"`, filters) from a TOML config; see configs/.
-    Options given here override the file's."""
-    from convmaps.config import options_from
+    """Run the command of a TOML config (a dump unless it says `command = ...`), or each of
+    its `[[run]]` steps in order; see configs/. Options given here override the file's, in
+    every step that has them."""
+    from convmaps.config import COMMANDS, steps_from
+    from convmaps.options import OccludeOptions, ProjectOptions, ReportOptions, TopkOptions
 
     if not config.is_file():
         raise ConvmapsError(f"config {config} does not exist")
-    options = options_from(config, _options(ctx, values, only_given=True))
-    if isinstance(options, FilterOptions):
-        _filters(options)
-    else:
-        _dump(options)
+    steps = steps_from(config, _options(ctx, values, only_given=True))
+    for n, options in enumerate(steps, 1):
+        if len(steps) > 1:
+            name = next(k for k, kind in COMMANDS.items() if type(options) is kind)
+            err_console.print(f"step {n}/{len(steps)}: convmaps {name}", style="bold")
+        if isinstance(options, FilterOptions):
+            _filters(options)
+        elif isinstance(options, ReportOptions):
+            _report(Path(options.out), options.standalone)
+        elif isinstance(options, DumpOptions):
+            _dump(options)
+        else:
+            from convmaps.jobs.occlude import Occlude
+            from convmaps.jobs.project import Project
+            from convmaps.jobs.topk import Topk
+
+            jobs = {ProjectOptions: Project, TopkOptions: Topk, OccludeOptions: Occlude}
+            _job(options, jobs[type(options)]())
 
 
 def _run_signature() -> None:
@@ -346,7 +362,8 @@ def _run_signature() -> None:
     config = inspect.Parameter(
         "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
         annotation=Annotated[Path, typer.Argument(
-            help="A TOML file of dump options (or filters options, with command = \"filters\")."
+            help="A TOML file of one command's options (a dump unless it says command = ...), "
+            "or of [[run]] steps."
         )],
     )
     inputs = params["inputs"].replace(annotation=Annotated[
@@ -413,12 +430,12 @@ def _print_skipped(entries: list[dict[str, Any]], limit: int = 20) -> list[dict[
     return skipped
 
 
-def _with_progress(label: str, what: str, total: int,
+def _with_progress(label: str, what: str, total: int | None,
                    run: Callable[[Callable[[int], None], Callable[[str, int, int], None]], R],
-                   already: int = 0) -> R:
+                   already: int = 0, units: Callable[[str], str] = lambda phase: "units") -> R:
     """`run(on_progress, on_phase)` with progress bars on a terminal, plain lines in a log file:
-    the images, then any later phase (topk's projections) with its own count, rate and time
-    left."""
+    the images (none if `total` is None), then any later phase (topk's projections) with its
+    own count of `units(phase)`, rate and time left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -433,14 +450,17 @@ def _with_progress(label: str, what: str, total: int,
 
         def plain_phase(name: str, done: int, of: int) -> None:
             if name not in phases:
-                phases[name] = _PlainProgress(label, of, what=f"{what} {name}", unit="units")
+                phases[name] = _PlainProgress(label, of, what=f"{what} {name}", unit=units(name))
             phases[name](done - phases[name].done)
 
+        if total is None:
+            return run(lambda n: None, plain_phase)
         return run(_PlainProgress(label, total, what=what, already=already), plain_phase)
     speed = TextColumn("{task.fields[rate]}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), speed,
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-        task = bar.add_task(f"{label}{what}", total=total, completed=already, rate="")
+        task = bar.add_task(f"{label}{what}", total=total, completed=already, rate="",
+                            visible=total is not None)
         tasks: dict[str, Any] = {}
 
         def step(n: int) -> None:
@@ -453,7 +473,7 @@ def _with_progress(label: str, what: str, total: int,
                 tasks[name] = bar.add_task(f"{label}{what} {name}", total=of, rate="")
             bar.update(tasks[name], completed=done)
             rate = next(t.speed for t in bar.tasks if t.id == tasks[name])
-            bar.update(tasks[name], rate=f"{rate:.1f} units/s" if rate else "")
+            bar.update(tasks[name], rate=f"{rate:.1f} {units(name)}/s" if rate else "")
 
         return run(step, phase)
 
@@ -474,6 +494,9 @@ def _job(options: Any, job: Any, strict: bool = False) -> None:
                             lambda step, phase: run_job(plan, step, phase), len(plan.finished))
     _print_skipped(result.skipped)
     out_console.print(job.closing(plan, result), highlight=False)
+    if result.skipped and not result.written and not result.already:
+        # a run that made nothing (a named notes.txt, a folder of broken files) is a failure
+        raise ConvmapsError("nothing written: every input was skipped (the lines above say why)")
     if result.skipped and strict:
         raise typer.Exit(1)
 
@@ -520,6 +543,55 @@ def project(
                        png=png, batch_size=batch_size, workers=workers, threads=threads,
                        shard=shard, resume=resume)
     _job(o, Project())
+
+
+@app.command()
+@reports_errors
+def occlude(
+    model: ModelArg,
+    inputs: InputsArg = None,
+    patch: Annotated[int, typer.Option("--patch", min=1, help="The grey square's side, in "
+                                       "input pixels.")] = 16,
+    stride: Annotated[int, typer.Option("--stride", min=1, help="Pixels between patch "
+                                        "positions.")] = 4,
+    fill: Annotated[float, typer.Option("--fill", help="The square's value in normalised "
+                                        "units (0: the data set's mean colour).")] = 0.0,
+    target: Annotated[str, typer.Option("--target", help="top (each image's unoccluded top "
+                                        "class) or a class index.")] = "top",
+    unit: Annotated[
+        list[str] | None,
+        typer.Option("--unit", "-u", help="MODULE:C whose summed feature map to map; repeat "
+                     "for more. Default: the last conv layer's strongest channel."),
+    ] = None,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    device: DeviceOpt = "cpu",
+    png: Annotated[bool, typer.Option("--png/--no-png", help="A figure per image.")] = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per batch, and patch "
+                          "positions per step (memory grows with it).")
+    ] = 64,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    shard: ShardOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="Skip images whose maps are done; "
+                           "--overwrite replaces occlusion maps of other options.")
+    ] = True,
+) -> None:
+    """Slide a grey square over each input (Zeiler & Fergus, Fig. 7): the target class's
+    probability, the most probable class and a unit's activity at every position, into
+    OUT/<image key>/occlusion.safetensors and png/occlusion.png."""
+    from convmaps.jobs.occlude import Occlude
+    from convmaps.options import OccludeOptions
+
+    o = OccludeOptions(model=model, inputs=[str(p) for p in inputs or []], patch=patch,
+                       stride=stride, fill=fill, target=target, units=unit or [], out=str(out),
+                       weights=weights, arch=arch, device=device, png=png,
+                       batch_size=batch_size, workers=workers, threads=threads, shard=shard,
+                       resume=resume)
+    _job(o, Occlude())
 
 
 @app.command()
@@ -580,12 +652,26 @@ def topk(
 def report(
     out: Annotated[Path, typer.Argument(help="An output folder: a dump, projections, filters/ "
                                         "and/or topk/.")] = Path("convmaps_out"),
+    standalone: Annotated[bool, typer.Option(
+        "--standalone", help="Put every picture the pages show inside OUT/report/ (hard links, "
+        "or copies where the disk makes none), so that report/ alone can be zipped and opened "
+        "anywhere.")] = False,
 ) -> None:
     """Write OUT/report/, a static HTML site of what OUT holds; open OUT/report/index.html from
     disk in any browser (no server, no network)."""
+    _report(out, standalone)
+
+
+def _report(out: Path, standalone: bool) -> None:
     from convmaps.report import build_report
 
-    index = build_report(out)
+    notes: list[str] = []
+    index = _with_progress("", "report", None, lambda _, phase: build_report(
+        out, standalone, phase, notes.append), units=lambda phase: phase)
+    for note in notes[:20]:
+        err_console.print(Text(note, style="yellow"))
+    if len(notes) > 20:
+        err_console.print(f"… and {len(notes) - 20} more")
     out_console.print(f"wrote {index.parent}; open {index.resolve().as_uri()}", highlight=False)
 
 
@@ -627,6 +713,7 @@ def show(
     if path.is_dir():
         parts = [(path, layout.MANIFEST, "dump"), (path, layout.PROJECTIONS_MANIFEST,
                                                     "projections"),
+                 (path, layout.OCCLUSION_MANIFEST, "occlusion maps"),
                  (path / layout.TOPK, layout.MANIFEST, "top-k"),
                  (path / layout.FILTERS, layout.MANIFEST, "filters")]
         found = [(folder, name, what, m) for folder, name, what in parts
@@ -642,7 +729,7 @@ def show(
                               "skipped", highlight=False)
             if what == "dump":
                 _print_predictions(entries)
-            if what in ("dump", "projections"):
+            if what in ("dump", "projections", "occlusion maps"):
                 for rel, stats in dump_stats(folder, name).items():
                     out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
             else:

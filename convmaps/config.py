@@ -1,4 +1,4 @@
-"""Config files for `convmaps run`: every `dump` (or `filters`) option from TOML, checked.
+"""Config files for `convmaps run`: a command's options from TOML, checked.
 
     model = "alexnet"
     inputs = ["photos/"]
@@ -6,9 +6,20 @@
     kernels = "3"
     dtype = "float16"
 
-Keys are DumpOptions' field names (`batch_size` or `batch-size`). A file that says
-`command = "filters"` runs `convmaps filters` instead, with FilterOptions' fields. Relative
-paths are taken from the current folder, as on the command line.
+Keys are the options' field names (`batch_size` or `batch-size`) of the file's `command`
+(default `dump`; also `filters`, `project`, `topk`, `occlude`, `report`). A file of several
+commands lists them as `[[run]]` tables, in order; its top-level keys are shared by every step
+whose command has that option (each must fit one at least):
+
+    model = "alexnet"
+    out = "zf"
+    [[run]]
+    command = "topk"
+    k = 9
+    [[run]]
+    command = "report"
+
+Relative paths are taken from the current folder, as on the command line.
 """
 
 from __future__ import annotations
@@ -21,13 +32,24 @@ from pathlib import Path
 from typing import Any
 
 from convmaps.errors import ConvmapsError
-from convmaps.options import DumpOptions, FilterOptions
+from convmaps.options import (
+    DumpOptions,
+    FilterOptions,
+    OccludeOptions,
+    ProjectOptions,
+    ReportOptions,
+    TopkOptions,
+)
 
-__all__ = ["COMMANDS", "load_config", "options_from"]
+__all__ = ["COMMANDS", "load_config", "options_from", "steps_from"]
+
+Options = DumpOptions | FilterOptions | ProjectOptions | TopkOptions | OccludeOptions \
+    | ReportOptions
 
 # The commands a config can run, by its `command` key (default: dump).
-COMMANDS: dict[str, type[DumpOptions] | type[FilterOptions]] = {
-    "dump": DumpOptions, "filters": FilterOptions,
+COMMANDS: dict[str, type[Options]] = {
+    "dump": DumpOptions, "filters": FilterOptions, "project": ProjectOptions,
+    "topk": TopkOptions, "occlude": OccludeOptions, "report": ReportOptions,
 }
 
 # Size options: a string such as "8GB" or an integer number of bytes.
@@ -90,13 +112,26 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConvmapsError(f"{path} is not valid TOML: {e}") from e
 
 
-def _parse(path: Path) -> tuple[str, dict[str, Any]]:
-    """(command, validated options) of a config file."""
-    data = _read(path)
-    command = data.pop("command", "dump")
+def _command(path: Path, data: dict[str, Any], default: str | None) -> str:
+    command = data.pop("command", default)
     if not isinstance(command, str) or command not in COMMANDS:
         raise ConvmapsError(f"{path}: command must be one of {', '.join(COMMANDS)}, "
                             f"not {command!r}")
+    return command
+
+
+def _parse(path: Path) -> tuple[str, dict[str, Any]]:
+    """(command, validated options) of a one-command config file."""
+    data = _read(path)
+    if "run" in data:
+        raise ConvmapsError(f"{path} runs several commands ([[run]] tables): use "
+                            "`convmaps run`, which runs each")
+    command = _command(path, data, "dump")
+    return command, _validated(path, command, data)
+
+
+def _validated(path: Path, command: str, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` checked as `command`'s options: known keys, right types, each option once."""
     hints = typing.get_type_hints(COMMANDS[command])
     out: dict[str, Any] = {}
     raws: dict[str, str] = {}
@@ -110,7 +145,7 @@ def _parse(path: Path) -> tuple[str, dict[str, Any]]:
                                 "keep one")
         raws[key] = raw_key
         out[key] = _check(path, raw_key, value, hints[key])
-    return command, out
+    return out
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -119,16 +154,57 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return _parse(Path(path))[1]
 
 
-def options_from(path: str | Path, overrides: dict[str, Any]) -> DumpOptions | FilterOptions:
-    """The options of a config file's command, with command-line `overrides` on top."""
+def options_from(path: str | Path, overrides: dict[str, Any]) -> Options:
+    """The options of a one-command config file, with command-line `overrides` on top."""
     path = Path(path)
     command, values = _parse(path)
-    kind = COMMANDS[command]
-    extra = [k for k in overrides if k not in typing.get_type_hints(kind)]
+    return _options(path, [(command, values)], overrides)[0]
+
+
+def steps_from(path: str | Path, overrides: dict[str, Any]) -> list[Options]:
+    """The options of every command a config file runs, in order (one, or its `[[run]]`
+    tables with the top-level keys they share), with command-line `overrides` on top of each
+    step that has the option."""
+    path = Path(path)
+    data = _read(path)
+    if "run" not in data:
+        return [options_from(path, overrides)]
+    steps = data.pop("run")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
+        raise ConvmapsError(f"{path}: run must be a list of [[run]] tables, one per command")
+    if "command" in data:
+        raise ConvmapsError(f"{path}: a file of [[run]] tables names each step's command in "
+                            "its table, not at the top")
+    commands = [_command(path, step, None) for step in steps]
+    for key in data:  # shared keys: each must be an option of some step
+        if not any(key.replace("-", "_") in typing.get_type_hints(COMMANDS[c]) for c in commands):
+            raise ConvmapsError(f"{path}: {key!r} is an option of none of its commands "
+                                f"({', '.join(commands)})")
+    parsed = []
+    for command, step in zip(commands, steps, strict=True):
+        hints = typing.get_type_hints(COMMANDS[command])
+        shared = {k: v for k, v in data.items() if k.replace("-", "_") in hints}
+        clash = [k for k in step if k in shared or k.replace("-", "_") in shared]
+        values = _validated(path, command, {**{k: v for k, v in shared.items()
+                                              if k not in clash}, **step})
+        parsed.append((command, values))
+    return _options(path, parsed, overrides)
+
+
+def _options(path: Path, parsed: list[tuple[str, dict[str, Any]]], overrides: dict[str, Any]
+             ) -> list[Options]:
+    """Each step's options object, command-line `overrides` applied where the step has them;
+    an override no step takes is an error."""
+    hints = [typing.get_type_hints(COMMANDS[c]) for c, _ in parsed]
+    extra = [k for k in overrides if not any(k in h for h in hints)]
     if extra:
         flags = ", ".join("INPUT" if k == "inputs" else f"--{k.replace('_', '-')}" for k in extra)
-        raise ConvmapsError(f"{flags}: not an option of `convmaps {command}`, which {path} runs")
-    values.update(overrides)
-    options = kind(**values)
-    options.config = str(path)
-    return options
+        names = " or ".join(f"`convmaps {c}`" for c, _ in parsed)
+        raise ConvmapsError(f"{flags}: not an option of {names}, which {path} runs")
+    out = []
+    for (command, values), h in zip(parsed, hints, strict=True):
+        options = COMMANDS[command](**{**values, **{k: v for k, v in overrides.items() if k in h}})
+        if "config" in h:
+            options.config = str(path)  # type: ignore[union-attr]
+        out.append(options)
+    return out

@@ -116,6 +116,37 @@ class ProjectOptions:
 
 
 @dataclass
+class ReportOptions:
+    """`report` as a step of a config (`convmaps run`)."""
+
+    out: str = "convmaps_out"
+    standalone: bool = False
+
+
+@dataclass
+class OccludeOptions:
+    """Every `occlude` option (Zeiler & Fergus, Fig. 7): a grey square slid over each input."""
+
+    model: str = "lenet"
+    inputs: list[str] = field(default_factory=list)
+    patch: int = 16  # the square's side, in input pixels
+    stride: int = 4
+    fill: float = 0.0  # in normalised units: 0 is the data set's mean colour
+    target: str = "top"  # "top" (each image's unoccluded top class) or a class index
+    units: list[str] = field(default_factory=list)  # MODULE:C; none: the strongest channel
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    device: str = "cpu"
+    png: bool = True
+    batch_size: int = 64  # images per batch, and patch positions per step
+    workers: int | None = None  # None: runtime.default_workers()
+    threads: int | None = None  # None: runtime.default_threads()
+    shard: str | None = None  # "I/N": this process does shard I (0-based) of N
+    resume: bool = True  # False (--overwrite): occlusion maps of other options are replaced
+
+
+@dataclass
 class TopkOptions:
     """Every `topk` option: per module and channel, the k images with the largest maximum."""
 

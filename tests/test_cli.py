@@ -117,10 +117,26 @@ def test_png_scale_channel_from_the_command_line(tmp_path):
 
 def test_strict_exits_one_when_an_input_is_skipped(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
-    args = ["dump", "lenet", tmp_path / "bad.png", "-w", "none", "--out", tmp_path / "o"]
+    write_image(tmp_path / "good.png")
+    args = ["dump", "lenet", tmp_path / "bad.png", tmp_path / "good.png", "-w", "none",
+            "--out", tmp_path / "o"]
     result = run(*args)
     assert result.exit_code == 0 and "skipped" in result.output
     assert run(*args, "--strict").exit_code == 1
+
+
+@pytest.mark.parametrize("command", ["dump", "project"])
+def test_a_run_that_skips_every_input_fails_in_one_line(tmp_path, command):
+    """A file named by hand that is no image (notes.txt) is counted as an input, not an image,
+    and a run that wrote nothing exits 1, saying so."""
+    (tmp_path / "notes.txt").write_text("hello")
+    extra = ["--unit", "C5:0"] if command == "project" else []
+    result = run(command, "lenet", tmp_path / "notes.txt", *extra, "--out", tmp_path / "o")
+    assert result.exit_code == 1, result.output
+    assert "1 input(s)" in result.output and "1 image(s)" not in result.output
+    assert "not an image" in " ".join(result.output.split())
+    assert result.output.strip().splitlines()[-1] == (
+        "error: nothing written: every input was skipped (the lines above say why)")
 
 
 @pytest.mark.parametrize(
@@ -333,3 +349,11 @@ def test_topk_shows_progress_of_its_projection_phase_too(tmp_path):
     assert result.exit_code == 0, result.output
     assert "topk: 8/8 images" in result.output
     assert "topk projections: 22/22 units" in result.output and "units/s" in result.output
+
+
+def test_filters_shows_progress_of_its_grids(tmp_path):
+    result = run("filters", "vgg11", "-w", "none", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "filters grids: 8/8 layers" in result.output and "layers/s" in result.output
+    result = run("filters", "vgg11", "-w", "none", "--out", tmp_path / "o2", "--no-png")
+    assert result.exit_code == 0 and "grids" not in result.output  # nothing drawn, no count

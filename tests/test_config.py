@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from convmaps.cli import app
-from convmaps.config import load_config, options_from
+from convmaps.config import load_config, steps_from
 from convmaps.errors import ConvmapsError
 from convmaps.options import DType, PngScale
 
@@ -15,8 +16,57 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    options = options_from(path, {})
-    assert options.model and options.config == str(path)
+    for options in steps_from(path, {}):
+        assert getattr(options, "model", "report") and getattr(options, "config", str(path)) \
+            == str(path)
+
+
+def test_the_zeiler_fergus_config_runs_the_papers_commands_in_order():
+    path = Path(__file__).parents[1] / "configs" / "zeiler-fergus.toml"
+    steps = steps_from(path, {"inputs": ["photos"], "weights": "none"})
+    assert [type(o).__name__ for o in steps] == ["FilterOptions", "TopkOptions",
+                                                 "OccludeOptions", "ReportOptions"]
+    assert all(o.out == "zeiler_fergus" for o in steps)
+    assert steps[1].k == 9 and steps[2].stride == 8 and steps[2].inputs == ["photos"]
+    assert all(o.weights == "none" for o in steps[:3])  # the report has no weights
+
+
+@pytest.mark.parametrize("text,words", [
+    ('model = "lenet"\n[[run]]\ncommand = "topk"\nstride = 3\n', "unknown key 'stride'"),
+    ('model = "lenet"\nstride = 3\n[[run]]\ncommand = "topk"\n', "'stride' is an option of none"),
+    ('command = "dump"\n[[run]]\ncommand = "topk"\n', "not at the top"),
+    ('run = 3\n', "list of [[run]] tables"),
+    ('[[run]]\nk = 3\n', "command must be one of"),
+    ('[[run]]\ncommand = "explode"\n', "command must be one of"),
+])
+def test_a_bad_multi_step_config_is_one_line(tmp_path, text, words):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConvmapsError, match=re.escape(words)):
+        steps_from(path, {})
+
+
+def test_an_override_no_step_takes_is_refused_and_others_go_where_they_fit(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('model = "lenet"\n[[run]]\ncommand = "filters"\n[[run]]\n'
+                    'command = "occlude"\npatch = 8\n[[run]]\ncommand = "report"\n')
+    with pytest.raises(ConvmapsError, match="--kernels: not an option of `convmaps filters`"):
+        steps_from(path, {"kernels": "C1"})
+    filters, occlude, report = steps_from(path, {"out": "o", "inputs": ["x"]})
+    assert filters.out == occlude.out == report.out == "o" and occlude.inputs == ["x"]
+
+
+def test_run_runs_every_step_of_a_config(tmp_path):
+    path = tmp_path / "c.toml"
+    out = tmp_path / "o"
+    path.write_text(f'model = "lenet"\nout = "{out}"\n[[run]]\ncommand = "topk"\nk = 2\n'
+                    'project = "none"\n[[run]]\ncommand = "occlude"\npatch = 10\nstride = 9\n'
+                    '[[run]]\ncommand = "report"\n')
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "step 3/3: convmaps report" in result.output
+    assert (out / "topk" / "manifest.json").is_file() and (out / "occlusion.json").is_file()
+    assert (out / "report" / "index.html").is_file()
 
 
 def test_types_are_converted_and_dashes_accepted(tmp_path):

@@ -608,11 +608,13 @@ def test_pngs_name_classes_and_follow_png_scale(tmp_path, photos):
     out = acts["OUTPUT"]
     assert plan.job.categories and len(plan.job.categories) == out.numel() == 10  # bundled: named
     # the classifier's output names its classes; F6 (84 values) does not
-    named = render.png_bytes(render.render_activation(out, classes=plan.job.categories))
+    # (each PNG is titled: model, module, image)
+    named = render.png_bytes(render.render_activation(out, classes=plan.job.categories,
+                                                      title="lenet · OUTPUT · c.bmp"))
     assert (folder / "png" / "OUTPUT.png").read_bytes() == named
-    assert named != render.png_bytes(render.render_activation(out))
+    assert named != render.png_bytes(render.render_activation(out, title="lenet · OUTPUT · c.bmp"))
     assert (folder / "png" / "F6.png").read_bytes() == \
-        render.png_bytes(render.render_activation(acts["F6"]))
+        render.png_bytes(render.render_activation(acts["F6"], title="lenet · F6 · c.bmp"))
     # 12 kernel-map PNGs: two digits, so that they sort
     kernels = sorted(p.name for p in (folder / "png" / "C3.kernels").iterdir())
     assert kernels == [f"{i:02d}.png" for i in range(12)]

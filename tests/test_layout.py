@@ -3,11 +3,15 @@ from __future__ import annotations
 import pytest
 
 from convmaps.io.layout import (
+    OCCLUSION,
+    OCCLUSION_PNG,
     ImageLayout,
     collision,
     is_dump_output,
     is_image_output,
+    is_occlusion_output,
     is_projection_output,
+    is_shard_manifest,
     is_temp,
     projection_key,
     projection_png,
@@ -44,6 +48,16 @@ def test_projection_files_are_not_a_dumps():
                 "png/projections/guided/C3/.2.png.7.tmp"):
         assert is_projection_output(rel) and is_image_output(rel) and not is_dump_output(rel)
     assert not is_projection_output("png/C1.png")
+
+
+def test_occlusion_files_are_neither_a_dumps_nor_projections():
+    for rel in (OCCLUSION, OCCLUSION_PNG, temp_name(OCCLUSION, 3), "png/.occlusion.png.5.tmp"):
+        assert is_occlusion_output(rel) and is_image_output(rel)
+        assert not is_dump_output(rel) and not is_projection_output(rel)
+    for rel in ("png/C1.png", "occlusion.png", "png/x/occlusion.png",
+                ".activations.safetensors.1.tmp"):
+        assert not is_occlusion_output(rel)
+    assert is_shard_manifest("occlusion.shard-0-of-2.json", of="occlusion.json")
 
 
 def test_temp_names_round_trip():

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from convmaps.options import PngScale
 from convmaps.render import (
     Scale,
+    chart_size,
     choose_scale,
     colorize,
     draw,
@@ -37,6 +38,7 @@ from convmaps.render import (
 from convmaps.render.scales import _limits
 
 NEUTRAL = (221, 221, 221)  # coolwarm's middle
+TITLE, TITLE_H = "alexnet · features.3 · cat.jpg", 2 * 12 + 4  # a title strip: two lines
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128)
 BAND, GAP, LEGEND, MIN_W, LINE = 12, 2, 30, 200, 12
 
@@ -122,7 +124,7 @@ def test_map_grid_size(shape: tuple[int, int, int], cols: int, rows: int) -> Non
     assert img.mode == "P"
     width, height, *_ = tiles_layout(c, h * f, w * f)
     assert img.size == (width, height)
-    assert img.size == image_size("activation", shape)
+    assert img.size == image_size("activation", shape, titled=False)
 
 
 def test_upscale_factor() -> None:
@@ -199,7 +201,7 @@ def test_channel_scale_gives_each_tile_its_own_range() -> None:
     # the bar says so instead of numbers, on a line of its own
     assert img.height == height + LINE + 2
     assert shows_text(img, "each channel has its own range", 4, height)
-    assert img.size == image_size("activation", (2, 8, 8), "channel")
+    assert img.size == image_size("activation", (2, 8, 8), "channel", titled=False)
 
 
 # --- colours and the colour bar ------------------------------------------------------------------
@@ -423,7 +425,7 @@ def test_robust_limit_degenerate(t: torch.Tensor, scale: Scale) -> None:
 def test_map_grid_survives_odd_values(t: torch.Tensor, png_scale: PngScale) -> None:
     img = map_grid(t, png_scale=png_scale)
     assert img.width >= 1 and img.height >= 1
-    assert img.size == image_size("activation", tuple(t.shape), png_scale)
+    assert img.size == image_size("activation", tuple(t.shape), png_scale, titled=False)
     png_bytes(img)
 
 
@@ -448,22 +450,43 @@ def test_long_vector_wraps_into_a_square_grid_with_ticks() -> None:
         assert (block == expected[i].numpy()).all(), i
     # row 2 starts at index 64: its tick label ends 4 px left of the grid
     assert shows_text(img, "64", left + shift - 4 - 12, top + 2 * cell + cell // 2 - 5)
-    assert img.size == image_size("activation", (1000,))
+    assert img.size == image_size("activation", (1000,), titled=False)
 
 
-def test_vector_names_its_strongest_classes() -> None:
+def test_vector_lists_its_strongest_entries() -> None:
     v = torch.tensor([0.1, 5.0, -2.0, 3.0, float("nan"), 4.0, 0.0, 1.0])
-    names = [f"class{i}" for i in range(8)]
-    img = render_activation(v, classes=names)
-    width, height = img.size
-    lines_top = height - 5 * LINE - 2
-    for rank, (i, value) in enumerate([(1, "5"), (5, "4"), (3, "3"), (7, "1"), (0, "0.1")], 1):
-        assert shows_text(img, f"{rank}. {i} class{i}: {value}", 4, lines_top + (rank - 1) * LINE)
     plain = render_activation(v)
-    assert shows_text(plain, "1. 1: 5", 4, lines_top)  # no names: indices only
-    assert plain.size == img.size  # names never change the layout
-    wrong = render_activation(v, classes=names[:3])  # not one name per value: ignored
-    assert png_bytes(wrong) == png_bytes(plain)
+    lines_top = plain.height - 5 * LINE - 2
+    for rank, (i, value) in enumerate([(1, "5"), (5, "4"), (3, "3"), (7, "1"), (0, "0.1")], 1):
+        assert shows_text(plain, f"{rank}. {i}: {value}", 4, lines_top + (rank - 1) * LINE)
+    wrong = render_activation(v, classes=[f"class{i}" for i in range(3)])  # not one per value
+    assert png_bytes(wrong) == png_bytes(plain)  # ignored: the grid, indices only
+
+
+def test_classifier_output_is_a_bar_chart_of_its_top_classes() -> None:
+    """A 1-D output with a name per value: its ten largest scores as labelled bars, from zero
+    (warm for positive values, cool for negative ones), each with its softmax probability."""
+    v = torch.linspace(-3, 8, 12)[torch.tensor([3, 11, 0, 7, 5, 1, 10, 2, 9, 4, 8, 6])]
+    names = [f"class{i}" for i in range(12)]
+    img = render_activation(v, classes=names)
+    assert img.size == chart_size(titled=False)
+    p = torch.softmax(v.double(), 0)
+    order = torch.argsort(v, descending=True)[:10].tolist()
+    name_end = 4 + 30 * 6 - 4
+    for rank, i in enumerate(order, 1):
+        y = 4 + (rank - 1) * (LINE + 3) + 1
+        label = f"{rank:>2}. class{i}"
+        assert shows_text(img, label, name_end - 6 * len(label), y)
+        value = f"{float(v[i]):.4g}  p {float(p[i]):.3f}"
+        assert shows_text(img, value, name_end + 4 + 160 + 6, y)
+    pixels = rgb(img)
+    top_row, last_row = pixels[4 + 5], pixels[4 + 9 * (LINE + 3) + 5]
+    bars = (top_row != 255).any(-1)[name_end + 4 : name_end + 4 + 160]
+    assert bars.sum() > 100  # the largest score's bar spans most of the width
+    assert {tuple(c) for c in top_row[name_end + 4 + 120 : name_end + 4 + 140]} == \
+        {tuple(colorize(torch.tensor([[230.5 / 251]]), Scale.DIVERGING).flatten().tolist())}
+    assert (last_row[name_end + 4 : name_end + 4 + 160] != 255).any(-1).sum() > 0
+    assert img.info["convmaps-range"] == vector_grid(v).info["convmaps-range"]
 
 
 def test_strongest_ties_go_to_the_smaller_index() -> None:
@@ -477,7 +500,8 @@ def test_strongest_ties_go_to_the_smaller_index() -> None:
 
 def test_long_class_names_are_cut_to_the_picture() -> None:
     img = render_activation(torch.arange(4.0), classes=["x" * 200] * 4)
-    assert img.size == image_size("activation", (4,))
+    assert img.size == chart_size(titled=False)
+    assert shows_text(img, " 1. " + "x" * 21 + "...", 4 + 30 * 6 - 4 - 28 * 6, 5)
 
 
 @pytest.mark.parametrize(
@@ -493,7 +517,7 @@ def test_render_activation_dispatch(shape: tuple[int, ...], kind: str) -> None:
         assert png_bytes(img) == png_bytes(map_grid(t3))
     else:
         assert png_bytes(img) == png_bytes(vector_grid(t.flatten()))
-    assert img.size == image_size("activation", shape)
+    assert img.size == image_size("activation", shape, titled=False)
 
 
 def test_render_activation_picks_scale() -> None:
@@ -583,7 +607,7 @@ def test_tap_mosaic_places_window_patches() -> None:
     assert px(img, x, y) == px(img, x + f - 1, y + f - 1) == lut_end(Scale.DIVERGING, 1.0)
     assert px(img, x - 1, y) == NEUTRAL and px(img, left, top) == NEUTRAL
     assert px(img, left + cell, top) == GREY  # gutter between windows
-    assert img.size == image_size("taps", (2, 3, 2, 2))
+    assert img.size == image_size("taps", (2, 3, 2, 2), titled=False)
 
 
 def test_tap_mosaic_1x1_is_the_upscaled_map_without_gutters() -> None:
@@ -684,17 +708,24 @@ def test_png_bytes_from_several_threads_equal_sequential() -> None:
     ("taps", (27, 27, 1, 1)), ("taps", (300, 300, 5, 5)),
 ])
 def test_png_bound_is_the_drawn_size_and_an_upper_bound(kind, shape):
+    """As a dump draws them (`draw`: a title strip), and without the strip."""
     torch.manual_seed(0)
     t = torch.rand(shape) * 2 - 1  # noise: the least compressible picture
     t.view(-1)[::7] = float("nan")
+    img = draw(kind, t, title="model · module · a long image key.jpg · filter 12").image()
+    assert img.size == image_size(kind, shape)
+    assert len(png_bytes(img)) <= png_bound(kind, shape)
     if kind == "taps":
         img, _ = tap_mosaic(t)
     elif kind == "kernels":
         img = map_grid(t)
     else:
         img = render_activation(t)
-    assert img.size == image_size(kind, shape)
-    assert len(png_bytes(img)) <= png_bound(kind, shape)
+    assert img.size == image_size(kind, shape, titled=False)
+    assert len(png_bytes(img)) <= png_bound(kind, shape, titled=False)
+    if kind == "activation" and len(shape) == 1:  # a classifier's chart fits the bound too
+        chart = draw(kind, t, classes=[f"c{i}" for i in range(t.numel())], title="x").png()
+        assert len(chart) <= png_bound(kind, shape)
 
 
 # --- golden pictures (pytest --update-golden rewrites them) ---------------------------------------
@@ -715,7 +746,36 @@ GOLDEN = {
     "filters_rows": lambda: filter_grid(_ramp(4, 3 + 2, 3, 3), max_filters=3)[0],
     "filters_rgb": lambda: filter_grid(_ramp(5, 3, 3, 3))[0],
     "tap_mosaic": lambda: tap_mosaic(_ramp(4, 5, 3, 3))[0],
+    "titled_map_grid": lambda: draw("activation", _ramp(6, 5, 5),
+                                    title="lenet · C1 · 0_t-shirt-top.png").image(),
+    "titled_kernels": lambda: draw("kernels", _ramp(6, 5, 5),
+                                   title="lenet · C3 · 0_t-shirt-top.png · filter 2").image(),
+    "titled_filters_rgb": lambda: filter_grid(_ramp(5, 3, 3, 3), title="alexnet · features.0")[0],
+    "titled_chart": lambda: draw("activation", _ramp(1000), classes=[f"class {i}" for i in
+                                 range(1000)], title="alexnet · classifier.6 · cat.jpg").image(),
+    "projection_rgb": lambda: _projection(3, (2, 3, 10, 11)),
+    "projection_grey_whole": lambda: _projection(1, (-5, -5, 21, 21), "class 'Sneaker'"),
+    "topk_figure": lambda: _topk_pictures()[0],
+    "topk_overview": lambda: _topk_pictures()[1],
+    "occlusion": lambda: _occlusion_picture(),
 }
+
+
+def _occlusion_picture() -> Image.Image:
+    from convmaps.render import occlusion_figure
+
+    image = ((_ramp(3, 28, 28) + 0.5) * 255).to(torch.uint8)
+    top = (torch.arange(36) * 5 % 11).reshape(6, 6)  # 11 classes: 9 coloured, 2 "other"
+    return occlusion_figure(image, _ramp(6, 6) + 0.5, top, _ramp(6, 6) * 3, ["T-shirt/top"] * 3,
+                            8, 4, title="lenet · x.png · target Sandal (5), p = 0.9 unoccluded")
+
+
+def _topk_pictures() -> tuple[Image.Image, Image.Image]:
+    from convmaps.render import topk_figure, topk_overview
+
+    patches = ((_ramp(4, 3, 5, 5) + 0.5) * 255).to(torch.uint8)
+    return (topk_figure(patches, _ramp(4, 1, 5, 5), [4.0, 3.0, 2.0, 1.0], title="lenet · C3:10"),
+            topk_overview(patches, title="lenet · C3"))
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
@@ -724,19 +784,26 @@ def test_golden_picture(name: str, golden) -> None:
 
 
 @pytest.mark.parametrize(("kind", "t", "public"), [
-    ("activation", _ramp(6, 5, 5), lambda t: (render_activation(t), None)),
-    ("activation", _ramp(300), lambda t: (render_activation(t), None)),
-    ("activation", torch.empty(0, 4, 4), lambda t: (render_activation(t), None)),
-    ("kernels", _ramp(3, 7, 7), lambda t: (map_grid(t), None)),
-    ("taps", _ramp(4, 5, 3, 3), tap_mosaic),
-    ("taps", _ramp(200, 3, 3, 3), tap_mosaic),  # capped: the note goes into the file
+    ("activation", _ramp(6, 5, 5), lambda t: (render_activation(t, title=TITLE), None)),
+    ("activation", _ramp(300), lambda t: (render_activation(t, title=TITLE), None)),
+    ("activation", torch.empty(0, 4, 4), lambda t: (render_activation(t, title=TITLE), None)),
+    ("kernels", _ramp(3, 7, 7), lambda t: (map_grid(t, title=TITLE), None)),
+    ("taps", _ramp(4, 5, 3, 3), lambda t: tap_mosaic(t, title=TITLE)),
+    ("taps", _ramp(200, 3, 3, 3), lambda t: tap_mosaic(t, title=TITLE)),  # capped: a note
 ])
 def test_drawn_picture_is_the_png_of_the_public_image(kind, t, public):
     """The dump encodes `draw(...)` straight from its rows; the bytes must be those of the
-    public function's image through `png_bytes`, note included."""
-    pic = draw(kind, t)
+    public function's image through `png_bytes`, note and title included (a kernel-map
+    grid is a `map_grid` whose title strip says "kernel maps")."""
+    pic = draw(kind, t, title=TITLE)
     img, note = public(t)
-    assert pic.note == note and pic.png() == png_bytes(img, note=note)
+    assert pic.note == note
+    if kind == "kernels":
+        assert np.array_equal(np.asarray(pic.image())[TITLE_H:], np.asarray(img)[TITLE_H:])
+        assert shows_text(pic.image(), f"{t.shape[0]} kernel maps, one per input channel", 4,
+                          2 + LINE)
+    else:
+        assert pic.png() == png_bytes(img, note=note)
     assert pic.image().size == img.size == image_size(kind, tuple(t.shape))
     if note:
         assert Image.open(io.BytesIO(pic.png())).info["convmaps-note"] == note
@@ -767,7 +834,7 @@ def test_grid_geometry_finds_each_channels_tile():
     maps = torch.zeros(6, 7, 9)
     for c in range(6):
         maps[c] = c  # each tile one value: its channel number
-    img = np.asarray(map_grid(maps).convert("RGB"))
+    img = np.asarray(draw("activation", maps, title="a dump's picture").image().convert("RGB"))
     g = grid_geometry((6, 7, 9))
     assert g is not None and (g["width"], g["height"]) == (img.shape[1], img.shape[0])
     colours = []
@@ -794,10 +861,134 @@ def test_topk_figure_rows_are_the_patches_and_their_projections():
     for i in range(3):  # top row: each patch, upscaled by nearest neighbour, in order
         tile = arr[:, :4 * f, i * col:i * col + 5 * f]
         assert torch.equal(tile[:, ::f, ::f], patches[i])
-    below = arr[:, 4 * f + 2:8 * f + 2]
-    assert below[:, 0, 0].tolist() == [128] * 3  # zero is mid grey
-    assert below[:, 2 * f, col + 3 * f].tolist() == [1, 1, 1]  # -limit: 128 - 127
-    assert below[:, 0, 2 * col].tolist() == [192] * 3  # +limit / 2: 128 + 63.5
+    below = arr[:, 4 * f + 2:8 * f + 2]  # one input channel: the diverging colour map
+    assert tuple(below[:, 0, 0].tolist()) == NEUTRAL  # zero
+    assert tuple(below[:, 2 * f, col + 3 * f].tolist()) == lut_end(Scale.DIVERGING, 0.0)
+    assert tuple(below[:, 0, 2 * col].tolist()) == lut_end(Scale.DIVERGING, 0.75)
     assert img.info["convmaps-range"] == "-2,2"
     assert img.height == 8 * f + 4 + 14 + 32  # two rows, their values, the scale bar
-    assert topk_overview(patches).size == (2 * 5 * 6 + 2, 2 * 4 * 6 + 2)  # round(32 / 5)
+    # tiles of round(64 / 5) = 13 times 4 x 5, each under a 12 px band for its number
+    assert topk_overview(patches).size == (2 * 5 * 13 + 2, 2 * (12 + 4 * 13) + 2)
+
+
+# --- titles, projections, top-k figures ----------------------------------------------------------
+
+
+def _ink_rows(img: Image.Image, top: int, bottom: int) -> int:
+    """How many rows between `top` and `bottom` have black pixels."""
+    return int((rgb(img)[top:bottom] == 0).all(-1).any(-1).sum())
+
+
+@pytest.mark.parametrize(("name", "make"), [
+    ("map_grid", lambda title: map_grid(_ramp(6, 5, 5), title=title)),
+    ("vector", lambda title: vector_grid(_ramp(300), title=title)),
+    ("chart", lambda title: render_activation(_ramp(10), classes=list("abcdefghij"),
+                                              title=title)),
+    ("filters_rgb", lambda title: filter_grid(_ramp(5, 3, 3, 3), title=title)[0]),
+    ("filters_rows", lambda title: filter_grid(_ramp(4, 5, 3, 3), title=title)[0]),
+    ("taps", lambda title: tap_mosaic(_ramp(4, 5, 3, 3), title=title)[0]),
+])
+def test_a_title_strip_says_where_from_and_what_a_tile_is(name, make) -> None:
+    """A titled picture is the untitled one under a strip that holds the title and what the
+    tiles are; without the strip the picture is unchanged."""
+    plain, titled = make(None), make(TITLE)
+    assert titled.size == (plain.width, plain.height + TITLE_H)
+    assert np.array_equal(rgb(titled)[TITLE_H:], rgb(plain))
+    assert shows_text(titled, TITLE, 4, 2)
+    assert _ink_rows(titled, 2 + LINE, TITLE_H) >= 5  # the second line: what a tile is
+    assert (rgb(plain)[:2] == 255).all()  # no strip: nothing above the picture
+    assert {k: v for k, v in titled.info.items() if k.startswith("convmaps-")} == \
+        {k: v for k, v in plain.info.items() if k.startswith("convmaps-")}
+
+
+def test_a_long_title_is_cut_to_the_picture() -> None:
+    img = map_grid(_ramp(1, 5, 5), title="x" * 100)  # 200 px: 32 characters
+    assert shows_text(img, "x" * 29 + "...", 4, 2)
+    assert shows_text(img, "one 5x5 feature map", 4, 2 + LINE)
+
+
+def test_signed_pictures_colour_rgb_around_grey_and_one_channel_like_other_maps() -> None:
+    from convmaps.render import signed_picture
+
+    p = torch.zeros(3, 1, 3)
+    p[0, 0, 0], p[1, 0, 1], p[2, 0, 2] = 2.0, -2.0, 1.0
+    pic, lim = signed_picture(p)
+    assert lim == 2.0
+    assert pic[:, 0, 0].tolist() == [255, 128, 128]  # each channel 128 + 127 p / limit
+    assert pic[:, 0, 1].tolist() == [128, 1, 128]
+    assert pic[:, 0, 2].tolist() == [128, 128, 192]
+    one, lim = signed_picture(torch.tensor([[[-4.0, 0.0, 4.0]]]))
+    assert lim == 4.0
+    assert [tuple(one[:, 0, i].tolist()) for i in range(3)] == [
+        lut_end(Scale.DIVERGING, 0.0), NEUTRAL, lut_end(Scale.DIVERGING, 1.0)]
+
+
+def _projection(channels: int, box: tuple[int, int, int, int], caption: str = "at y,x 3,4"):
+    from convmaps.render import projection_figure
+
+    image = (torch.arange(3 * 16 * 16) % 251).to(torch.uint8).view(3, 16, 16)
+    proj = _ramp(channels, 16, 16)
+    return projection_figure(image, proj, box, "lenet · C3:5 · shoe.png", caption)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_projection_panels_are_labelled_and_captioned(channels: int) -> None:
+    img = _projection(channels, (2, 3, 10, 11))
+    panel = 16 * 14  # upscaled to >= 224 px
+    assert shows_text(img, "lenet · C3:5 · shoe.png", 4, 2)
+    for i, label in enumerate(["input with box", "projection"]):
+        assert shows_text(img, label, 4 + i * (panel + 8), TITLE_H)
+    crop_x = 4 + 2 * (panel + 8)
+    assert shows_text(img, "input, cropped", crop_x, TITLE_H)
+    assert shows_text(img, "projection, cropped", crop_x + 8 * 28 + 8, TITLE_H)
+    assert shows_text(img, "at y,x 3,4", 4, img.height - LINE - 2)
+    # the scale: -limit and +limit under the bar's ends
+    lim = float(_ramp(channels, 16, 16).sum(0).abs().max()) if channels == 1 else 0.5
+    bar_y = TITLE_H + LINE + 2 + panel + 6
+    assert shows_text(img, f"{-lim:.3g}", 4, bar_y + 12)
+    bar_end = rgb(img)[bar_y + 5, 4:4 + 256]
+    if channels == 3:  # each channel around mid grey: the bar runs black, grey, white
+        assert tuple(bar_end[0]) == (1, 1, 1) and tuple(bar_end[-1]) == (255, 255, 255)
+        assert shows_text(img, "R, G, B each", 4 + 256 + 8, bar_y)
+    else:  # one channel: the diverging colour map of every signed picture
+        assert tuple(bar_end[0]) == lut_end(Scale.DIVERGING, 0.0)
+        assert tuple(bar_end[-1]) == lut_end(Scale.DIVERGING, 1.0)
+
+
+def test_a_unit_that_sees_the_whole_input_has_two_panels_not_four() -> None:
+    whole = _projection(3, (-5, -5, 21, 21))
+    part = _projection(3, (2, 3, 10, 11))
+    panel = 16 * 14
+    assert whole.width == 2 * panel + 8 + 8 < part.width
+    assert not shows_text(whole, "input, cropped", 4 + 2 * (panel + 8), TITLE_H)
+
+
+def test_topk_figure_and_overview_titles() -> None:
+    from convmaps.render import topk_figure, topk_overview
+
+    patches = torch.randint(0, 256, (9, 3, 5, 5), dtype=torch.uint8)
+    plain = topk_figure(patches, torch.randn(9, 1, 5, 5), [1.0] * 9)
+    titled = topk_figure(patches, torch.randn(9, 1, 5, 5), [1.0] * 9, title="lenet · C3:10")
+    assert titled.height == plain.height + TITLE_H
+    assert shows_text(titled, "lenet · C3:10", 4, 2)
+    assert shows_text(titled, "its top 9 images: the patches it sees", 4, 2 + LINE)
+    over = topk_overview(patches, title="lenet · C3")
+    assert shows_text(over, "lenet · C3", 4, 2)
+    assert shows_text(over, "9 channels, a tile each", 4, 2 + LINE)
+
+
+def test_topk_overview_tiles_are_readable_and_numbered() -> None:
+    from convmaps.render import topk_overview
+
+    tiles = torch.randint(0, 256, (16, 3, 14, 14), dtype=torch.uint8)
+    img = topk_overview(tiles)
+    f = 5  # round(64 / 14): tiles of 70 px, at least 48
+    pitch_x, pitch_y = 14 * f + 2, LINE + 14 * f + 2
+    arr = torch.from_numpy(rgb(img).copy()).permute(2, 0, 1)
+    for c in (0, 5, 15):
+        r, col = divmod(c, 4)
+        assert shows_text(img, str(c), col * pitch_x, r * pitch_y)
+        tile = arr[:, r * pitch_y + LINE : r * pitch_y + LINE + 14 * f,
+                   col * pitch_x : col * pitch_x + 14 * f]
+        assert torch.equal(tile[:, ::f, ::f], tiles[c])
+    assert img.size == (4 * pitch_x - 2, 4 * pitch_y - 2)

@@ -365,12 +365,236 @@ def test_replacing_a_part_removes_the_report_built_on_it(tmp_path):
     assert not (out / "report").exists()
 
 
-def test_a_report_records_what_it_was_built_from(tmp_path):
+def _built_from(out: Path) -> dict:
     import json
 
+    text = (out / "report" / ".convmaps-report").read_text()
+    return json.loads(text.removeprefix("made by convmaps report from "))
+
+
+def test_a_report_records_what_it_was_built_from(tmp_path):
     out = tmp_path / "o"
     m = run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
     build_report(out)
-    text = (out / "report" / ".convmaps-report").read_text()
-    built = json.loads(text.removeprefix("made by convmaps report from "))
-    assert built == {"dump": {"run": m["run"], "inputs": len(m["inputs"])}}
+    assert _built_from(out) == {"dump": {"run": m["run"], "inputs": len(m["inputs"])},
+                                "standalone": False}
+
+
+# --- image pages, standalone reports and progress -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def driven(tmp_path_factory) -> Path:
+    """A LeNet dump and a top-k run (with projections and figures) of the same eight images:
+    every image page lists the top-k units it drives."""
+    from convmaps.jobs.topk import plan_topk, run_topk
+    from convmaps.options import TopkOptions
+
+    out = tmp_path_factory.mktemp("driven") / "out"
+    run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), kernels="C1", png_cap=2,
+                                   workers=0)))
+    run_topk(plan_topk(TopkOptions(model="lenet", out=str(out), k=2, layers="C1,C3",
+                                   png_cap=2, workers=0)))
+    return out
+
+
+def _refs(page: Path) -> list[str]:
+    parser = _Refs()
+    parser.feed(page.read_text())
+    return parser.refs
+
+
+def test_an_image_page_leads_with_its_maps_and_folds_its_top_k_units_per_module(tmp_path,
+                                                                                 driven):
+    import json
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    shutil.copytree(driven, out)
+    build_report(out)
+    m = json.loads((out / "manifest.json").read_text())
+    topk = json.loads((out / "topk" / "manifest.json").read_text())
+    key = m["inputs"][0]["key"]
+    index = next(i for i, e in enumerate(topk["inputs"]) if e["key"] == key)
+    want = {name: sorted({c for c, row in enumerate(load_file(
+        out / "topk" / f"{name}.safetensors")["images"].tolist()) if index in row})
+            for name in ("C1", "C3")}
+    want = {name: units for name, units in want.items() if units}
+    assert want, "the first image drives no unit: pick another"
+    page = (out / "report" / "images" / "0.html").read_text()
+    # the picture, its predictions and its feature maps come first, the top-k units last
+    order = [page.index(s) for s in ('class="input"', "<th>probability</th>",
+                                     "<h2>Feature maps", "kernel maps of C1",
+                                     "<h2 id=\"topk\">Top-k units this image drives")]
+    assert order == sorted(order)
+    total = sum(len(u) for u in want.values())
+    assert f"among the top-k images of {total} unit" in page
+    folds = re.findall(r"<details><summary>(.*?)</summary><p>(.*?)</p></details>", page)
+    got = {}
+    for summary, links in folds:  # "C3 · 14 units", then its links
+        name, count = summary.split(" · ")
+        units = [int(c) for c in re.findall(r'href="../topk/[^/]+/(\d+).html"', links)]
+        assert count == f"{len(units)} unit" + ("" if len(units) == 1 else "s")
+        got[name] = units
+    assert got == want  # one fold per module, in model order, each unit once, in order
+    assert list(got) == [n for n in ("C1", "C3") if n in want]
+
+
+@pytest.mark.parametrize("fixture", ["site", "driven"])
+def test_a_standalone_report_holds_every_picture_it_shows(tmp_path, fixture, request):
+    import os
+
+    out = tmp_path / "o"
+    shutil.copytree(request.getfixturevalue(fixture), out)
+    build_report(out, standalone=True)
+    assert _built_from(out)["standalone"] is True
+    alone = tmp_path / "elsewhere" / "report"
+    shutil.copytree(out / "report", alone)  # report/ alone, away from OUT
+    shown = 0
+    for page in alone.rglob("*.html"):
+        for ref in _refs(page):
+            assert not re.match(r"[a-z]+:", ref), (page, ref)
+            target = (page.parent / unquote(ref.split("#")[0])).resolve()
+            assert target.is_file() and target.is_relative_to(alone.resolve()), (page, ref)
+            shown += ref.endswith(".png")
+    assert shown
+    # hard links, not copies, where the file system allows them
+    files = out / "report" / "files"
+    copied = {p: out / p.relative_to(files) for p in files.rglob("*") if p.is_file()}
+    assert copied and all(os.path.samefile(p, src) for p, src in copied.items())
+    build_report(out)  # without --standalone again: no copies stay behind
+    assert not files.exists() and not _built_from(out)["standalone"]
+    assert all(src.is_file() for src in copied.values())  # and OUT's own files are untouched
+
+
+def test_a_standalone_report_copies_where_the_disk_makes_no_hard_links(tmp_path, site,
+                                                                       monkeypatch):
+    import errno
+    import os
+
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    tried = []
+
+    def link(src, dst, **kwargs):
+        tried.append(src)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", link)
+    build_report(out, standalone=True)
+    copied = [p for p in (out / "report" / "files").rglob("*") if p.is_file()]
+    assert len(copied) > 5 and len(tried) == 1  # the first refusal settles it
+    for p in copied:
+        src = out / p.relative_to(out / "report" / "files")
+        assert not os.path.samefile(p, src) and p.read_bytes() == src.read_bytes()
+
+
+def test_a_standalone_report_copies_nothing_through_a_symlink_or_a_fifo(tmp_path, site,
+                                                                        fifo):
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    secret = tmp_path / "private"
+    secret.mkdir()
+    (secret / "secret.png").write_bytes(b"not for the web")
+    pngs = sorted(out.glob("*/png/C1.png"))
+    pngs[0].unlink()
+    pngs[0].symlink_to(secret / "secret.png")
+    pngs[1].unlink()
+    fifo(pngs[1])
+    image = pngs[2].parents[1]  # a whole image folder behind a symlink
+    shutil.move(image, secret / "image")
+    image.symlink_to(secret / "image", target_is_directory=True)
+    notes: list[str] = []
+    index = no_hang(build_report, out, standalone=True, on_note=notes.append)
+    assert index.is_file()
+    text = "\n".join(notes)
+    assert "a symlink" in text and "not a regular file but a named pipe" in text
+    assert f"{image.name}/png/C1.png not copied" in text
+    files = out / "report" / "files"
+    assert not list(files.rglob("secret.png")) and not (files / image.name).exists()
+    assert not any(p.is_symlink() or not (p.is_file() or p.is_dir()) for p in files.rglob("*"))
+    pages = " ".join(p.read_text() for p in _pages(out))
+    assert 'class="note"' in pages and "not copied" in pages
+
+
+def test_report_progress_counts_its_pictures_and_pages_to_the_total(tmp_path, driven):
+    out = tmp_path / "o"
+    shutil.copytree(driven, out)
+    shutil.rmtree(out / "report", ignore_errors=True)
+    seen: dict[str, list[tuple[int, int]]] = {}
+    build_report(out, on_phase=lambda name, done, of: seen.setdefault(name, []).append(
+        (done, of)))
+    pages = len(_pages(out))
+    assert seen["pages"][0] == (0, pages) and seen["pages"][-1] == (pages, pages)
+    assert [d for d, _ in seen["pages"]] == list(range(pages + 1))
+    assert seen["pictures"][-1] == (8, 8)  # the eight inputs drawn
+    seen.clear()
+    build_report(out)  # pictures are kept: only pages are left to report
+    assert "pictures" not in seen
+
+
+def test_report_cli_prints_progress_lines_in_a_log(tmp_path, driven):
+    import os
+    import sys
+
+    out = tmp_path / "o"
+    shutil.copytree(driven, out)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "convmaps", "report", str(out),
+                           "--standalone"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pages = len(_pages(out))
+    assert f"report pages: {pages}/{pages} pages" in proc.stderr and "pages/s" in proc.stderr
+    assert "\x1b[" not in proc.stderr and "━" not in proc.stderr
+    assert "wrote" in proc.stdout and (out / "report" / "files").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium not installed")
+def test_a_real_browser_shows_the_pictures_of_a_standalone_report_moved_away(tmp_path, site):
+    out = tmp_path / "o"
+    shutil.copytree(site, out)
+    build_report(out, standalone=True)
+    alone = tmp_path / "moved" / "report"
+    shutil.copytree(out / "report", alone)
+    shutil.rmtree(out)  # nothing left to fall back on
+
+    def coloured(name: str) -> float:
+        """The share of coloured (not grey) pixels below the input and its predictions: the
+        feature maps, drawn with colour maps, or nothing but their captions."""
+        shot = tmp_path / name
+        _chromium("--window-size=1000,1200", f"--screenshot={shot}",
+                  (alone / "images" / "0.html").as_uri())
+        pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)[400:]
+        return float(((pixels.max(axis=2) - pixels.min(axis=2)) > 40).mean())
+
+    assert coloured("shown.png") > 0.1  # the maps, drawn from the copies
+    shutil.rmtree(alone / "files")
+    assert coloured("gone.png") < 0.01  # (the check sees a missing picture)
+
+
+def test_occlusion_maps_are_on_their_image_pages_and_in_a_standalone_report(tmp_path):
+    """An OUT with only occlusion maps gets image pages showing them; beside a dump, the
+    dump's image pages show them too, joined by sha256."""
+    from convmaps.jobs.occlude import run_occlude
+    from convmaps.options import OccludeOptions
+
+    out = tmp_path / "o"
+    run_occlude(OccludeOptions(model="lenet", out=str(out), patch=10, stride=9, workers=0))
+    build_report(out, standalone=True)
+    index = (out / "report" / "index.html").read_text()
+    assert "Images with projections or occlusion maps" in index
+    pages = sorted((out / "report" / "images").glob("*.html"))
+    assert len(pages) == 8
+    for page in pages:
+        html = page.read_text()
+        assert "Occlusion (where the network looks)" in html and "target" in html
+        (src,) = [r for r in _refs(page) if r.endswith("occlusion.png")]
+        assert (page.parent / unquote(src)).resolve().is_file()
+    assert _built_from(out)["occlusion"]["inputs"] == 8
+    run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
+    build_report(out)
+    first = (out / "report" / "images" / "0.html").read_text()
+    assert "Occlusion (where the network looks)" in first
+    assert "<th>probability</th>" in first  # the dump's page: its predictions, then occlusion

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
-from torchvision.models import VGG, AlexNet
 
+from convmaps.core import chain
 from convmaps.core.capture import select, trace
 from convmaps.core.fields import _pair
 from convmaps.core.pooling import switches
@@ -310,37 +310,16 @@ _CHAIN_TYPES = (
 )
 
 
-def _flat(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
-    out: list[tuple[str, nn.Module]] = []
-    for name, child in seq.named_children():
-        if isinstance(child, nn.Sequential):
-            out += _flat(child, f"{prefix}{name}.")
-        else:
-            out.append((f"{prefix}{name}", child))
-    return out
-
-
 def _chain_steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model as the list of modules its forward pass runs one after the other.
 
     Raises:
         ConvmapsError: the model is not such a chain, or a module has no DeconvNet rule here.
     """
-    steps: list[tuple[str, nn.Module]]
-    if type(model) in (AlexNet, VGG):  # forward: features, avgpool, torch.flatten, classifier
-        steps = [
-            *_flat(model.features, "features."),  # type: ignore[arg-type]
-            ("avgpool", model.get_submodule("avgpool")),
-            ("", nn.Flatten()),  # the torch.flatten call in forward(); no unit can name it
-            *_flat(model.classifier, "classifier."),  # type: ignore[arg-type]
-        ]
-    elif isinstance(model, nn.Sequential):
-        steps = _flat(model, "")
-    else:
-        raise ConvmapsError(
-            f"{type(model).__name__} is not a sequential chain (nn.Sequential, AlexNet, VGG); "
-            "use the autograd method"
-        )
+    try:
+        steps = chain.steps(model)
+    except ConvmapsError as e:
+        raise ConvmapsError(f"{e}; use the autograd method") from None
     for name, module in steps:
         if not isinstance(module, _CHAIN_TYPES) or not _chain_rule_exists(module):
             raise ConvmapsError(
@@ -361,16 +340,6 @@ def _chain_rule_exists(module: nn.Module) -> bool:
     if isinstance(module, nn.Flatten):
         return module.start_dim != 0
     return True
-
-
-def _chain_ends(steps: Sequence[tuple[str, nn.Module]]) -> dict[str, int]:
-    """Module name -> the step whose output is that module's output (containers: their last)."""
-    ends: dict[str, int] = {}
-    for i, (name, _) in enumerate(steps):
-        parts = name.split(".") if name else []
-        for k in range(1, len(parts) + 1):
-            ends[".".join(parts[:k])] = i
-    return ends
 
 
 def _mean_matrix(starts: Sequence[int], ends: Sequence[int], n_in: int,
@@ -468,7 +437,7 @@ def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode,
     on their windows only (`_down_windows`); the others, or all without it, over whole maps.
     The down pass takes at most `batch_size` seeds (default: all of them) at a time."""
     steps = _chain_steps(model)
-    ends = _chain_ends(steps)
+    ends = chain.ends(steps)
     at: dict[int, list[_Slot]] = {}
     for slot in chunk.slots:
         if slot.unit.module not in ends:
@@ -803,7 +772,7 @@ def _project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[i
         raise ConvmapsError(f"images must be floating point, not {images.dtype}")
     if method == Method.auto:
         try:
-            ends = _chain_ends(_chain_steps(model))
+            ends = chain.ends(_chain_steps(model))
             method = Method.chain if all(u.module in ends for _, u in jobs) else Method.autograd
         except ConvmapsError:
             method = Method.autograd
@@ -812,8 +781,8 @@ def _project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[i
     try:
         model.eval()
         with torch.inference_mode(False):
-            chain = method == Method.chain
-            for chunk in _plan(jobs, batch_size, whole=chain and windowed):
+            by_chain = method == Method.chain
+            for chunk in _plan(jobs, batch_size, whole=by_chain and windowed):
                 x = images[chunk.images].clone()
                 got = _chain_chunk(model, x, chunk, mode, windowed, batch_size) \
                     if method == Method.chain else _autograd_chunk(model, x, chunk, mode)

@@ -38,7 +38,11 @@ __all__ = [
     "filters_files",
     "is_filters_output",
     "PROJECTIONS_MANIFEST",
+    "OCCLUSION",
+    "OCCLUSION_MANIFEST",
+    "OCCLUSION_PNG",
     "is_dump_output",
+    "is_occlusion_output",
     "is_image_output",
     "is_projection_output",
     "is_shard_manifest",
@@ -47,6 +51,7 @@ __all__ = [
     "projection_key",
     "projection_of_png",
     "projection_png",
+    "report_copy",
     "shard_manifest",
     "temp_name",
 ]
@@ -59,13 +64,17 @@ TAPS = "taps.safetensors"
 PROJECTIONS = "projections.safetensors"
 TOPK = "topk"  # the folder under OUT that `convmaps topk` owns
 PROJECTIONS_MANIFEST = "projections.json"  # `convmaps project`'s own manifest
+OCCLUSION = "occlusion.safetensors"
+OCCLUSION_PNG = "png/occlusion.png"
+OCCLUSION_MANIFEST = "occlusion.json"  # `convmaps occlude`'s own manifest
 _DUMP_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS})
 _PROJECTION_PNGS = "projections"  # png/projections/<mode>/<module>/<channel>.png
 # Top-level names of an output folder that belong to convmaps, besides image folders.
 FILTERS = "filters"  # the folder under OUT that `convmaps filters` owns
 FILTER_WEIGHTS = "filters.safetensors"
-RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, FILTERS, TOPK, "report"})
-_SHARD = re.compile(r"(manifest|projections)\.shard-(\d+)-of-(\d+)\.json")
+RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, OCCLUSION_MANIFEST, FILTERS, TOPK,
+                      "report"})
+_SHARD = re.compile(r"(manifest|projections|occlusion)\.shard-(\d+)-of-(\d+)\.json")
 _TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
 
@@ -149,7 +158,8 @@ def is_dump_output(rel: str) -> bool:
     """Whether a path inside an image folder is a name `dump` writes there (or the temporary
     file of one): only such files are ever removed by a dump, whatever else is beside them."""
     parts = PurePosixPath(rel).parts
-    if not parts or (len(parts) > 1 and parts[:2] == ("png", _PROJECTION_PNGS)):
+    if not parts or (len(parts) > 1 and parts[:2] == ("png", _PROJECTION_PNGS)) \
+            or is_occlusion_output(rel):
         return False
     if is_temp(parts[-1]):
         return True
@@ -168,9 +178,20 @@ def is_projection_output(rel: str) -> bool:
         parts[-1].endswith(".png") or is_temp(parts[-1]))
 
 
+def is_occlusion_output(rel: str) -> bool:
+    """Whether a path inside an image folder is one `occlude` writes there (or its temporary
+    file)."""
+    parts = PurePosixPath(rel).parts
+    if rel in (OCCLUSION, OCCLUSION_PNG):
+        return True
+    last = PurePosixPath(OCCLUSION_PNG if len(parts) == 2 else OCCLUSION)
+    return parts[:-1] == last.parts[:-1] and is_temp(parts[-1]) \
+        and parts[-1].startswith(f".{last.name}.")
+
+
 def is_image_output(rel: str) -> bool:
     """Whether a path inside an image folder is any convmaps output (never read as an input)."""
-    return is_dump_output(rel) or is_projection_output(rel)
+    return is_dump_output(rel) or is_projection_output(rel) or is_occlusion_output(rel)
 
 
 def projection_key(mode: str, module: str, channel: int,
@@ -242,6 +263,16 @@ class TopkLayout:
         """Every final file of a finished run, sorted (partial top-k files are gone by then)."""
         return sorted([MANIFEST, *(self.module_file(k) for k in self.modules),
                        *self.png_files()])
+
+
+def report_copy(rel: str) -> str:
+    """Where a standalone report keeps its copy of `OUT/<rel>`, relative to `OUT/report/`: the
+    same path under `files/`, so that no two copies collide.
+
+    >>> report_copy("cat.jpg/png/C1.png")
+    'files/cat.jpg/png/C1.png'
+    """
+    return f"files/{rel}"
 
 
 def filter_png(conv: str) -> str:

@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 import struct
 import sys
@@ -28,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal, Overflow, localcontext
 from io import BufferedReader
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "atomic_write",
     "check_regular",
     "fsync_dir",
+    "link_or_copy",
     "locked",
     "open_regular",
     "parse_bytes",
@@ -139,6 +141,56 @@ def _refuse(mode: int, path: str | Path) -> None:
     if not stat.S_ISREG(mode):
         raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL,
                       f"not a regular file but {file_kind(mode)}", str(path))
+
+
+# link() fails so where the file system has no hard links or forbids this one: copy instead
+_NO_LINK = frozenset(getattr(errno, n) for n in ("EXDEV", "EPERM", "EACCES", "EMLINK", "ENOTSUP",
+                                                  "EOPNOTSUPP", "ENOSYS") if hasattr(errno, n))
+
+
+def link_or_copy(root: Path, rel: str, dst: Path, link: bool = True) -> bool:
+    """Put the regular file `root/rel` at the new name `dst`: a hard link (no bytes copied), or
+    a copy where the file system makes none (another device, no hard links: EXDEV, EPERM, …)
+    or `link` is False. Nothing is followed: neither the file nor a folder on its way from
+    `root` may be a symlink, so nothing outside `root` is ever published. Returns whether it
+    linked.
+
+    Raises:
+        OSError: the file is missing, outside `root`, a symlink or no regular file
+            (`strerror` says which), or changed while it was linked.
+        WriteError: the copy could not be written.
+    """
+    src = root
+    for part in PurePosixPath(rel).parts:
+        if part in ("/", ".", ".."):
+            raise OSError(errno.EINVAL, f"not a path inside {root}", rel)
+        src = src / part
+        if stat.S_ISLNK(os.lstat(src).st_mode):
+            raise OSError(errno.ELOOP, "a symlink (nothing is copied through one)", str(src))
+    before = os.lstat(src)
+    _refuse(before.st_mode, src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in _NO_LINK:
+                raise
+        else:  # the very file checked above, not one put in its place since
+            after = os.lstat(dst)
+            if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+                return True
+            dst.unlink()
+            raise OSError(errno.EAGAIN, "replaced while it was linked", str(src))
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(fd)
+        _refuse(now.st_mode, src)
+        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise OSError(errno.EAGAIN, "replaced while it was copied", str(src))
+        os.set_blocking(fd, True)
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out), sync=False)
+    return False
 
 
 def write_bytes(path: str | Path, data: bytes, sync: bool = True) -> None:

@@ -151,7 +151,7 @@ class Dump(Job):
     def describe(self, plan: Plan) -> str:
         refused = sum(1 for i in plan.mine if i in plan.skips)
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
-                f"image(s), {len(plan.finished)} already done · {len(self.layers)} layer(s) · "
+                f"input(s), {len(plan.finished)} already done · {len(self.layers)} layer(s) · "
                 f"at most {decimal(self.image_bytes * (plan.pending + refused))} to write")
 
 
@@ -325,7 +325,8 @@ def top5(logits: torch.Tensor, categories: list[str] | None) -> list[dict[str, A
 
 
 def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
-                written: list[str]) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
+                written: list[str], key: str
+                ) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
     """Specs and a chunk stream for kernels/taps; PNGs of the first filters are drawn from the
     same chunks as they pass, so nothing is computed twice."""
     from convmaps import render
@@ -354,7 +355,8 @@ def _decomposed(plan: Plan, kind: str, x: dict[str, torch.Tensor], folder: Path,
             for filters, chunk in chunker(conv, x[layer.name], chunk_bytes, dtype):
                 for o in range(filters.start, min(filters.stop, n_png)):
                     pic = render.draw(kind, chunk[o - filters.start].float(),
-                                      png_scale=plan.options.png_scale)
+                                      png_scale=plan.options.png_scale,
+                                      title=_title(plan, layer.name, key, f"filter {o}"))
                     rel = _dump(plan).layout.filter_png(kind, layer.name, o)
                     write_bytes(folder / rel, pic.png(), sync=False)
                     written.append(rel)
@@ -383,7 +385,8 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
         named = _classifier_key(plan, got, i)
         for k in lay.activations:
             pic = render.draw("activation", got.outputs[k][i], png_scale=plan.options.png_scale,
-                              classes=_dump(plan).categories if k == named else None)
+                              classes=_dump(plan).categories if k == named else None,
+                              title=_title(plan, k, src.key))
             write_bytes(folder / lay.activation_png(k), pic.png(), sync=False)
             written.append(lay.activation_png(k))
     if lay.switches:
@@ -399,7 +402,7 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
     for kind, name, convs in (("kernels", layout.KERNELS, _dump(plan).kernels),
                               ("taps", layout.TAPS, _dump(plan).taps)):
         if convs:
-            specs, stream = _decomposed(plan, kind, convs_in, folder, written)
+            specs, stream = _decomposed(plan, kind, convs_in, folder, written, src.key)
             meta = _metadata(plan, src, sha, [s.name for s in specs])
             write_safetensors(folder / name, specs, stream, meta, sync=False)
             written.append(name)
@@ -411,6 +414,11 @@ def _write_image(plan: Plan, src: ImageSource, sha: str, got: Trace, i: int,
     written.append(layout.ACTIVATIONS)
     assert sorted(written) == lay.files(), "layout and writer disagree"
     return sorted(written)
+
+
+def _title(plan: Plan, module: str, key: str, *more: str) -> str:
+    """A dump PNG's title line: model, module, image (and which filter)."""
+    return " · ".join((plan.loaded.arch, module, key, *more))
 
 
 def _classifier_key(plan: Plan, got: Trace, i: int) -> str | None:

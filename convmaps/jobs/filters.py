@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ from convmaps.report import remove_report
 __all__ = ["run_filters"]
 
 
-def run_filters(o: FilterOptions) -> list[tuple[str, str | None]]:
+def run_filters(o: FilterOptions, on_phase: Callable[[str, int, int], None] | None = None
+                ) -> list[tuple[str, str | None]]:
     """`convmaps filters`: every selected conv weight into OUT/filters/filters.safetensors and
-    one PNG grid per conv. Returns (module name, cap note or None) per conv."""
+    one PNG grid per conv. Returns (module name, cap note or None) per conv; `on_phase("grids",
+    done, total)` is called as each grid is written (VGG's take a while)."""
     from convmaps import render
 
     if o.png_cap < 1:
@@ -71,9 +74,12 @@ def run_filters(o: FilterOptions) -> list[tuple[str, str | None]]:
         for name, w in weights.items():
             note = None
             if o.png:
-                img, note = render.filter_grid(w, max_filters=o.png_cap, max_kernels=o.png_cap)
+                img, note = render.filter_grid(w, max_filters=o.png_cap, max_kernels=o.png_cap,
+                                               title=f"{loaded.arch} · {name}")
                 write_bytes(folder / layout.filter_png(name), render.png_bytes(img, note=note))
             notes.append((name, note))
+            if on_phase and o.png:
+                on_phase("grids", len(notes), len(weights))
         return notes
 
 

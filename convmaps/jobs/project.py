@@ -64,6 +64,12 @@ class Project(Job):
         self.units: list[Unit] = [parse_unit(text, model, shapes) for text in o.units]
         self.fields = fields
         self.mean, self.std = normalisation(loaded.preprocess)
+        from convmaps.jobs.dump import class_names
+
+        classes = class_names(loaded)  # names a classifier unit in its figure's caption
+        self.classes: dict[str, list[str]] = {
+            u.module: classes for u in self.units
+            if classes and shapes.get(u.module) == (len(classes),)}
 
     def planned(self) -> set[str]:
         """The files this run's units give each image."""
@@ -115,7 +121,7 @@ class Project(Job):
 
     def describe(self, plan: Plan) -> str:
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
-                f"image(s), {len(plan.finished)} already done · {len(self.units)} unit(s) · "
+                f"input(s), {len(plan.finished)} already done · {len(self.units)} unit(s) · "
                 f"{self.options.mode}")
 
     def closing(self, plan: Plan, result: Result) -> str:
@@ -225,9 +231,11 @@ def _write(plan: Plan, src: ImageSource, sha: str, x: torch.Tensor, found: list[
         meta[f"{key}.position"] = "" if p.position is None else f"{p.position[0]},{p.position[1]}"
         meta[f"{key}.box"] = ",".join(str(int(v)) for v in box)
         if o.png:
-            title = f"{u.module}:{u.channel} at {meta[f'{key}.position'] or '-'}  {o.mode}  " \
-                    f"value {p.value:.4g}"
-            img = render.projection_figure(picture, tensors[key], box, title)
+            title = f"{loaded.arch} · {u.module}:{u.channel} · {src.key}"
+            where = f"at y,x {meta[f'{key}.position']}" if p.position is not None else \
+                f"class '{job.classes[u.module][u.channel]}'" if u.module in job.classes else ""
+            caption = " · ".join(x for x in (str(o.mode), where, f"value {p.value:.4g}") if x)
+            img = render.projection_figure(picture, tensors[key], box, title, caption)
             write_bytes(folder / layout.projection_png(key), render.png_bytes(img), sync=False)
     tensors = dict(sorted(tensors.items()))
     save_tensors(folder / layout.PROJECTIONS, tensors, meta, sync=False)

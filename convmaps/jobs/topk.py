@@ -193,7 +193,7 @@ class Topk(Job):
 
     def describe(self, plan: Plan) -> str:
         return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
-                f"image(s) · top-{self.options.k} of {len(self.keys)} module(s) · projections "
+                f"input(s) · top-{self.options.k} of {len(self.keys)} module(s) · projections "
                 f"{self.options.project} · at most {decimal(_result_bytes(plan))} to write")
 
     def closing(self, plan: Plan, result: Result) -> str:
@@ -506,13 +506,15 @@ def _chunks(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
             if c < cap:
                 patches = torch.stack([patch(c, r) for r in range(k)])
                 img = render.topk_figure(patches, maps[c - c0] if maps is not None else None,
-                                         top.values[c].tolist())
+                                         top.values[c].tolist(),
+                                         title=f"{plan.loaded.arch} · {key}:{c}")
                 write_bytes(plan.folder / t.layout.channel_png(key, c),
                             render.png_bytes(img), sync=False)
             tiles.append(render.shrink(patch(c, 0), _OVERVIEW_PX))
         tick(len(rows))
     if t.layout.png:
-        img = render.topk_overview(torch.stack(tiles) if tiles else torch.empty(0, 3, 1, 1))
+        img = render.topk_overview(torch.stack(tiles) if tiles else torch.empty(0, 3, 1, 1),
+                                   title=f"{plan.loaded.arch} · {key}")
         write_bytes(plan.folder / t.layout.module_png(key), render.png_bytes(img), sync=False)
 
 

@@ -6,8 +6,10 @@ Every picture is a palette ("P") image: each value becomes the index of its colo
 bar shows the value range with the numbers at its ends (and 0 on a diverging scale); the
 range is also in `img.info` (written to PNG tEXt chunks by `png_bytes`) so that a program
 can map colours back to values. Tiles carry their channel number when there is room, long
-vectors wrap into a near-square grid with row and column ticks, and small maps and kernels
-are upscaled (nearest neighbour) to tiles of at least ~32 px. Nothing here writes files or
+vectors wrap into a near-square grid with row and column ticks (a classifier's output, named
+by its classes, is a bar chart of its top ten), and small maps and kernels are upscaled
+(nearest neighbour) to tiles of at least ~32 px. A standalone picture has a title strip at
+its top: where it comes from (model, module, image) and what a tile is. Nothing here writes files or
 keeps mutable state (caches hold read-only arrays), so every function is thread-safe.
 
 Split by what it draws, imports flowing one way: `png` (PNG encoding) <- `scales` (value
@@ -26,6 +28,7 @@ projections, top-k). This module only gathers their public names.
 from __future__ import annotations
 
 from convmaps.render.figures import (
+    occlusion_figure,
     picture,
     projection_figure,
     shrink,
@@ -36,6 +39,7 @@ from convmaps.render.figures import (
 )
 from convmaps.render.grids import (
     Picture,
+    chart_size,
     draw,
     filter_grid,
     grid_geometry,
@@ -53,6 +57,7 @@ from convmaps.render.scales import Scale, choose_scale, colorize, robust_limit
 __all__ = [
     "Picture",
     "Scale",
+    "chart_size",
     "choose_scale",
     "colorize",
     "draw",
@@ -60,6 +65,7 @@ __all__ = [
     "grid_geometry",
     "image_size",
     "map_grid",
+    "occlusion_figure",
     "picture",
     "png_bound",
     "png_bytes",

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from convmaps.render.grids import upscale_factor
+from convmaps.render.grids import _FONT_W, _LINE, _TITLE_H, _glyphs, upscale_factor
+from convmaps.render.scales import Scale, colorize
 
 __all__ = [
+    "occlusion_figure",
     "picture",
     "projection_figure",
     "shrink",
@@ -32,11 +34,72 @@ def _upscale(tiles: Tensor, factor: int) -> Tensor:
     return tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
+# --- text and scales -----------------------------------------------------------------------
+
+_INK_RGB = (0, 0, 0)
+_PAD = 4
+
+
+def _text_w(s: str) -> int:
+    return len(s) * _FONT_W
+
+
+def _write(canvas: Image.Image, s: str, x: int, y: int, align: str = "left") -> None:
+    """`s` in the grids' bitmap font (crisp, 6 x 11 px cells), black, x its left end, right end
+    or middle."""
+    mask = _glyphs(s)
+    h, w = mask.shape
+    x -= w if align == "right" else w // 2 if align == "centre" else 0
+    canvas.paste(_INK_RGB, (x, y, x + w, y + h), Image.fromarray(mask))
+
+
+def _titled(width: int, height: int, title: tuple[str, str] | None, *lines: str
+            ) -> tuple[Image.Image, int]:
+    """A white RGB canvas with room for `height` px of figure under a two-line title strip
+    (where from; what it shows), at least as wide as the title and `lines` of text; returns
+    it and the strip's height."""
+    head = _TITLE_H if title else 0
+    need = max((_text_w(t) for t in (*(title or ()), *lines)), default=0) + 2 * _PAD
+    canvas = Image.new("RGB", (max(width, need), height + head), (255, 255, 255))
+    for i, line in enumerate(title or ()):
+        if line:
+            _write(canvas, line, _PAD, 2 + i * _LINE)
+    return canvas, head
+
+
+def _ramp(width: int, rgb: bool) -> Tensor:
+    """A scale bar's colours, (3, width) uint8: -limit .. +limit as a projection draws them."""
+    t = torch.linspace(-1, 1, width)[None]
+    return signed_picture(t.expand(3 if rgb else 1, -1)[:, None], 1.0)[0][:, 0]
+
+
+def _scale_bar(canvas: Image.Image, x: int, y: int, lim: float, rgb: bool) -> int:
+    """The projections' scale at (x, y): a bar from -lim to +lim, 0 in its middle, in the
+    colours they are drawn in (each of R, G, B around mid grey for a colour input, the
+    diverging colour map for one channel). Returns its width."""
+    from PIL import ImageDraw
+
+    w = min(_BAR_PX, canvas.width - x - _PAD)
+    bar = _ramp(w, rgb)[:, None].expand(-1, _BAR_H, -1)
+    canvas.paste(Image.fromarray(bar.permute(1, 2, 0).contiguous().numpy()), (x, y))
+    ImageDraw.Draw(canvas).rectangle([x - 1, y - 1, x + w, y + _BAR_H], outline=_INK_RGB)
+    ty = y + _BAR_H + 2
+    _write(canvas, f"{-lim:.3g}", x, ty)
+    _write(canvas, "0", x + w // 2, ty, "centre")
+    _write(canvas, f"{lim:.3g}", x + w, ty, "right")
+    if rgb:
+        _write(canvas, "R, G, B each", x + w + 8, y)
+    return w
+
+
 # --- projections -----------------------------------------------------------------------------
 
 _BOX_RGB = (255, 210, 0)  # the receptive-field box: amber, apart from grey and the image
 _PANEL_PX = 224  # panels are upscaled (nearest) to at least this height
-_CAPTION_PX = 16
+_BAR_PX = 256
+_BAR_H = 10
+_LEGEND_PX = _BAR_H + 2 + _LINE + 4  # bar, its numbers, a margin
+_PANELS = ("input with box", "projection", "input, cropped", "projection, cropped")
 
 
 def picture(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
@@ -51,17 +114,24 @@ def picture(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
 
 
 def signed_picture(p: Tensor, limit: float | None = None) -> tuple[Tensor, float]:
-    """A projection (C, H, W) as uint8 RGB centred on grey: 0 is mid grey, +-limit (default:
-    the largest magnitude, so nothing clips) are the channel's full brightness or black.
-    Three channels stay colour channels; any other count is summed to grey. Returns the
-    picture and the limit."""
+    """A projection (C, H, W) as uint8 RGB (3, H, W), +-limit (default: the largest
+    magnitude, so nothing clips) at the ends of its scale. Three channels stay colour
+    channels, as Zeiler & Fergus show them: each is 128 + 127 p / limit, so 0 is mid grey.
+    Any other count is summed and drawn on the diverging colour map of every other signed
+    map (`scales.colorize`). Returns the picture and the limit.
+
+    >>> signed_picture(torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]], [[-1.0, 0.0]]]))[0][:, 0, 0]
+    tensor([255, 128,   1], dtype=torch.uint8)
+    """
     p = _as_float(p)
+    lim = float(p.abs().max()) if limit is None and p.numel() else (limit or 0.0)
     if p.shape[0] != 3:
-        p = p.sum(0, keepdim=True)
-    lim = float(p.abs().max()) if limit is None else limit
+        p = p.sum(0)
+        lim = float(p.abs().max()) if limit is None and p.numel() else lim
     lim = lim if lim > 0 else 1.0
-    rgb = (128 + 127 * (p / lim)).clamp(0, 255).round().to(torch.uint8)
-    return rgb.expand(3, -1, -1), lim
+    if p.dim() == 2:
+        return colorize((p / lim + 1) / 2, Scale.DIVERGING), lim
+    return (128 + 127 * (p / lim)).clamp(0, 255).round().to(torch.uint8), lim
 
 
 def _crop(rgb: Tensor, box: tuple[int, int, int, int], fill: int) -> Tensor:
@@ -76,56 +146,54 @@ def _crop(rgb: Tensor, box: tuple[int, int, int, int], fill: int) -> Tensor:
 
 
 def projection_figure(image: Tensor, projection: Tensor, box: tuple[int, int, int, int],
-                      title: str = "") -> Image.Image:
-    """Three panels: the input picture (uint8 RGB (3, H, W)) with the unit's receptive-field
-    box drawn, the projection full size (signed, centred on grey), and both cut to the box;
-    a grey scale bar with the projection's limits under them."""
+                      title: str = "", caption: str = "") -> Image.Image:
+    """A unit's projection beside its receptive field, each panel labelled: the input picture
+    (uint8 RGB (3, H, W)) with the unit's box drawn, the projection full size (see
+    `signed_picture`), and both cut to the box (left out when the box holds the whole
+    input: they would repeat the first two). A title strip says `title` (model, unit, image)
+    and what the figure shows; under the panels, the projection's scale and `caption`
+    (position, value, class).
+
+    >>> img = projection_figure(torch.zeros(3, 8, 8, dtype=torch.uint8), torch.ones(3, 8, 8),
+    ...                         (0, 0, 8, 8), "net · m:0 · a.png")
+    >>> img.size, img.info["convmaps-range"]
+    ((464, 300), '-1,1')
+    """
     from PIL import ImageDraw
 
     signed, lim = signed_picture(projection)
     _, h, w = image.shape
     factor = max(1, math.ceil(_PANEL_PX / max(h, 1)))
-    crop_img, crop_proj = _crop(image, box, 128), _crop(signed, box, 128)
-    bh, bw = crop_img.shape[1:]
-    crop_factor = max(1, (h * factor) // max(bh, 1))
-    panels = [_upscale(image, factor), _upscale(signed, factor),
-              _upscale(crop_img, crop_factor), _upscale(crop_proj, crop_factor)]
+    panels = [_upscale(image, factor), _upscale(signed, factor)]
+    top, left, bottom, right = box
+    if not (top <= 0 and left <= 0 and bottom >= h and right >= w):
+        crop_img, crop_proj = _crop(image, box, 128), _crop(signed, box, 128)
+        bh = crop_img.shape[1]
+        crop_factor = max(1, (h * factor) // max(bh, 1))
+        panels += [_upscale(crop_img, crop_factor), _upscale(crop_proj, crop_factor)]
     gap, height = 8, max(p.shape[1] for p in panels)
-    width = sum(p.shape[2] for p in panels) + gap * (len(panels) - 1)
-    canvas = Image.new("RGB", (width, height + 3 * _CAPTION_PX + 10), (255, 255, 255))
-    x = 0
+    width = sum(p.shape[2] for p in panels) + gap * (len(panels) - 1) + 2 * _PAD
+    what = "its projection into the input, beside its receptive field (box)"
+    below = _LEGEND_PX + (_LINE + 2 if caption else 0)
+    canvas, y0 = _titled(width, _LINE + 2 + height + 6 + below, (title, what), caption)
+    x = _PAD
     for i, p in enumerate(panels):
-        canvas.paste(Image.fromarray(p.permute(1, 2, 0).contiguous().numpy()), (x, 0))
+        _write(canvas, _PANELS[i], x, y0)
+        canvas.paste(Image.fromarray(p.permute(1, 2, 0).contiguous().numpy()),
+                     (x, y0 + _LINE + 2))
         if i == 0:  # the box, clipped to the picture, 2 px wide
-            top, left, bottom, right = box
-            draw = ImageDraw.Draw(canvas)
-            draw.rectangle([max(left, 0) * factor, max(top, 0) * factor,
-                            min(right, w) * factor - 1, min(bottom, h) * factor - 1],
-                           outline=_BOX_RGB, width=2)
+            ImageDraw.Draw(canvas).rectangle(
+                [_PAD + max(left, 0) * factor, y0 + _LINE + 2 + max(top, 0) * factor,
+                 _PAD + min(right, w) * factor - 1, y0 + _LINE + 2 + min(bottom, h) * factor - 1],
+                outline=_BOX_RGB, width=2)
         x += p.shape[2] + gap
-    _scale_bar(canvas, height + 4, -lim, lim, title)
+    y = y0 + _LINE + 2 + height + 6
+    _scale_bar(canvas, _PAD, y, lim, projection.shape[0] == 3)
+    if caption:
+        _write(canvas, caption, _PAD, y + _LEGEND_PX)
     canvas.info["convmaps-scale"] = "signed"
     canvas.info["convmaps-range"] = f"{-lim:.6g},{lim:.6g}"
     return canvas
-
-
-def _scale_bar(canvas: Image.Image, y: int, lo: float, hi: float, title: str) -> None:
-    """A black-grey-white bar from `lo` to `hi` with the numbers at its ends and 0 between."""
-    from PIL import ImageDraw, ImageFont
-
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    bar_w = min(256, canvas.width - 8)
-    ramp = torch.linspace(0, 255, bar_w).round().to(torch.uint8)
-    bar = ramp.view(1, -1, 1).expand(_CAPTION_PX - 4, -1, 3).contiguous().numpy()
-    canvas.paste(Image.fromarray(bar, "RGB"), (4, y))
-    draw.rectangle([3, y - 1, 4 + bar_w, y + _CAPTION_PX - 4], outline=(0, 0, 0))
-    ty = y + _CAPTION_PX - 2
-    draw.text((4, ty), f"{lo:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((4 + bar_w // 2, ty), "0", fill=(0, 0, 0), font=font, anchor="ma")
-    draw.text((4 + bar_w, ty), f"{hi:.3g}", fill=(0, 0, 0), font=font, anchor="ra")
-    if title:
-        draw.text((bar_w + 16, y), title, fill=(0, 0, 0), font=font)
 
 
 # --- top-k figures (convmaps topk) -----------------------------------------------------------
@@ -135,6 +203,7 @@ _TOPK_TARGET_PX = 64  # small patches (LeNet's 5x5 fields) are upscaled to about
 _TOPK_TEXT_PX = 14  # the strip under each column that holds its value
 _TOPK_BAR_PX = 32  # the projections' scale bar and its numbers
 _TOPK_GUTTER_PX = 2
+_OVERVIEW_MIN_PX = 48  # an overview's tiles are at least this big, a channel number above
 
 
 def shrink(rgb: Tensor, max_px: int) -> Tensor:
@@ -149,10 +218,13 @@ def shrink(rgb: Tensor, max_px: int) -> Tensor:
     return small.round().clamp(0, 255).to(torch.uint8)
 
 
-def _topk_grid(tiles: Tensor, ncol: int) -> Tensor:
-    """(N, 3, h, w) uint8 -> (3, H, W): rows of `ncol` tiles, white gutters between them only."""
+def _topk_grid(tiles: Tensor, ncol: int, band: int = 0) -> Tensor:
+    """(N, 3, h, w) uint8 -> (3, H, W): rows of `ncol` tiles, white gutters between them only,
+    and `band` white rows above each tile (for its label)."""
     from torchvision.utils import make_grid
 
+    if band:
+        tiles = torch.nn.functional.pad(tiles, (0, 0, band, 0), value=255)
     if tiles.shape[0] == 1:
         return tiles[0]
     g = _TOPK_GUTTER_PX
@@ -160,19 +232,19 @@ def _topk_grid(tiles: Tensor, ncol: int) -> Tensor:
     return grid[:, g:grid.shape[1] - g, g:grid.shape[2] - g]
 
 
-def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float]) -> Image.Image:
+def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float],
+                title: str | None = None) -> Image.Image:
     """One unit's top-k: the input patches (uint8 RGB `(k, 3, bh, bw)`, as `picture` draws
-    them) in the top row, their projections `(k, C_in, bh, bw)` under them (signed, centred
-    on grey, one limit for the row so that they compare), and each entry's value under its
-    column.
+    them) in the top row, their projections `(k, C_in, bh, bw)` under them (see
+    `signed_picture`; one limit for the row so that they compare), and each entry's value
+    under its column. With a `title` (model, module, channel), a strip at the top says it
+    and what the rows are.
 
     >>> img = topk_figure(torch.zeros(3, 3, 5, 5, dtype=torch.uint8), torch.randn(3, 3, 5, 5),
     ...                   [3.0, 2.0, 1.0])
     >>> img.size, img.info["convmaps-scale"]
     ((199, 180), 'signed')
     """
-    from PIL import ImageDraw, ImageFont
-
     k, _, h, w = patches.shape
     f = upscale_factor(h, w, target=_TOPK_TARGET_PX)
     rows = [patches]
@@ -181,42 +253,142 @@ def topk_figure(patches: Tensor, projections: Tensor | None, values: list[float]
         lim = float(_as_float(projections).abs().max()) if projections.numel() else 0.0
         rows.append(torch.stack([signed_picture(p, lim or 1.0)[0] for p in projections]))
     grids = [_topk_grid(_upscale(r, f), ncol=k) for r in rows]
-    width = grids[0].shape[2]
     height = sum(g.shape[1] + _TOPK_GUTTER_PX for g in grids) + _TOPK_TEXT_PX
     height += _TOPK_BAR_PX if projections is not None else 0
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    y = 0
+    what = f"its top {k} images: the patches it sees" + \
+        (", their projections under them" if projections is not None else "") + \
+        ", values under them"
+    img, y = _titled(grids[0].shape[2], height, None if title is None else (title, what))
     for g in grids:
         img.paste(Image.fromarray(g.permute(1, 2, 0).contiguous().numpy()), (0, y))
         y += g.shape[1] + _TOPK_GUTTER_PX
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
     for i, v in enumerate(values[:k]):
         centre = i * (w * f + _TOPK_GUTTER_PX) + (w * f) // 2
-        draw.text((centre, y), f"{v:.4g}", fill=(0, 0, 0), font=font, anchor="ma")
-    if projections is not None:  # what the projections' greys mean, numbers at the ends
-        _scale_bar(img, y + _TOPK_TEXT_PX + 2, -(lim or 1.0), lim or 1.0,
-                   "projections" if width >= 360 else "")
+        _write(img, f"{v:.4g}", centre, y + 1, "centre")
+    if projections is not None:  # what the projections' colours mean, numbers at the ends
+        _scale_bar(img, _PAD, y + _TOPK_TEXT_PX + 2, lim or 1.0, projections.shape[1] == 3)
         img.info["convmaps-scale"] = "signed"
         img.info["convmaps-range"] = f"{-lim:.6g},{lim:.6g}"
     return img
 
 
-def topk_overview(tiles: Tensor) -> Image.Image:
+def topk_overview(tiles: Tensor, title: str | None = None) -> Image.Image:
     """A module at a glance: each channel's top-1 patch, uint8 RGB `(C, 3, h, w)`, one tile per
-    channel in a near-square grid (channel order, row by row)."""
+    channel in a near-square grid (channel order, row by row), each at least ~48 px with its
+    channel number above it. With a `title` (model, module), a strip at the top says it and
+    what a tile is."""
     if tiles.shape[0] == 0:
         return Image.new("RGB", (1, 1), (255, 255, 255))
-    h, w = tiles.shape[-2:]
-    rgb = _upscale(tiles, upscale_factor(h, w, target=_TOPK_TARGET_PX // 2))
-    grid = _topk_grid(rgb, ncol=math.ceil(math.sqrt(tiles.shape[0])))
-    return Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+    n, _, h, w = tiles.shape
+    f = max(upscale_factor(h, w, target=_TOPK_TARGET_PX),
+            math.ceil(_OVERVIEW_MIN_PX / max(h, w)))
+    rgb = _upscale(tiles, f)
+    cols = math.ceil(math.sqrt(n))
+    grid = _topk_grid(rgb, ncol=cols, band=_LINE)
+    what = f"{n} channels, a tile each: the patch that excites it most"
+    img, y0 = _titled(grid.shape[2], grid.shape[1], None if title is None else (title, what))
+    img.paste(Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()), (0, y0))
+    pitch_x, pitch_y = w * f + _TOPK_GUTTER_PX, h * f + _LINE + _TOPK_GUTTER_PX
+    for c in range(n):
+        r, col = divmod(c, cols)
+        _write(img, str(c), col * pitch_x, y0 + r * pitch_y)
+    return img
 
 
 def topk_png_bound(n: int, h: int, w: int) -> int:
     """An upper bound of the PNG bytes of a `topk_figure` of `n` patches of `h` x `w` (or of a
     `topk_overview` of n tiles): raw RGB rows, deflate's worst case and the chunks around."""
-    f = upscale_factor(h, w, target=_TOPK_TARGET_PX)
-    rows = 2 * (h * f + _TOPK_GUTTER_PX) + _TOPK_TEXT_PX + _TOPK_BAR_PX
-    raw = n * rows * (3 * (w * f + _TOPK_GUTTER_PX) + 1) + rows * (3 * 264 + 1)  # bar >= 264
+    f = max(upscale_factor(h, w, target=_TOPK_TARGET_PX),
+            math.ceil(_OVERVIEW_MIN_PX / max(h, w, 1)))
+    rows = 2 * (h * f + _TOPK_GUTTER_PX + _LINE) + _TOPK_TEXT_PX + _TOPK_BAR_PX + _TITLE_H
+    raw = n * rows * (3 * (w * f + _TOPK_GUTTER_PX) + 1) + rows * (3 * 600 + 1)  # title >= 600
     return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096
+
+
+# --- occlusion (convmaps occlude) ------------------------------------------------------------
+
+# Class colours of the most-probable-class map (Tableau 10); other classes are grey.
+_CLASS_RGB = ((78, 121, 167), (242, 142, 43), (225, 87, 89), (118, 183, 178), (89, 161, 79),
+              (237, 201, 72), (176, 122, 161), (255, 157, 167), (156, 117, 95))
+_OTHER_RGB = (186, 176, 172)
+
+
+def occlusion_figure(image: Tensor, probability: Tensor, top_class: Tensor, unit: Tensor | None,
+                     names: list[str], patch: int, stride: int, title: str | None = None
+                     ) -> Image.Image:
+    """Zeiler & Fergus's Fig. 7 for one image: the input (uint8 RGB (3, H, W)); the target
+    class's probability at each patch position (Py, Px) on a fixed 0-1 scale; the most probable
+    class there, the most frequent classes in colour with their names; and the unit's summed
+    feature map (Py, Px) on its own range. Each position's cell is drawn centred on its patch's
+    centre, over the faded input. With a `title` (model, image, target), a strip says it."""
+    from PIL import ImageDraw
+
+    from convmaps.render.scales import Scale, colorize
+
+    _, h, w = image.shape
+    factor = max(1, math.ceil(_PANEL_PX / max(h, 1)))
+    size = (w * factor, h * factor)
+
+    def panel(rgb: Tensor) -> Image.Image:
+        pic = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+        return pic.resize(size, Image.Resampling.NEAREST)
+
+    faded = panel((image.float() * 0.35 + 255 * 0.65).to(torch.uint8))
+    py, px = probability.shape[-2:]
+    # cells of side `stride` centred on the patches' centres, clipped to the picture
+    box = [max(0, patch / 2 - stride / 2) * factor, max(0, patch / 2 - stride / 2) * factor]
+    end = [min(h, (py - 1) * stride + patch / 2 + stride / 2) * factor,
+           min(w, (px - 1) * stride + patch / 2 + stride / 2) * factor]
+
+    def over(rgb: Tensor) -> Image.Image:
+        out = faded.copy()
+        cells = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+        out.paste(cells.resize((round(end[1] - box[1]), round(end[0] - box[0])),
+                               Image.Resampling.NEAREST), (round(box[1]), round(box[0])))
+        return out
+
+    prob = colorize(_as_float(probability).clamp(0, 1), Scale.SEQUENTIAL)
+    counts = torch.bincount(top_class.flatten(), minlength=1)
+    common = [int(c) for c in counts.argsort(descending=True)[:len(_CLASS_RGB)] if counts[c] > 0]
+    classes = torch.tensor(_OTHER_RGB, dtype=torch.uint8).view(3, 1, 1).expand(
+        3, *top_class.shape).clone()
+    for c, rgb in zip(common, _CLASS_RGB, strict=False):
+        classes[:, top_class == c] = torch.tensor(rgb, dtype=torch.uint8).view(3, 1)
+    panels = [(panel(image), "input"), (over(prob), "probability of the target class"),
+              (over(classes), "most probable class")]
+    lo = hi = 0.0
+    if unit is not None:
+        u = _as_float(unit)
+        lo, hi = float(u.min()), float(u.max())
+        u01 = (u - lo) / (hi - lo) if hi > lo else u * 0
+        panels.append((over(colorize(u01, Scale.SEQUENTIAL)), "unit: its feature map summed"))
+    others = counts.numel() > len(common) and len(common) == len(_CLASS_RGB)
+    legend = (len(common) + others) * _LINE
+    gap = 8
+    width = len(panels) * (size[0] + gap) - gap
+    what = (f"at each position of a {patch} px grey square (every {stride} px, each cell at the "
+            "square's centre)")
+    canvas, top = _titled(width, _LINE + 2 + size[1] + 4 + max(legend, _LEGEND_PX),
+                          None if title is None else (title, what))
+    draw = ImageDraw.Draw(canvas)
+    for i, (pic, label) in enumerate(panels):
+        x = i * (size[0] + gap)
+        _write(canvas, label, x, top)
+        canvas.paste(pic, (x, top + _LINE + 2))
+    y = top + _LINE + 2 + size[1] + 4
+    for i, a, b in [(1, 0.0, 1.0)] + ([(3, lo, hi)] if unit is not None else []):
+        x, bar_w = i * (size[0] + gap), min(_BAR_PX, size[0])  # viridis, its ends' values
+        ramp = colorize(torch.linspace(0, 1, bar_w).view(1, -1).expand(_BAR_H, -1),
+                        Scale.SEQUENTIAL)
+        canvas.paste(Image.fromarray(ramp.permute(1, 2, 0).contiguous().numpy()), (x, y))
+        draw.rectangle([x - 1, y - 1, x + bar_w, y + _BAR_H], outline=_INK_RGB)
+        _write(canvas, f"{a:.3g}", x, y + _BAR_H + 2)
+        _write(canvas, f"{b:.3g}", x + bar_w, y + _BAR_H + 2, "right")
+    x = 2 * (size[0] + gap)
+    rows = [(rgb, f"{names[c] if c < len(names) else c} ({c})")
+            for c, rgb in zip(common, _CLASS_RGB, strict=False)]
+    for row, (rgb, text) in enumerate(rows + ([(_OTHER_RGB, "other classes")] if others else [])):
+        draw.rectangle([x, y + row * _LINE + 1, x + 9, y + row * _LINE + 10], fill=rgb)
+        _write(canvas, text, x + 14, y + row * _LINE)
+    canvas.info["convmaps-scale"] = "occlusion"
+    return canvas

@@ -42,6 +42,7 @@ __all__ = [
     "Picture",
     "draw",
     "filter_grid",
+    "chart_size",
     "grid_geometry",
     "image_size",
     "map_grid",
@@ -69,6 +70,15 @@ _VECTOR_PX = 256  # a long vector's grid is about this wide
 _TOP_K = 5  # a vector lists its strongest entries (classes, when named)
 _CAP_HINT = "--png-cap"
 _MAX_SIDE = 4096
+# A standalone PNG says what it shows in two lines at its top: where it comes from (model,
+# module, image) and what a tile is. A fixed height, so that a picture's geometry stays
+# arithmetic on its shape (`image_size`, `grid_geometry`) whatever the words.
+_TITLE_H = 2 * _LINE + 4
+_CHART_TOP = 10  # a classifier's output: a bar chart of its ten largest scores
+_CHART_NAME = 24  # characters of a class name in the chart
+_CHART_BAR_PX = 160
+_CHART_ROW = _LINE + 3
+_CHART_VALUE = 18  # characters of "12.34  p 0.9876"
 
 
 def upscale_factor(h: int, w: int, target: int = _TARGET_PX, max_factor: int = 16) -> int:
@@ -89,8 +99,10 @@ def map_grid(
     scale: Scale | None = None,
     max_tiles: int | None = None,
     png_scale: PngScale | str = PngScale.layer,
+    title: str | None = None,
 ) -> Image.Image:
-    """One tile per channel of a (C, H, W) map, near-square grid, numbered tiles, colour bar.
+    """One tile per channel of a (C, H, W) map, near-square grid, numbered tiles, colour bar;
+    with a `title` (model, module, image), a strip at the top says it and what a tile is.
 
     With `png_scale="layer"` one value range serves every tile, so that tiles compare; with
     "channel" each tile has its own (the bar then says "per channel" and `convmaps-range`
@@ -101,11 +113,16 @@ def map_grid(
     >>> map_grid(torch.rand(6, 28, 28)).size  # 3x2 numbered tiles of 84 px, a colour bar
     (256, 224)
     """
-    return _map_grid(maps, scale, max_tiles, png_scale).image()
+    head = None if title is None else (title, _what("maps", tuple(maps.shape)))
+    return _map_grid(maps, scale, max_tiles, png_scale, head).image()
+
+
+_Head = tuple[str, str]  # a title strip's two lines: where from, and what a tile is
 
 
 def _map_grid(maps: Tensor, scale: Scale | None = None, max_tiles: int | None = None,
-              png_scale: PngScale | str = PngScale.layer) -> Picture:
+              png_scale: PngScale | str = PngScale.layer, head: _Head | None = None
+              ) -> Picture:
     if maps.dim() != 3:
         raise ValueError(f"map_grid wants (C, H, W), got shape {tuple(maps.shape)}")
     x = _values(maps)
@@ -117,7 +134,7 @@ def _map_grid(maps: Tensor, scale: Scale | None = None, max_tiles: int | None = 
     if max_tiles is not None:
         x = x[: max(max_tiles, 0)]
     c, h, w = x.shape
-    geom = _grid_layout(c, h, w, per_channel)
+    geom = _grid_layout(c, h, w, per_channel, _TITLE_H if head else 0)
     if geom is None:
         return _empty(info)
     if per_channel:
@@ -127,11 +144,13 @@ def _map_grid(maps: Tensor, scale: Scale | None = None, max_tiles: int | None = 
     _blit(canvas, cells.reshape(geom.rows, geom.cols, h, w), geom)
     if not per_channel:
         _bar_numbers(canvas, geom, float(lo[0]), float(hi[0]))
+    _title(canvas, head)
     return Picture(rows, _palette_array(scale), info)
 
 
 def vector_grid(
-    vec: Tensor, scale: Scale | None = None, classes: Sequence[str] | None = None
+    vec: Tensor, scale: Scale | None = None, classes: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Image.Image:
     """A 1-D output (a Linear layer's N values) wrapped row by row into a near-square grid,
     with row ticks (the index each row starts at) and column ticks, a colour bar, and the
@@ -141,17 +160,18 @@ def vector_grid(
     >>> vector_grid(torch.randn(1000)).size  # 32 x 32 cells of 8 px, ticks, bar, top 5
     (278, 362)
     """
-    return _vector_grid(vec, scale, classes).image()
+    head = None if title is None else (title, _what("vector", (vec.numel(),)))
+    return _vector_grid(vec, scale, classes, head).image()
 
 
 def _vector_grid(vec: Tensor, scale: Scale | None = None,
-                 classes: Sequence[str] | None = None) -> Picture:
+                 classes: Sequence[str] | None = None, head: _Head | None = None) -> Picture:
     x = _flat(_values(vec))
     scale = _choose(x) if scale is None else Scale(scale)
     lo, hi = _limits(x[None], scale)
     info = _info(scale, lo, hi, False)
     n = x.size
-    geom = _vector_layout(n)
+    geom = _vector_layout(n, _TITLE_H if head else 0)
     if geom is None:
         return _empty(info)
     rows, canvas = _canvas(geom, scale, False)
@@ -160,6 +180,7 @@ def _vector_grid(vec: Tensor, scale: Scale | None = None,
     _bar_numbers(canvas, geom, float(lo[0]), float(hi[0]))
     names = list(classes) if classes is not None and len(classes) == n else None
     _lines(canvas, geom, _strongest(x, names))
+    _title(canvas, head)
     return Picture(rows, _palette_array(scale), info)
 
 
@@ -168,48 +189,59 @@ def render_activation(
     max_tiles: int | None = None,
     classes: Sequence[str] | None = None,
     png_scale: PngScale | str = PngScale.layer,
+    title: str | None = None,
 ) -> Image.Image:
     """A module's output for one image, drawn by its shape.
 
     (C, H, W) -> `map_grid` (or `vector_grid` when H = W = 1); (H, W) -> a one-tile
-    `map_grid`; anything else is flattened to a `vector_grid`, whose largest entries are
-    named by `classes` when it has one name per value (a classifier's output).
+    `map_grid`; anything else is flattened: with one name in `classes` per value (a
+    classifier's output), a bar chart of the ten largest values and their classes, else a
+    `vector_grid`. With a `title`, a strip at the top says it and what a tile is.
 
     >>> import torch
     >>> render_activation(torch.rand(10), classes=[str(i) for i in range(10)]).size
-    (200, 202)
+    (462, 158)
     """
-    return _activation(t, max_tiles, classes, png_scale).image()
+    return _activation(t, max_tiles, classes, png_scale, title).image()
 
 
 def _activation(t: Tensor, max_tiles: int | None = None, classes: Sequence[str] | None = None,
-                png_scale: PngScale | str = PngScale.layer) -> Picture:
-    if t.dim() == 3 and t.shape[1] * t.shape[2] != 1:
-        return _map_grid(t, max_tiles=max_tiles, png_scale=png_scale)
-    if t.dim() == 2:
-        return _map_grid(t[None], png_scale=png_scale)
-    return _vector_grid(t.flatten(), classes=classes)
+                png_scale: PngScale | str = PngScale.layer, title: str | None = None
+                ) -> Picture:
+    named = classes is not None and len(classes) == t.numel() > 0
+    kind = "maps" if t.dim() == 3 and t.shape[1] * t.shape[2] != 1 else \
+        "map" if t.dim() == 2 else "chart" if named else "vector"
+    head = None if title is None else (title, _what(kind, tuple(t.shape)))
+    if kind == "maps":
+        return _map_grid(t, max_tiles=max_tiles, png_scale=png_scale, head=head)
+    if kind == "map":
+        return _map_grid(t[None], png_scale=png_scale, head=head)
+    if kind == "chart":
+        assert classes is not None
+        return _chart(t.flatten(), list(classes), head)
+    return _vector_grid(t.flatten(), classes=classes, head=head)
 
 
 def draw(kind: str, t: Tensor, classes: Sequence[str] | None = None,
-         png_scale: PngScale | str = PngScale.layer) -> Picture:
+         png_scale: PngScale | str = PngScale.layer, title: str = "") -> Picture:
     """The picture of `t` that a dump writes, as `image_size(kind, t.shape)` measures it:
     `activation` (`render_activation`), `kernels` (`map_grid` of one filter's kernel maps)
-    or `taps` (`tap_mosaic` of one filter's tap maps, its note inside).
+    or `taps` (`tap_mosaic` of one filter's tap maps, its note inside). Each is a standalone
+    file, so each has a title strip: `title` (model, module, image) and what a tile is.
 
     >>> import torch
-    >>> draw("kernels", torch.rand(3, 5, 5)).png()[:8]
+    >>> draw("kernels", torch.rand(3, 5, 5), title="lenet · C3 · a.png · filter 0").png()[:8]
     b'\\x89PNG\\r\\n\\x1a\\n'
     """
     if kind == "taps":
-        return _tap_mosaic(t)
+        return _tap_mosaic(t, head=(title, _what("taps", tuple(t.shape))))
     if kind == "kernels":
-        return _map_grid(t, png_scale=png_scale)
-    return _activation(t, classes=classes, png_scale=png_scale)
+        return _map_grid(t, png_scale=png_scale, head=(title, _what("kernels", tuple(t.shape))))
+    return _activation(t, classes=classes, png_scale=png_scale, title=title)
 
 
 def filter_grid(
-    weight: Tensor, max_filters: int = 64, max_kernels: int = 64
+    weight: Tensor, max_filters: int = 64, max_kernels: int = 64, title: str | None = None
 ) -> tuple[Image.Image, str | None]:
     """A conv layer's filters, on one diverging range s for the whole layer.
 
@@ -218,7 +250,8 @@ def filter_grid(
     each filter is one numbered tile; otherwise row i holds filter i's kernels, one column
     per input channel, with ticks. Kernels are upscaled to tiles of ~32 px. Returns the
     image and, when a cap cut something off, a note saying what was drawn (also written
-    under the colour bar).
+    under the colour bar). With a `title` (model, module), a strip at the top says it and
+    what a tile is.
 
     >>> import torch
     >>> img, note = filter_grid(torch.randn(96, 3, 11, 11))
@@ -236,25 +269,28 @@ def filter_grid(
     if c_out * c_in * kh * kw == 0:
         return _empty(info).image(), None
     rows, cols = min(c_out, max_filters), min(c_in, max_kernels)
+    head = None if title is None else (title, _what("filters", tuple(x.shape)))
+    top = _TITLE_H if head else 0
     note = None
     if c_in in (1, 3) and rows < c_out:
         note = f"drew {rows} of {c_out} filters (cap: {_CAP_HINT})"
     elif c_in not in (1, 3) and (rows < c_out or cols < c_in):
         note = f"drew {rows} of {c_out} filters x {cols} of {c_in} kernels (cap: {_CAP_HINT})"
     if c_in in (1, 3):
-        geom = _noted(_tiles(rows, kh, kw, _tile_factor(rows, kh, kw)), note)
+        geom = _noted(_tiles(rows, kh, kw, _tile_factor(rows, kh, kw), head=top), note)
         kind = "rgb" if c_in == 3 else Scale.DIVERGING
         buf, canvas = _canvas(geom, kind, False)
         if c_in == 1:
             cells = _pad(_indices(x[:rows, 0], lo, hi), geom.rows * geom.cols, _PAPER)
             _blit(canvas, cells.reshape(geom.rows, geom.cols, kh, kw), geom)
     else:
-        geom = _noted(_matrix(rows, cols, kh, kw, upscale_factor(kh, kw), 1, 1), note)
+        geom = _noted(_matrix(rows, cols, kh, kw, upscale_factor(kh, kw), 1, 1, head=top), note)
         kind = Scale.DIVERGING
         buf, canvas = _canvas(geom, kind, False)
         _blit(canvas, _indices(x[:rows, :cols], lo, hi), geom)
     _bar_numbers(canvas, geom, float(lo[0]), float(hi[0]))
     _lines(canvas, geom, _wrap(note, geom))
+    _title(canvas, head)
     if c_in != 3:
         return Picture(buf, _palette_array(kind), info).image(), note
     rgb = np.ascontiguousarray(_palette_array("rgb")[canvas])  # (H, W, 3)
@@ -271,7 +307,8 @@ def filter_grid(
     return img, note
 
 
-def tap_mosaic(taps: Tensor, max_side: int = _MAX_SIDE) -> tuple[Image.Image, str | None]:
+def tap_mosaic(taps: Tensor, max_side: int = _MAX_SIDE, title: str | None = None
+               ) -> tuple[Image.Image, str | None]:
     """One filter's tap maps (H_out, W_out, kh, kw) as a mosaic: window (i, j)'s patch at (i, j).
 
     Patches are upscaled to ~32 px with a 1 px grey gutter between windows (1x1 kernels:
@@ -284,17 +321,18 @@ def tap_mosaic(taps: Tensor, max_side: int = _MAX_SIDE) -> tuple[Image.Image, st
     >>> img.size, note
     ((418, 446), None)
     """
-    pic = _tap_mosaic(taps, max_side)
+    head = None if title is None else (title, _what("taps", tuple(taps.shape)))
+    pic = _tap_mosaic(taps, max_side, head)
     return pic.image(), pic.note
 
 
-def _tap_mosaic(taps: Tensor, max_side: int = _MAX_SIDE) -> Picture:
+def _tap_mosaic(taps: Tensor, max_side: int = _MAX_SIDE, head: _Head | None = None) -> Picture:
     if taps.dim() != 4:
         raise ValueError(f"tap_mosaic wants (H_out, W_out, kh, kw), got {tuple(taps.shape)}")
     x = _values(taps)
     lo, hi = _limits(_flat(x)[None], Scale.DIVERGING)
     info = _info(Scale.DIVERGING, lo, hi, False)
-    layout = _tap_layout(tuple(x.shape), max_side)
+    layout = _tap_layout(tuple(x.shape), max_side, _TITLE_H if head else 0)
     if layout is None:
         return _empty(info)
     geom, note = layout
@@ -302,43 +340,48 @@ def _tap_mosaic(taps: Tensor, max_side: int = _MAX_SIDE) -> Picture:
     _blit(canvas, _indices(x[: geom.rows, : geom.cols], lo, hi), geom)
     _bar_numbers(canvas, geom, float(lo[0]), float(hi[0]))
     _lines(canvas, geom, _wrap(note, geom))
+    _title(canvas, head)
     return Picture(rows, _palette_array(Scale.DIVERGING), info, note)
 
 
 def image_size(kind: str, shape: tuple[int, ...],
-               png_scale: PngScale | str = PngScale.layer) -> tuple[int, int]:
+               png_scale: PngScale | str = PngScale.layer, titled: bool = True
+               ) -> tuple[int, int]:
     """(width, height) in pixels of the picture drawn for a tensor of `shape`, without drawing
     it: `activation` (render_activation), `kernels` (map_grid of one filter's (C_in, H, W)
-    kernel maps) or `taps` (tap_mosaic of one filter's (H, W, kh, kw) tap maps).
+    kernel maps) or `taps` (tap_mosaic of one filter's (H, W, kh, kw) tap maps); `titled`:
+    with a title strip, as `draw` makes them. A classifier's chart is `chart_size()`.
 
     >>> image_size("activation", (6, 28, 28)), image_size("activation", (6, 28, 28), "channel")
-    ((256, 224), (256, 238))
+    ((256, 252), (256, 266))
     """
     geom: _Geom | None
     per_channel = PngScale(png_scale) is PngScale.channel
+    head = _TITLE_H if titled else 0
     if kind == "taps":
-        layout = _tap_layout(tuple(shape), _MAX_SIDE)
+        layout = _tap_layout(tuple(shape), _MAX_SIDE, head)
         geom = layout[0] if layout else None
     elif len(shape) == 3 and shape[1] * shape[2] != 1:
-        geom = _grid_layout(*shape, per_channel)
+        geom = _grid_layout(*shape, per_channel, head)
     elif len(shape) == 2:
-        geom = _grid_layout(1, *shape, per_channel)
+        geom = _grid_layout(1, *shape, per_channel, head)
     else:
-        geom = _vector_layout(math.prod(shape))
+        geom = _vector_layout(math.prod(shape), head)
     return (geom.width, geom.height) if geom else (1, 1)
 
 
-def grid_geometry(shape: tuple[int, ...], png_scale: PngScale | str = PngScale.layer
-                  ) -> dict[str, int] | None:
+def grid_geometry(shape: tuple[int, ...], png_scale: PngScale | str = PngScale.layer,
+                  titled: bool = True) -> dict[str, int] | None:
     """Where each channel's tile lies in the activation picture of a tensor of `shape`
     (None for vectors and empty tensors): tile i's values start at (left + (i % cols) * px,
-    top + (i // cols) * py + band) and span w x h pixels. The report uses it to name the
-    channel under the mouse."""
+    top + (i // cols) * py + band) and span w x h pixels; `titled` as for `image_size`. The
+    report uses it to name the channel under the mouse."""
     if len(shape) == 2:
         shape = (1, *shape)
     if len(shape) != 3 or shape[1] * shape[2] == 1:
         return None
-    geom = _grid_layout(*shape, PngScale(png_scale) is PngScale.channel)
+    geom = _grid_layout(*shape, PngScale(png_scale) is PngScale.channel,
+                        _TITLE_H if titled else 0)
     if geom is None:
         return None
     return {"left": geom.left, "top": geom.top, "px": geom.pitch_x, "py": geom.pitch_y,
@@ -346,32 +389,137 @@ def grid_geometry(shape: tuple[int, ...], png_scale: PngScale | str = PngScale.l
             "n": geom.n, "width": geom.width, "height": geom.height}
 
 
-def png_bound(kind: str, shape: tuple[int, ...], png_scale: PngScale | str = PngScale.layer
-              ) -> int:
-    """An upper bound of the PNG bytes `png_bytes` writes for that picture: its raw palette
-    rows plus deflate's worst-case overhead and the chunks around the pixels (palette, text:
-    a per-channel range list is ~30 bytes a channel)."""
-    w, h = image_size(kind, shape, png_scale)
+def png_bound(kind: str, shape: tuple[int, ...], png_scale: PngScale | str = PngScale.layer,
+              titled: bool = True) -> int:
+    """An upper bound of the PNG bytes `png_bytes` writes for that picture (a 1-D output's
+    classifier chart included): its raw palette rows plus deflate's worst-case overhead and
+    the chunks around the pixels (palette, text: a per-channel range list is ~30 bytes a
+    channel)."""
+    w, h = image_size(kind, shape, png_scale, titled)
     raw = h * (w + 1)
+    if kind == "activation" and not (len(shape) in (2, 3) and math.prod(shape[-2:]) != 1):
+        cw, ch = chart_size(titled)
+        raw = max(raw, ch * (cw + 1))
     text = 32 * shape[0] if PngScale(png_scale) is PngScale.channel and shape else 0
     return raw + raw // 1000 + 5 * (raw // 16_000 + 1) + 4096 + text
 
 
-def _strongest(x: np.ndarray, names: list[str] | None) -> list[str]:
-    """The largest values (NaN last, ties to the smaller index), one line each."""
+def _largest(x: np.ndarray, k: int) -> list[int]:
+    """The indices of the k largest values (NaN last, ties to the smaller index)."""
     key = -np.nan_to_num(x, nan=-np.inf)
-    if key.size > _TOP_K:  # a partial sort: a full one of 9216 values costs more than drawing
+    if key.size > k:  # a partial sort: a full one of 9216 values costs more than drawing
         # ties at the k-th value: every tied index joins, and the stable sort keeps the smallest
-        cut = np.partition(key, _TOP_K - 1)[_TOP_K - 1]
+        cut = np.partition(key, k - 1)[k - 1]
         near = np.flatnonzero(key <= cut)
-        order = near[np.argsort(key[near], kind="stable")][:_TOP_K]
+        order = near[np.argsort(key[near], kind="stable")][:k]
     else:
         order = np.argsort(key, kind="stable")
+    return [int(i) for i in order.tolist()]
+
+
+def _strongest(x: np.ndarray, names: list[str] | None) -> list[str]:
+    """The largest values (NaN last, ties to the smaller index), one line each."""
     lines = []
-    for rank, i in enumerate(order.tolist(), 1):
+    for rank, i in enumerate(_largest(x, _TOP_K), 1):
         what = f"{i} {names[i]}" if names else f"{i}"
         lines.append(f"{rank}. {what}: {x[i]:.4g}")
     return lines
+
+
+def _what(kind: str, shape: tuple[int, ...]) -> str:
+    """A title strip's second line: what the picture's tiles (cells, bars) are."""
+    if kind == "maps":  # one tile is the narrowest grid: 200 px, 32 characters
+        return f"{shape[0]} feature maps, one tile per channel" if shape[0] > 1 else \
+            f"one {shape[1]}x{shape[2]} feature map"
+    if kind == "map":
+        return f"one {shape[0]}x{shape[1]} map"
+    if kind == "chart":
+        n = math.prod(shape)
+        return f"top {min(n, _CHART_TOP)} of {n} class scores (p: softmax)"
+    if kind == "vector":
+        return f"{math.prod(shape)} values, row by row"
+    if kind == "kernels":
+        return f"{shape[0]} kernel maps, one per input channel"
+    if kind == "taps":
+        return f"{shape[0]}x{shape[1]} windows, each its {shape[2]}x{shape[3]} input*weight"
+    c_out, c_in = shape[0], shape[1]  # filters
+    if c_in == 3:
+        return f"{c_out} filters, one RGB tile each"
+    if c_in == 1:
+        return f"{c_out} filters, one tile each"
+    return f"{c_out} filters (rows) x {c_in} kernels"
+
+
+def _title(canvas: np.ndarray, head: _Head | None) -> None:
+    """Ink a title strip's two lines (cut to the picture's width) at the top of `canvas`."""
+    if head is None:
+        return
+    room = (canvas.shape[1] - 2 * _PAD) // _FONT_W
+    for i, line in enumerate(head):
+        if len(line) > room:
+            line = line[: room - 3] + "..."
+        if line:  # piece by piece: a dump repeats each module and image name, not the line
+            mask = np.hstack([_glyphs(p) for p in _interleave(line.split(_SEP), _SEP) if p])
+            _ink(canvas, mask, 2 + i * _LINE, _PAD)
+
+
+_SEP = " · "
+
+
+def _interleave(parts: list[str], sep: str) -> list[str]:
+    out = [sep] * (2 * len(parts) - 1)
+    out[::2] = parts
+    return out
+
+
+def chart_size(titled: bool = True) -> tuple[int, int]:
+    """(width, height) of a classifier's bar chart: fixed, whatever its classes."""
+    width = 2 * _PAD + (_CHART_NAME + 6) * _FONT_W + _CHART_BAR_PX + 6 + _CHART_VALUE * _FONT_W
+    return width, (_TITLE_H if titled else 0) + 2 * _PAD + _CHART_TOP * _CHART_ROW
+
+
+def _chart(vec: Tensor, names: list[str], head: _Head | None) -> Picture:
+    """A classifier's output as a horizontal bar chart of its ten largest scores: rank and
+    class on the left, a bar from zero (warm: positive, cool: negative), the score and its
+    softmax probability on the right. The text chunks keep the vector's robust range."""
+    x = _flat(_values(vec))
+    scale = _choose(x)
+    lo, hi = _limits(x[None], scale)
+    info = _info(scale, lo, hi, False)
+    width, height = chart_size(head is not None)
+    canvas = np.full((height, width + 1), _PAPER, dtype=np.uint8)
+    canvas[:, 0] = 0  # PNG's filter byte
+    pix = canvas[:, 1:]
+    order = _largest(x, _CHART_TOP)
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = x[np.isfinite(x)].astype(np.float64)
+        e = np.exp(finite - finite.max()) if finite.size else finite
+        total = float(e.sum()) if e.size else 1.0
+        top = float(finite.max()) if finite.size else 0.0
+    shown = [float(x[i]) for i in order if np.isfinite(x[i])]
+    a, b = min([0.0, *shown]), max([0.0, *shown])
+    span = (b - a) or 1.0
+    bar_x = _PAD + (_CHART_NAME + 6) * _FONT_W
+    zero = bar_x + round(-a / span * _CHART_BAR_PX)
+    y0 = (_TITLE_H if head else 0) + _PAD
+    for rank, i in enumerate(order, 1):
+        y = y0 + (rank - 1) * _CHART_ROW
+        name = names[i] if len(names[i]) <= _CHART_NAME else names[i][: _CHART_NAME - 3] + "..."
+        _text(pix, f"{rank:>2}. {name}", y + 1, bar_x - 4, align="right")
+        v = float(x[i])
+        if math.isfinite(v):
+            end = bar_x + round((v - a) / span * _CHART_BAR_PX)
+            left, right = min(zero, end), max(zero, end)
+            pix[y + 1 : y + _LINE, left : max(right, left + 1)] = \
+                _LEVELS - 1 - 20 if v >= 0 else 20
+            p = math.exp(v - top) / total
+            label = f"{v:.4g}  p {p:.3f}"
+        else:
+            label = f"{v}"
+        _text(pix, label, y + 1, bar_x + _CHART_BAR_PX + 6)
+    pix[y0 - 2 : y0 + len(order) * _CHART_ROW, zero] = _INK  # the zero line
+    _title(pix, head)
+    return Picture(canvas, _palette_array(Scale.DIVERGING), info)
 
 
 # --- layout ----------------------------------------------------------------------------------
@@ -397,6 +545,7 @@ class _Geom:
     width: int
     height: int
     lines: int  # text lines under the colour bar
+    head: int = 0  # the title strip above everything (0: none)
 
     @property
     def pitch_y(self) -> int:
@@ -420,39 +569,41 @@ class _Geom:
 
 
 def _place(rows: int, cols: int, n: int, h: int, w: int, f: int, band: int, gap: int,
-           gap_colour: int, row_unit: int, lines: int) -> _Geom:
+           gap_colour: int, row_unit: int, lines: int, head: int = 0) -> _Geom:
     grid_w = cols * (w * f + gap) - gap
     grid_h = rows * (band + h * f + gap) - gap
-    left = top = 0
+    left, top = 0, head
     if row_unit:
         left = len(str((rows - 1) * row_unit)) * _FONT_W + 4  # numbers, a gap, a 2 px tick
-        top = _LINE + 2
+        top += _LINE + 2
     content = left + grid_w
     width = max(content, _MIN_W)
     left += (width - content) // 2  # a narrow grid sits in the middle, above the bar
     height = top + grid_h + _LEGEND_H + (lines * _LINE + 2 if lines else 0)
     return _Geom(rows, cols, n, h, w, f, band, gap, gap_colour, row_unit, left, top, width,
-                 height, lines)
+                 height, lines, head)
 
 
-def _tiles(n: int, h: int, w: int, f: int, lines: int = 0) -> _Geom:
+def _tiles(n: int, h: int, w: int, f: int, lines: int = 0, head: int = 0) -> _Geom:
     """n numbered tiles of h x w values in a near-square grid."""
     cols = 1 if n == 1 else math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     room = w * f >= _LABEL_MIN_PX and len(str(n - 1)) * _FONT_W <= w * f
-    return _place(rows, cols, n, h, w, f, _LINE if room else 0, _TILE_GAP, _PAPER, 0, lines)
+    return _place(rows, cols, n, h, w, f, _LINE if room else 0, _TILE_GAP, _PAPER, 0, lines,
+                  head)
 
 
 def _matrix(rows: int, cols: int, h: int, w: int, f: int, gap: int, row_unit: int,
-            lines: int = 0) -> _Geom:
+            lines: int = 0, head: int = 0) -> _Geom:
     """rows x cols cells of h x w values with row and column ticks."""
-    return _place(rows, cols, rows * cols, h, w, f, 0, gap, _GUTTER, row_unit, lines)
+    return _place(rows, cols, rows * cols, h, w, f, 0, gap, _GUTTER, row_unit, lines, head)
 
 
-def _grid_layout(c: int, h: int, w: int, per_channel: bool = False) -> _Geom | None:
+def _grid_layout(c: int, h: int, w: int, per_channel: bool = False, head: int = 0
+                 ) -> _Geom | None:
     if c * h * w == 0:
         return None
-    return _tiles(c, h, w, _tile_factor(c, h, w), 1 if per_channel else 0)  # a caption line
+    return _tiles(c, h, w, _tile_factor(c, h, w), 1 if per_channel else 0, head)  # a caption
 
 
 def _tile_factor(n: int, h: int, w: int) -> int:
@@ -464,17 +615,17 @@ def _tile_factor(n: int, h: int, w: int) -> int:
     return max(upscale_factor(h, w), min(16, wide))
 
 
-def _vector_layout(n: int) -> _Geom | None:
+def _vector_layout(n: int, head: int = 0) -> _Geom | None:
     if n == 0:
         return None
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     px = max(2, min(_TARGET_PX, math.ceil(_VECTOR_PX / cols)))
-    geom = _matrix(rows, cols, 1, 1, px, 0, cols, min(n, _TOP_K))
-    return geom
+    return _matrix(rows, cols, 1, 1, px, 0, cols, min(n, _TOP_K), head)
 
 
-def _tap_layout(shape: tuple[int, ...], max_side: int) -> tuple[_Geom, str | None] | None:
+def _tap_layout(shape: tuple[int, ...], max_side: int, head: int = 0
+                ) -> tuple[_Geom, str | None] | None:
     h_out, w_out, kh, kw = shape
     if h_out * w_out * kh * kw == 0:
         return None
@@ -485,7 +636,7 @@ def _tap_layout(shape: tuple[int, ...], max_side: int) -> tuple[_Geom, str | Non
     note = None
     if rows < h_out or cols < w_out:
         note = f"drew the top-left {rows}x{cols} of {h_out}x{w_out} windows (cap: {max_side} px)"
-    return _noted(_matrix(rows, cols, kh, kw, f, gap, 1), note), note
+    return _noted(_matrix(rows, cols, kh, kw, f, gap, 1, 0, head), note), note
 
 
 def _wrap(note: str | None, geom: _Geom) -> list[str]:
@@ -506,7 +657,7 @@ def _noted(geom: _Geom, note: str | None) -> _Geom:
     if not extra:
         return geom
     return _place(geom.rows, geom.cols, geom.n, geom.h, geom.w, geom.f, geom.band, geom.gap,
-                  geom.gap_colour, geom.row_unit, geom.lines + extra)
+                  geom.gap_colour, geom.row_unit, geom.lines + extra, geom.head)
 
 
 def _nice_step(pitch: int, room: int) -> int:
@@ -548,7 +699,7 @@ def _ticks(canvas: np.ndarray, geom: _Geom) -> None:
     for c in range(0, geom.cols, _nice_step(geom.pitch_x, room)):
         x = geom.left + c * geom.pitch_x + cell_w // 2
         canvas[geom.top - 3 : geom.top - 1, x] = _INK
-        _text(canvas, str(c), 0, x, align="centre")
+        _text(canvas, str(c), geom.head, x, align="centre")
 
 
 def _bar_box(geom: _Geom) -> tuple[int, int, int]:
@@ -594,7 +745,10 @@ def _lines(canvas: np.ndarray, geom: _Geom, lines: list[str]) -> None:
 
 def _text(canvas: np.ndarray, s: str, y: int, x: int, align: str = "left") -> None:
     """Ink `s` at (y, x) (x is its left end, right end or middle), clipped to the canvas."""
-    mask = _glyphs(s)
+    _ink(canvas, _glyphs(s), y, x, align)
+
+
+def _ink(canvas: np.ndarray, mask: np.ndarray, y: int, x: int, align: str = "left") -> None:
     h, w = mask.shape
     x -= w if align == "right" else w // 2 if align == "centre" else 0
     x = min(max(x, 0), max(canvas.shape[1] - w, 0))

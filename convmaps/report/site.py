@@ -2,14 +2,15 @@
 
 `OUT/report/index.html` and its pages open from disk (`file://`) in any browser, with no
 server, network, CDN or web font: pictures are referenced where convmaps wrote them (never
-inlined), styles are one CSS file, and the little data a script needs sits in the page itself
-(browsers block `fetch` from `file://`). Every page reads without JavaScript; the script only
-names the channel under the mouse and sorts tables.
+inlined) or, `standalone`, hard-linked (copied where the file system links nothing) into
+`report/files/` so that `report/` stands alone; styles are one CSS file, and the little data a
+script needs sits in the page itself (browsers block `fetch` from `file://`). Every page reads
+without JavaScript; the script only names the channel under the mouse and sorts tables.
 
 It covers whatever OUT holds: a dump (`manifest.json`), projections (`projections.json`),
-`filters/` and `topk/`. It reads only files on disk and never runs the model; the pictures of
-the inputs are drawn from the source images with the run's own preprocessing, so receptive-
-field boxes land where the network looked.
+occlusion maps (`occlusion.json`), `filters/` and `topk/`. It reads only files on disk and never
+runs the model; the pictures of the inputs are drawn from the source images with the run's own
+preprocessing, so receptive-field boxes land where the network looked.
 
     >>> import tempfile
     >>> build_report(tempfile.mkdtemp())  # doctest: +ELLIPSIS
@@ -27,8 +28,9 @@ import re
 import shutil
 import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,13 +40,22 @@ from convmaps import __version__
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io import manifest as manifests
-from convmaps.io.store import check_regular, open_regular, read_metadata, symlink_under, write_bytes
+from convmaps.io.store import (
+    check_regular,
+    link_or_copy,
+    open_regular,
+    read_metadata,
+    symlink_under,
+    write_bytes,
+)
 
 __all__ = ["REPORT", "build_report", "remove_report"]
 
 REPORT = "report"
+Phase = Callable[[str, int, int], None]  # on_phase(phase, done, total), as the jobs report
 _PICTURE = re.compile(r"[0-9a-f]{32}\.png")  # inputs/<sha256[:32]>.png
 _MARKER = ".convmaps-report"  # only a folder holding it is ever replaced
+_MADE_FROM = "made by convmaps report from "  # the marker's text, before what it was built from
 _LOCK = ".convmaps-report.lock"  # in OUT: one build at a time swaps report/ into place
 
 
@@ -55,6 +66,7 @@ class _Site:
     out: Path
     dump: dict[str, Any] | None
     projections: dict[str, Any] | None
+    occlusion: dict[str, Any] | None
     filters: list[str]  # conv names with a filters PNG
     filters_meta: dict[str, str]
     topk: dict[str, Any] | None
@@ -64,11 +76,40 @@ class _Site:
     # parts of OUT are joined by what an image is (its sha256), never by its name alone
     by_sha: dict[str, str] = field(default_factory=dict)  # sha256 -> its image page
     projected: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    occluded: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    copies: _Copies | None = None  # a standalone report's copies of the pictures of OUT
 
     @property
     def header(self) -> dict[str, Any]:
-        return self.dump or self.projections or self.topk or {"model": self.filters_meta.get(
+        return self.dump or self.projections or self.occlusion or self.topk or {
+            "model": self.filters_meta.get(
             "model", "?"), "weights": self.filters_meta.get("weights", "?")}
+
+
+@dataclass
+class _Copies:
+    """The pictures of OUT a standalone report shows, hard-linked (copied where the file system
+    links nothing) to `report/files/<their path in OUT>`: the report then needs nothing else."""
+
+    out: Path
+    root: Path  # the report being built
+    link: bool = True  # until the file system refuses a link
+    made: dict[str, str | None] = field(default_factory=dict)  # OUT-relative path -> why not
+
+    def add(self, rel: str) -> str | None:
+        """Copy `OUT/rel` once; None, or why it was not (missing, a symlink, a FIFO, …)."""
+        if rel not in self.made:
+            try:
+                self.link = link_or_copy(self.out, rel, self.root / layout.report_copy(rel),
+                                         self.link)
+                self.made[rel] = None
+            except OSError as e:
+                self.made[rel] = f"{rel} not copied: {e.strerror or e}"
+        return self.made[rel]
+
+    @property
+    def notes(self) -> list[str]:
+        return [why for why in self.made.values() if why]
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -77,16 +118,17 @@ class _Site:
 def _read_site(out: Path) -> _Site:
     dump = manifests.read(out)
     projections = manifests.read(out, layout.PROJECTIONS_MANIFEST)
+    occlusion = manifests.read(out, layout.OCCLUSION_MANIFEST)
     folder = out / layout.FILTERS
     listed = manifests.read(folder)  # only what the last filters run wrote: no stale grids
     filters = [m for m in (listed or {}).get("modules", [])
                if (folder / layout.filter_png(m)).is_file()]
     filters_meta = read_metadata(folder / layout.FILTER_WEIGHTS) or {}
     topk = manifests.read(out / layout.TOPK) if (out / layout.TOPK).is_dir() else None
-    if not (dump or projections or filters or topk):
+    if not (dump or projections or occlusion or filters or topk):
         raise ConvmapsError(f"{out} holds nothing to report (no manifest.json, projections.json,"
-                            " filters/ or topk/)")
-    site = _Site(out, dump, projections, filters, filters_meta, topk)
+                            " occlusion.json, filters/ or topk/)")
+    site = _Site(out, dump, projections, occlusion, filters, filters_meta, topk)
     if topk is not None:
         site.units = _read_topk(out / layout.TOPK, topk)
     return site
@@ -160,9 +202,11 @@ def _png_text(path: Path) -> dict[str, str]:
 # --- pictures of the inputs ------------------------------------------------------------------
 
 
-def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]]) -> None:
+def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]],
+                 on_phase: Phase | None = None) -> None:
     """The preprocessed input of every entry, de-normalised, as `inputs/<sha256>.png` (kept
-    between builds: an image's picture changes only with its bytes)."""
+    between builds: an image's picture changes only with its bytes); `on_phase("pictures",
+    done, total)` as they are drawn."""
     todo = {}
     for e in entries:
         sha = e.get("sha256")
@@ -182,6 +226,8 @@ def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]]) -> 
         site.pictures.clear()
         return
     mean, std = normalisation(preprocess)
+    if on_phase:
+        on_phase("pictures", 0, len(todo))
 
     def draw(item: tuple[str, str]) -> None:
         sha, source = item
@@ -201,8 +247,10 @@ def _draw_inputs(site: _Site, root: Path, entries: Iterable[dict[str, Any]]) -> 
 
     # One at a time, in this thread: decoding sets process-wide warning filters (decompression
     # bombs are errors), which threads would share and undo for each other.
-    for item in sorted(todo.items()):
+    for n, item in enumerate(sorted(todo.items()), 1):
         draw(item)
+        if on_phase:
+            on_phase("pictures", n, len(todo))
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -282,10 +330,11 @@ def _index(site: _Site) -> str:
         ok = sum(1 for e in site.dump["inputs"] if e["status"] == "ok")
         parts.append(f"<h2>Images ({ok} of {len(site.dump['inputs'])} ok)</h2>"
                      + _table(["", "image", "predicted", "status"], rows, sortable=True))
-    elif site.projections:
-        links = [f'<li><a href="{_url(site.pages[e["key"]])}">{_e(e["key"])}</a></li>'
-                 for e in site.projections["inputs"] if e["key"] in site.pages]
-        parts.append("<h2>Images with projections</h2><ul>" + "".join(links) + "</ul>")
+    elif site.pages:
+        links = [f'<li><a href="{_url(page)}">{_e(key)}</a></li>'
+                 for key, page in site.pages.items()]
+        parts.append("<h2>Images with projections or occlusion maps</h2><ul>" + "".join(links)
+                     + "</ul>")
     if site.topk:
         parts.append(f'<h2>Top-k</h2><p><a href="topk/index.html">{len(site.units)} module(s)'
                      f'</a> over {len(site.topk["inputs"])} image(s)</p>')
@@ -295,7 +344,15 @@ def _index(site: _Site) -> str:
     return _page(f"{h.get('model')} · report", "\n".join(parts), "", site)
 
 
-def _figure(src: str, caption: str, attrs: str = "") -> str:
+def _figure(site: _Site, rel: str, up: str, caption: str, attrs: str = "") -> str:
+    """The figure of the picture `OUT/rel` on a page `up` below report/: where convmaps wrote
+    it, or, in a standalone report, its copy inside report/ (a note where none was made)."""
+    if site.copies is None:
+        src = f"{up}../{rel}"
+    elif (why := site.copies.add(rel)) is None:
+        src = f"{up}{layout.report_copy(rel)}"
+    else:
+        return f'<figure><p class="note">{_e(why)}</p><figcaption>{caption}</figcaption></figure>'
     return (f'<figure><img src="{_url(src)}" alt="{_e(caption)}" loading="lazy"{attrs}>'
             f"<figcaption>{caption}</figcaption></figure>")
 
@@ -312,10 +369,11 @@ def _hover(path: Path, shape: list[int] | None, png_scale: str) -> str:
     return attrs
 
 
-def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) -> str:
+def _image_page(site: _Site, e: dict[str, Any], units: dict[str, dict[int, int]]) -> str:
+    """An image: its picture and predictions, its maps, its projections, then the top-k units
+    it is among the k images of (`units`: module -> unit -> its best rank there, from 0)."""
     key, up = e["key"], "../"
     folder = site.out / key
-    base = f"../../{key}"
     parts = []
     pic = site.pictures.get(e.get("sha256") or "")
     head = f'<img class="input" src="{up}{_url(pic)}" alt="input">' if pic else ""
@@ -325,9 +383,6 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
                      ) if top else ""
     parts.append(f'<div class="row">{head}<div><p>source <code>{_e(e["source"])}</code><br>'
                  f'sha256 <code>{_e(e.get("sha256"))}</code></p>{guesses}</div></div>')
-    if links:
-        parts.append("<h2>Top-k units this image drives</h2><p>" + ", ".join(
-            f'<a href="{up}{_url(page)}">{_e(label)}</a>' for label, page in links) + "</p>")
     files = set(e.get("files", []))
     if site.dump and e in site.dump["inputs"]:
         shapes = {r["name"]: r.get("out_shape") for r in site.dump.get("layers", [])}
@@ -338,7 +393,7 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
             rel = layout.ImageLayout().activation_png(k)
             if rel in files:
                 shape = shapes.get(k.split("@")[0])
-                figs.append(_figure(f"{base}/{rel}", f"{_e(k)} · {_shape(shape)}",
+                figs.append(_figure(site, f"{key}/{rel}", up, f"{_e(k)} · {_shape(shape)}",
                                     _hover(folder / rel, shape, scale)))
         if figs:
             parts.append('<h2>Feature maps</h2><div class="grid">' + "".join(figs) + "</div>")
@@ -347,7 +402,7 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
                 prefix = layout.filter_png_folder(kind, conv) + "/"
                 pngs = sorted(f for f in files if f.startswith(prefix))
                 if pngs:
-                    figs = [_figure(f"{base}/{f}", f"{_e(conv)} filter {_e(Path(f).stem)}")
+                    figs = [_figure(site, f"{key}/{f}", up, f"{_e(conv)} filter {_e(Path(f).stem)}")
                             for f in pngs]
                     parts.append(f"<details><summary>{_e(kind[:-1])} maps of {_e(conv)} "
                                  f"({len(pngs)} filter(s))</summary><div class=\"grid\">"
@@ -360,10 +415,40 @@ def _image_page(site: _Site, e: dict[str, Any], links: list[tuple[str, str]]) ->
             if (k := layout.projection_of_png(f)) is not None:
                 cap = (f"{_e(k)} · value {_e(meta.get(k + '.value', '?'))} · at "
                        f"{_e(meta.get(k + '.position') or '—')}")
-                figs.append(_figure(f"{base}/{f}", cap, ' class="wide"'))
+                figs.append(_figure(site, f"{key}/{f}", up, cap, ' class="wide"'))
         if figs:
             parts.append("<h2>Projections to pixel space</h2>" + "".join(figs))
+    occ = site.occluded.get((key, e.get("sha256") or ""))
+    if occ and layout.OCCLUSION_PNG in occ.get("files", []):
+        meta = read_metadata(folder / layout.OCCLUSION) or {}
+        cap = (f"a {_e(meta.get('patch', '?'))} px grey square every "
+               f"{_e(meta.get('stride', '?'))} px · target {_e(meta.get('target_name', '?'))} · "
+               f"unit {_e(meta.get('units') or '—')}")
+        parts.append("<h2>Occlusion (where the network looks)</h2>"
+                     + _figure(site, f"{key}/{layout.OCCLUSION_PNG}", up, cap, ' class="wide"'))
+    if units:
+        parts.append(_units_driven(units, up))
     return _page(key, "\n".join(parts), up, site)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _units_driven(units: dict[str, dict[int, int]], up: str) -> str:
+    """The top-k units an image drives, folded per module (a topk run over AlexNet names
+    some thousand of them for one image): each module's count, then its units' links."""
+    total = sum(len(r) for r in units.values())
+    folds = []
+    for name, ranks in units.items():
+        links = ", ".join(f'<a href="{up}{_url(layout.TOPK, name, str(c))}.html" title="this '
+                          f'image is #{r + 1} of the unit\'s top-k">{c}</a>'
+                          for c, r in sorted(ranks.items()))
+        folds.append(f"<details><summary>{_e(name)} · {_plural(len(ranks), 'unit')}</summary>"
+                     f"<p>{links}</p></details>")
+    return (f'<h2 id="topk">Top-k units this image drives</h2><p>It is among the top-k images '
+            f"of {_plural(total, 'unit')} in {_plural(len(units), 'module')}.</p>"
+            + "".join(folds))
 
 
 def _projection_entry(site: _Site, e: dict[str, Any]) -> dict[str, Any] | None:
@@ -372,7 +457,7 @@ def _projection_entry(site: _Site, e: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _filters_page(site: _Site) -> str:
-    figs = [_figure(_url("..", layout.FILTERS, layout.filter_png(name)), _e(name))
+    figs = [_figure(site, f"{layout.FILTERS}/{layout.filter_png(name)}", "", _e(name))
             for name in site.filters]
     meta = site.filters_meta
     intro = f"<p>{len(site.filters)} conv layer(s) of {_e(meta.get('model', '?'))} " \
@@ -401,7 +486,7 @@ def _topk_module(site: _Site, name: str) -> str:
     grid = _topk_layout(site).module_png(name)
     parts = []
     if (site.out / layout.TOPK / grid).is_file():
-        parts.append(_figure(_url("../..", layout.TOPK, grid),
+        parts.append(_figure(site, f"{layout.TOPK}/{grid}", "../",
                              f"{_e(name)}: each unit's top-1 patch"))
     rows = []
     for c, vals in enumerate(values):
@@ -432,7 +517,7 @@ def _topk_unit(site: _Site, name: str, c: int) -> str:
     parts = []
     fig = _topk_layout(site).channel_png(name, c)
     if (site.out / layout.TOPK / fig).is_file():
-        parts.append(_figure(_url(f"{up}..", layout.TOPK, fig),
+        parts.append(_figure(site, f"{layout.TOPK}/{fig}", up,
                              f"{_e(name)} unit {c}: top patches and their projections",
                              ' class="wide"'))
     cells = []
@@ -470,12 +555,17 @@ def _asset(name: str) -> bytes:
     return (resources.files("convmaps") / "data" / "report" / name).read_bytes()
 
 
-def build_report(out: str | Path) -> Path:
+def build_report(out: str | Path, standalone: bool = False, on_phase: Phase | None = None,
+                 on_note: Callable[[str], None] | None = None) -> Path:
     """Write `OUT/report/` for what OUT holds; returns the path of its index.html.
 
     The site is built in a temporary folder beside it and then moved into place, so a
     browser never sees half a report; an existing `report/` is replaced only if convmaps
-    made it.
+    made it. Its pages show the pictures of OUT where convmaps wrote them; `standalone`
+    puts every one inside `report/` instead (hard links, or copies where the file system
+    makes none), so that `report/` alone can be moved, zipped and opened anywhere.
+    `on_phase(phase, done, total)` reports progress (`pictures` of the inputs drawn,
+    `pages` written); `on_note` gets what the reader should know (a picture not copied).
 
     Raises:
         ConvmapsError: OUT holds nothing convmaps wrote, or its `report/` is not convmaps'.
@@ -485,10 +575,11 @@ def build_report(out: str | Path) -> Path:
         raise ConvmapsError(f"{out} is not a folder")
     site = _read_site(out)  # first: a folder with nothing to report gets no lock file
     with _locked(out):
-        return _build(site)
+        return _build(site, standalone, on_phase, on_note or (lambda _: None))
 
 
-def _build(site: _Site) -> Path:
+def _build(site: _Site, standalone: bool, on_phase: Phase | None,
+           on_note: Callable[[str], None]) -> Path:
     out = site.out
     final = out / REPORT
     if final.exists() and not (final / _MARKER).is_file():
@@ -503,7 +594,14 @@ def _build(site: _Site) -> Path:
     try:
         if (final / "inputs").is_dir():  # pictures of unchanged images are kept
             shutil.copytree(final / "inputs", root / "inputs", ignore=_not_regular)
-        _write_site(site, root)
+        if standalone:
+            site.copies = _Copies(out, root)
+        elif _built_from(final).get("standalone"):
+            on_note(f"{final} was standalone; it now shows the pictures where they are in "
+                    "OUT again (--standalone keeps it whole)")
+        _write_site(site, root, on_phase)
+        for note in site.copies.notes if site.copies else []:
+            on_note(note)
         if final.exists():
             old = out / layout.temp_name(f"{REPORT}-old", os.getpid())
             final.rename(old)
@@ -573,50 +671,71 @@ def _remove_stale(out: Path) -> None:
             continue
 
 
-def _write_site(site: _Site, root: Path) -> None:
-    entries = [*(site.dump or {}).get("inputs", []), *(site.projections or {}).get("inputs", [])]
+def _built_from(report: Path) -> dict[str, Any]:
+    """What the report in `report` was built from, as its marker records it ({} if unknown)."""
+    try:
+        with open_regular(report / _MARKER) as f:
+            text = f.read(1 << 20).decode()
+        built = json.loads(text.removeprefix(_MADE_FROM))
+    except (OSError, ValueError):
+        return {}
+    return built if isinstance(built, dict) else {}
+
+
+def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
+    parts = [m.get("inputs", []) for m in (site.dump, site.projections, site.occlusion) if m]
+    entries = [e for part in parts for e in part]
     topk_inputs = (site.topk or {}).get("inputs", [])
     winners = {i for u in site.units.values() for row in u.get("images", []) for i in row}
     entries += [e for i, e in enumerate(topk_inputs) if i in winners]
-    _draw_inputs(site, root, entries)
-    pages: list[dict[str, Any]] = []  # image pages: dump images, then images with projections only
+    _draw_inputs(site, root, entries, on_phase)
+    pages: list[dict[str, Any]] = []  # image pages: dump images, then the others' images
     seen = set()
-    for e in [*(site.dump or {}).get("inputs", []), *(site.projections or {}).get("inputs", [])]:
+    for e in [e for part in parts for e in part]:
         if e["status"] == "ok" and e["key"] not in seen:
             seen.add(e["key"])
             site.pages[e["key"]] = f"images/{len(pages)}.html"
             site.by_sha.setdefault(e.get("sha256") or "", site.pages[e["key"]])
             pages.append(e)
-    site.projected = {(e["key"], e.get("sha256") or ""): e
-                      for e in (site.projections or {}).get("inputs", []) if e["status"] == "ok"}
-    back: dict[str, list[tuple[str, str]]] = {}  # image sha256 -> its top-k units
-    if site.topk:
-        for name, u in site.units.items():
-            for c, row in enumerate(u.get("images", [])):
-                for index in row:
-                    if 0 <= index < len(topk_inputs):
-                        back.setdefault(topk_inputs[index].get("sha256") or "", []).append(
-                            (f"{name}:{c}", f"topk/{name}/{c}.html"))
-    files: dict[str, str] = {"index.html": _index(site)}
-    for e in pages:
-        files[site.pages[e["key"]]] = _image_page(site, e, back.get(e.get("sha256") or "", []))
+    site.projected, site.occluded = ({(e["key"], e.get("sha256") or ""): e
+                                      for e in (m or {}).get("inputs", []) if e["status"] == "ok"}
+                                     for m in (site.projections, site.occlusion))
+    # image sha256 -> module -> unit -> the image's best rank among the unit's top k
+    back: dict[str, dict[str, dict[int, int]]] = {}
+    for name, u in site.units.items():
+        for c, row in enumerate(u.get("images", [])):
+            for rank, index in enumerate(row):
+                if 0 <= index < len(topk_inputs):
+                    ranks = back.setdefault(topk_inputs[index].get("sha256") or "", {}
+                                            ).setdefault(name, {})
+                    ranks[c] = min(ranks.get(c, rank), rank)
+    # every page, made and written one at a time: ~1,100 unit pages after a topk of AlexNet
+    files: list[tuple[str, Callable[[], str]]] = [("index.html", partial(_index, site))]
+    files += [(site.pages[e["key"]], partial(_image_page, site, e, back.get(
+        e.get("sha256") or "", {}))) for e in pages]
     if site.filters:
-        files["filters.html"] = _filters_page(site)
+        files.append(("filters.html", partial(_filters_page, site)))
     if site.topk:
-        files["topk/index.html"] = _topk_index(site)
+        files.append(("topk/index.html", partial(_topk_index, site)))
         for name, u in site.units.items():
-            files[f"topk/{name}.html"] = _topk_module(site, name)
-            for c in range(len(u.get("values", []))):
-                files[f"topk/{name}/{c}.html"] = _topk_unit(site, name, c)
-    for rel, text in files.items():
-        write_bytes(root / rel, text.encode(), sync=False)
+            files.append((f"topk/{name}.html", partial(_topk_module, site, name)))
+            files += [(f"topk/{name}/{c}.html", partial(_topk_unit, site, name, c))
+                      for c in range(len(u.get("values", [])))]
+    if on_phase:
+        on_phase("pages", 0, len(files))
+    for n, (rel, page) in enumerate(files, 1):
+        write_bytes(root / rel, page().encode(), sync=False)
+        if on_phase:
+            on_phase("pages", n, len(files))
     for asset in ("style.css", "report.js"):
         write_bytes(root / asset, _asset(asset), sync=False)
-    # what the site was built from: each part's run, and the inputs it joined by sha256
-    built_from = {part: {"run": m.get("run"), "inputs": len(m.get("inputs", []))}
+    # what the site was built from: each part's run, the inputs it joined by sha256, and
+    # whether it holds its pictures
+    built_from: dict[str, Any] = {part: {"run": m.get("run"), "inputs": len(m.get("inputs", []))}
                   for part, m in (("dump", site.dump), ("projections", site.projections),
-                                  ("topk", site.topk)) if m}
+                                  ("occlusion", site.occlusion), ("topk", site.topk)) if m}
     if site.filters:
         built_from["filters"] = {"modules": site.filters}
-    write_bytes(root / _MARKER, ("made by convmaps report from " + json.dumps(
+    built_from["standalone"] = site.copies is not None
+    write_bytes(root / _MARKER, (_MADE_FROM + json.dumps(
         built_from, sort_keys=True) + "\n").encode(), sync=False)
