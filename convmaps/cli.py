@@ -307,16 +307,21 @@ def _options(ctx: typer.Context, values: dict[str, Any], only_given: bool) -> di
             only_given and getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE"
         ):
             continue
-        if name == "dtype" and value not in DType.__members__:
-            raise ConvmapsError(f"--dtype {value!r}: choose float32, float16 or bfloat16")
         if name == "png_scale" and value not in PngScale.__members__:
             raise ConvmapsError(f"--png-scale {value!r}: choose layer or channel")
         if name == "inputs":
             value = [str(p) for p in value or []]
         if name == "png_scale":
             value = PngScale(value)
-        out[name] = DType(value) if name == "dtype" else str(value) if name == "out" else value
+        out[name] = _dtype(value) if name == "dtype" else str(value) if name == "out" else value
     return out
+
+
+def _dtype(value: str) -> DType:
+    """A `--dtype` value, checked."""
+    if value not in DType.__members__:
+        raise ConvmapsError(f"--dtype {value!r}: choose float32, float16 or bfloat16")
+    return DType(value)
 
 
 def run(ctx: typer.Context, config: Path, **values: Any) -> None:
@@ -673,6 +678,10 @@ def topk(
         int, typer.Option("--png-cap", min=0, help="A figure for the first N channels of "
                           "each module.")
     ] = 16,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Storage dtype of the projections: float32, float16 "
+                          "or bfloat16.")
+    ] = "float32",
     max_bytes: MaxBytesOpt = "8GB",
 ) -> None:
     """Per module and channel, the k images whose maximum over space is largest, with where,
@@ -686,7 +695,8 @@ def topk(
     o = TopkOptions(model=model, inputs=[str(p) for p in inputs or []], layers=layers, k=k,
                     project=project, out=str(out), weights=weights, arch=arch,
                     batch_size=batch_size, workers=workers, threads=threads, device=device,
-                    shard=shard, resume=resume, png=png, png_cap=png_cap, max_bytes=max_bytes)
+                    shard=shard, resume=resume, png=png, png_cap=png_cap, dtype=_dtype(dtype),
+                    max_bytes=max_bytes)
     _job(o, Topk())
 
 

@@ -166,6 +166,7 @@ class TopkOptions:
     resume: bool = True
     png: bool = True
     png_cap: int = 16  # channels per module that get a figure
+    dtype: DType = DType.float32  # storage dtype of the projections
     max_bytes: str = "8GB"
     checkpoint_seconds: float = 60.0  # how often the partial top-k is saved while running
 

@@ -21,7 +21,9 @@ from convmaps.core.deconv import (
     parse_unit,
     project,
     project_each,
+    project_jobs,
 )
+from convmaps.core.fields import fields
 from convmaps.core.models import build, load_model
 from convmaps.errors import ConvmapsError
 
@@ -177,6 +179,165 @@ def test_conv_stride_that_does_not_divide_needs_output_padding(alexnet64):
     image = torch.randn(3, 64, 64, dtype=F64)
     (p,) = project(alexnet64, image, [Unit("features.3", 0)], method=Method.chain)
     assert p.map.shape == (3, 64, 64)
+
+
+# ------------------------------------------------- windows == whole maps, the reference
+
+
+def _edge_units(model: nn.Module, shape: tuple[int, ...], modules: list[str]) -> list[Unit]:
+    """Units of each module at its corners (windows cut by every image edge), its middle, and
+    its strongest position (position None)."""
+    shapes = output_shapes(model, shape)
+    units = []
+    for i, name in enumerate(modules):
+        c, h, w = shapes[name]
+        for j, where in enumerate([(0, 0), (h - 1, w - 1), (0, w - 1), (h // 2, w // 2), None]):
+            units.append(Unit(name, (3 * i + j) % c, where))
+    return units
+
+
+def _tiny_chain() -> nn.Sequential:
+    """Uneven strides, padding, groups, ceil_mode, a dilated pool, average pools and an
+    adaptive pool of plain windows (which windows follow), on a non-square input (the odd
+    chain has a dilated conv)."""
+    torch.manual_seed(11)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(2, 6, (3, 5), stride=(2, 3), padding=(2, 1))),
+        ("bn1", nn.BatchNorm2d(6)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", nn.MaxPool2d(2, stride=2, ceil_mode=True)),  # 13 -> 7: the last reads 1
+        ("conv2", nn.Conv2d(6, 8, 3, padding=1, groups=2)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2, stride=1, dilation=2, ceil_mode=True)),
+        ("avg", nn.AvgPool2d((2, 3), stride=(1, 2))),
+        ("adaptive", nn.AdaptiveAvgPool2d((2, 1))),
+        ("drop", nn.Dropout()),
+        ("conv3", nn.Conv2d(8, 5, 1)),
+    ])).double().eval()
+    return _shake_batchnorm(net)
+
+
+WINDOW_CASES = {
+    "alexnet": ("alexnet64", (3, 64, 64), ["features.0", "features.2", "features.3",
+                                           "features.8", "features.10", "features.12"]),
+    "vgg11": ("vgg11_64", (3, 32, 32), ["features.0", "features.4", "features.8",
+                                        "features.13", "features.18"]),
+    "lenet": ("lenet64", (1, 28, 28), ["C1", "S2", "C3", "relu3", "S4"]),
+    "tiny": ("tiny64", (2, 23, 31), ["conv1", "bn1", "pool1", "conv2", "pool2", "avg",
+                                     "adaptive", "conv3"]),
+    "odd": ("odd64", (3, 29, 23), ["conv1", "pool1", "conv2", "avg"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny64() -> nn.Module:
+    return _tiny_chain()
+
+
+@pytest.fixture(scope="module")
+def odd64() -> nn.Module:
+    return _odd_chain()
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_windows_equal_whole_maps(case, mode, request):
+    """The chain on each unit's window gives the whole-map chain's maps (float64: 1e-10), and
+    autograd's; trimmed, a map is its window, which holds the unit's receptive-field box."""
+    fixture, shape, modules = WINDOW_CASES[case]
+    model = request.getfixturevalue(fixture)
+    images = torch.randn((2, *shape), dtype=F64, generator=torch.Generator().manual_seed(4))
+    units = _edge_units(model, shape, modules)
+    jobs = [(i % 2, u) for i, u in enumerate(units)]
+    windowed = project_jobs(model, images, jobs, mode, batch_size=4, method=Method.chain)
+    whole = project_jobs(model, images, jobs, mode, method=Method.chain, windowed=False)
+    auto = project_jobs(model, images, jobs, mode, method=Method.autograd)
+    trimmed = project_jobs(model, images, jobs, mode, batch_size=4, method=Method.chain,
+                           trim=True)
+    boxes = fields(model, shape)
+    nonzero = cut = 0
+    for a, b, c, t in zip(windowed, whole, auto, trimmed, strict=True):
+        assert (a.position, a.value) == (b.position, b.value) == (t.position, t.value)
+        assert a.map.shape == shape and a.origin == (0, 0)
+        if b.map.abs().max() == 0:
+            assert a.map.abs().max() == 0, a.unit
+            continue
+        nonzero += 1
+        assert _rel(a.map, b.map) < 1e-10, a.unit
+        assert _rel(a.map, c.map) < 1e-10, a.unit
+        # the trimmed map is the same map, cut to a window that holds the box
+        (y, x), (h, w) = t.origin, t.map.shape[-2:]
+        top, left, bottom, right = boxes[a.unit.module].box(*a.position)
+        assert y <= top and x <= left and bottom <= y + h and right <= x + w, a.unit
+        if case in ("alexnet", "vgg11", "lenet"):  # no dilation: the box is the window
+            assert (y, x, y + h, x + w) == (top, left, bottom, right), a.unit
+        cut += (h, w) != shape[1:]
+        placed = torch.zeros(shape[0], shape[1] + 2 * h, shape[2] + 2 * w, dtype=F64)
+        placed[:, h + y:2 * h + y, w + x:2 * w + x] = t.map
+        assert torch.equal(placed[:, h:h + shape[1], w:w + shape[2]], a.map), a.unit
+        assert torch.count_nonzero(placed) == torch.count_nonzero(a.map)  # 0 off the image
+    assert nonzero >= len(units) // 2 and cut >= 5  # at least the first module's
+
+
+@pytest.mark.parametrize("name,shape", [("alexnet", (3, 224, 224)), ("vgg11", (3, 64, 64))])
+def test_windows_equal_whole_maps_in_float32(name, shape):
+    """Float32, random weights (weights none): every mode to 1e-5 of the largest value."""
+    model = build(name).eval()
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    units = _edge_units(model, shape, [convs[0], convs[2], convs[-1]])
+    for mode in Mode:
+        windowed = project(model, image, units, mode, method=Method.chain)
+        whole = project(model, image, units, mode, method=Method.chain, windowed=False)
+        for a, b in zip(windowed, whole, strict=True):
+            assert a.map.dtype == torch.float32 and a.value == b.value
+            torch.testing.assert_close(a.map, b.map, rtol=0,
+                                       atol=1e-5 * float(b.map.abs().max()))
+
+
+def test_linear_units_and_windows_in_one_chunk(alexnet64):
+    """Units of 1-D outputs go down over whole maps beside windowed ones, in slices of
+    batch_size seeds however many an image has."""
+    images = torch.randn(3, 3, 64, 64, dtype=F64, generator=torch.Generator().manual_seed(9))
+    units = [Unit("features.10", c) for c in range(5)] + [Unit("classifier.4", c)
+                                                        for c in range(5)]
+    jobs = [(i % 3, u) for i, u in enumerate(units * 2)]
+    for mode in Mode:
+        small = project_jobs(alexnet64, images, jobs, mode, batch_size=2, method=Method.chain)
+        whole = project_each(alexnet64, images[[i for i, _ in jobs]], [u for _, u in jobs],
+                             mode, method=Method.chain, windowed=False)
+        for a, b in zip(small, whole, strict=True):
+            assert (a.unit, a.position) == (b.unit, b.position)
+            assert math.isclose(a.value, b.value, rel_tol=1e-9, abs_tol=1e-12)  # other batches
+            assert _rel(a.map, b.map) < 1e-10, a.unit
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_jobs_run_each_image_forward_once(alexnet64, method):
+    """project_jobs: an image with many jobs runs forward once (the chain: however many jobs;
+    autograd: once per batch_size of them), and gives what one row per job gives."""
+    images = torch.randn(3, 3, 64, 64, dtype=F64, generator=torch.Generator().manual_seed(10))
+    which = [0, 2, 2, 1, 0, 2, 0, 0, 2, 1, 2, 2]
+    units = [Unit(f"features.{(3, 6, 10)[i % 3]}", i) for i in range(len(which))]
+    rows: list[int] = []
+    handle = alexnet64.features[0].register_forward_hook(lambda m, a, o: rows.append(len(a[0])))
+    try:
+        got = project_jobs(alexnet64, images, list(zip(which, units, strict=True)), Mode.guided,
+                           batch_size=3, method=method)
+    finally:
+        handle.remove()
+    if method == Method.chain:
+        assert sum(rows) == 3
+    else:
+        assert sum(rows) == sum(math.ceil(which.count(i) / 3) for i in range(3))
+    each = project_each(alexnet64, images[which], units, Mode.guided, method=method,
+                        windowed=False)
+    for a, b in zip(got, each, strict=True):
+        assert (a.unit, a.position) == (b.unit, b.position)
+        assert math.isclose(a.value, b.value, rel_tol=1e-9, abs_tol=1e-12)
+        assert _rel(a.map, b.map) < 1e-12, a.unit
+    with pytest.raises(ConvmapsError, match="job image 3 is not among the 3 images"):
+        project_jobs(alexnet64, images, [(3, units[0])])
 
 
 # ----------------------------------------------------- gradient mode == torch.autograd.grad

@@ -276,6 +276,86 @@ def test_plumbing_deconvnet_crops_are_project_of_that_unit(tmp_path):
                                            atol=1e-6)
 
 
+def _whole_map_crops(manifest: dict, folder: Path, name: str, loaded, mode: str,
+                     channels: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored projections of `channels`, and the same entries computed independently: one
+    image row per entry, over whole maps (the chain without windows), cropped to the boxes."""
+    from convmaps.core.deconv import Method, Unit, project_each
+
+    got = _read(folder / f"{name}.safetensors")
+    sources = [e["source"] for e in manifest["inputs"]]
+    k = got["values"].shape[1]
+    pairs = [(c, r) for c in channels for r in range(k)]
+    rows = torch.stack([loaded.preprocess(decode(sources[int(got["images"][c, r])]))
+                        for c, r in pairs])
+    spatial = "positions" in got
+    units = [Unit(name, c, tuple(got["positions"][c, r].tolist()) if spatial else None)
+             for c, r in pairs]
+    whole = project_each(loaded.model, rows, units, mode, method=Method.chain, windowed=False)
+    size = got["projections"].shape[-2:]
+    want = torch.stack([crop(p.map, got["boxes"][c, r].tolist(), size, 0.0)
+                        for (c, r), p in zip(pairs, whole, strict=True)])
+    return got["projections"][list(channels)].flatten(0, 1), want
+
+
+@pytest.mark.parametrize("mode", ["deconvnet", "guided", "gradient"])
+def test_projections_equal_the_whole_map_chain_one_row_per_entry(tmp_path, mode):
+    """Windows and one forward pass per distinct winner change nothing: every LeNet module's
+    stored projections (a 1-D one included) are the whole-map chain's, image by image."""
+    layers = "C1,S2,C3,S4,C5,F6"
+    manifest = _topk(tmp_path, [], layers=layers, k=3, project=mode, png=False, batch_size=3)
+    loaded = load_model("lenet")
+    for name in layers.split(","):
+        got, want = _whole_map_crops(manifest, tmp_path / "out" / "topk", name, loaded, mode,
+                                     range(0, 6))
+        assert want.abs().amax() > 0
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_alexnet_projections_equal_the_whole_map_chain(tmp_path):
+    """AlexNet (weights none), winners that win many channels: the same, to 1e-5."""
+    for i in range(3):
+        write_image(tmp_path / "in" / f"{i}.png", size=(64, 48), seed=40 + i)
+    manifest = run_topk(plan_topk(TopkOptions(
+        model="alexnet", weights="none", layers="10", k=2, inputs=[str(tmp_path / "in")],
+        out=str(tmp_path / "out"), batch_size=4, workers=0, png=False)))
+    loaded = load_model("alexnet", weights="none")
+    got, want = _whole_map_crops(manifest, tmp_path / "out" / "topk", "features.10", loaded,
+                                 "deconvnet", range(0, 256, 51))
+    assert want.abs().amax() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_float16_stores_the_float32_projections_rounded(tmp_path):
+    common = {"layers": "C1,C3,F6", "k": 3, "png_cap": 2}
+    _topk(tmp_path, [], out="f32", **common)
+    result = CliRunner().invoke(app, ["topk", "lenet", "--out", str(tmp_path / "f16"),
+                                      "--layers", "C1,C3,F6", "-k", "3", "--png-cap", "2",
+                                      "--workers", "0", "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    for name in ("C1", "C3", "F6"):
+        path = tmp_path / "f16" / "topk" / f"{name}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["dtype"] == "float16"
+            assert f.get_slice("projections").get_dtype() == "F16"
+        half, full = _read(path), _read(tmp_path / "f32" / "topk" / f"{name}.safetensors")
+        assert half["projections"].dtype == torch.float16
+        assert torch.equal(half["projections"], full["projections"].half())
+        assert half["projections"].abs().amax() > 0
+        for key in ("values", "images", "boxes"):
+            assert torch.equal(half[key], full[key]), key
+        # the figures draw the float32 maps: the same pictures
+        png = f"png/{name}/0.png"
+        assert (tmp_path / "f16" / "topk" / png).read_bytes() == \
+            (tmp_path / "f32" / "topk" / png).read_bytes()
+        saved = (tmp_path / "f32" / "topk" / f"{name}.safetensors").stat().st_size - \
+            path.stat().st_size  # half the projections' bytes, give or take the header's
+        assert abs(saved - 2 * half["projections"].numel()) < 100
+    bad = CliRunner().invoke(app, ["topk", "lenet", "--out", str(tmp_path / "o"),
+                                   "--dtype", "float8"])
+    assert bad.exit_code == 1 and "--dtype 'float8'" in bad.output
+
+
 @pytest.fixture
 def photos(tmp_path) -> Path:
     root = tmp_path / "photos"

@@ -47,6 +47,7 @@ from convmaps.core import chain
 from convmaps.core.capture import select, trace
 from convmaps.core.fields import _pair
 from convmaps.core.pooling import switches
+from convmaps.core.ranking import crop
 from convmaps.errors import ConvmapsError
 from convmaps.options import Mode
 
@@ -60,6 +61,7 @@ __all__ = [
     "parse_unit",
     "project",
     "project_each",
+    "project_jobs",
 ]
 
 
@@ -90,12 +92,18 @@ class Unit:
 @dataclass(frozen=True)
 class Projection:
     """A unit's projection for one image: where the unit was (None for 1-D outputs), its forward
-    value, and the map `(C_in, H, W)` in the input tensor's space and dtype."""
+    value, and the map `(C_in, H, W)` in the input tensor's space and dtype.
+
+    A trimmed projection (`trim=True`) holds only the unit's window, `(C_in, h, w)` with its
+    top-left at `origin` in the input (negative, or reaching past the far edges, where the
+    window does; zero there); the projection is zero outside it. Otherwise origin is (0, 0).
+    """
 
     unit: Unit
     position: tuple[int, int] | None
     value: float
     map: torch.Tensor = field(repr=False)
+    origin: tuple[int, int] = (0, 0)
 
 
 # ---------------------------------------------------------------------------------- units
@@ -181,12 +189,15 @@ def parse_unit(text: str, model: nn.Module, out_shapes: Mapping[str, Sequence[in
 # ------------------------------------------------------------------------ shared pieces
 
 
-def _relu_rule(mode: Mode, signal: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """A ReLU's backward rule; `positive` is `forward input > 0` (broadcastable to `signal`)."""
+def _relu_rule(mode: Mode, signal: torch.Tensor, positive: torch.Tensor | None) -> torch.Tensor:
+    """A ReLU's backward rule; `positive` is `forward input > 0` (broadcastable to `signal`),
+    which deconvnet does not read (None will do)."""
+    if mode == Mode.deconvnet:
+        return signal.clamp(min=0)
+    assert positive is not None
     if mode == Mode.gradient:
         return torch.where(positive, signal, 0)
-    rectified = signal.clamp(min=0)
-    return rectified if mode == Mode.deconvnet else torch.where(positive, rectified, 0)
+    return torch.where(positive, signal.clamp(min=0), 0)
 
 
 def _call(module: nn.Module, x: torch.Tensor) -> Any:
@@ -223,12 +234,18 @@ class _Chunk:
     slots: list[_Slot]
 
 
-def _plan(jobs: Sequence[tuple[int, Unit]], batch_size: int) -> list[_Chunk]:
+def _plan(jobs: Sequence[tuple[int, Unit]], batch_size: int, whole: bool = False
+          ) -> list[_Chunk]:
     """Group jobs so each chunk runs its images forward once and all its seeds backward at once,
-    with rounds * images <= batch_size (that product bounds the backward pass's memory)."""
+    with rounds * images <= batch_size (that product bounds the backward pass's memory). With
+    `whole`, every job of an image goes in one chunk of at most batch_size images: the windowed
+    chain goes down in slices of batch_size seeds, so each image runs forward once."""
     by_image: dict[int, list[int]] = {}
     for j, (image, _) in enumerate(jobs):
         by_image.setdefault(image, []).append(j)
+    if whole:
+        items = list(by_image.items())
+        return [_chunk(items[i:i + batch_size], jobs) for i in range(0, len(items), batch_size)]
     pieces = [
         (image, js[i : i + batch_size])
         for image, js in by_image.items()
@@ -273,11 +290,14 @@ def _resolve(out: torch.Tensor, slots: Sequence[_Slot]) -> None:
         slot.value = float(out.detach()[(slot.m, *slot.index)])
 
 
-def _seed(out: torch.Tensor, slots: Sequence[_Slot], rounds: int) -> torch.Tensor:
-    """1.0 at each slot's unit in a zero `(rounds, *out.shape)` tensor; `slots` are resolved."""
+def _seed(out: torch.Tensor, slots: Sequence[_Slot], rounds: int, first: int = 0
+          ) -> torch.Tensor:
+    """1.0 at each slot's unit in a zero `(rounds, *out.shape)` tensor, for the slots of rounds
+    first .. first+rounds-1; `slots` are resolved."""
     seed = out.new_zeros((rounds, *out.shape))
     for slot in slots:
-        seed[(slot.r, slot.m, *slot.index)] = 1.0
+        if first <= slot.r < first + rounds:
+            seed[(slot.r - first, slot.m, *slot.index)] = 1.0
     return seed
 
 
@@ -407,9 +427,15 @@ def _down(module: nn.Module, signal: torch.Tensor, in_shape: Sequence[int],
     return signal  # Dropout (eval) and Identity pass the signal unchanged
 
 
-def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
-                 ) -> torch.Tensor:
-    """DeconvNet by hand: returns the maps (rounds, M, C, H, W); resolves the chunk's slots."""
+_Placed = tuple[torch.Tensor, tuple[int, int]]  # a slot's map and its top-left in the input
+
+
+def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode,
+                 windowed: bool = True, batch_size: int | None = None) -> list[_Placed]:
+    """DeconvNet by hand: each slot's map (C, h, w) and its top-left in the input, in
+    `chunk.slots` order; resolves the slots. With `windowed`, units of (C, H, W) outputs go down
+    on their windows only (`_down_windows`); the others, or all without it, over whole maps.
+    The down pass takes at most `batch_size` seeds (default: all of them) at a time."""
     steps = _chain_steps(model)
     ends = chain.ends(steps)
     at: dict[int, list[_Slot]] = {}
@@ -420,9 +446,11 @@ def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
     last = max(at)
     # Up: run the modules in order, keeping what the down pass needs: each input's shape, each
     # ReLU's input sign and each max-pool's switches (taken before an in-place ReLU overwrites
-    # its input), and the seeds of the units, resolved on the outputs they are read from.
+    # its input), and each unit's resolved slot and output.
     records: list[tuple[torch.Size, torch.Tensor | None]] = []
-    seeds: dict[int, torch.Tensor] = {}
+    taps: list[_Taps | None] = []  # how each step's windows map down; None: not followed
+    outs: dict[int, torch.Tensor] = {}  # step -> output, for units the whole maps carry down
+    windows: dict[int, int] = {}  # step -> output channels, for units carried on windows
     with torch.no_grad():
         for i, (_, module) in enumerate(steps[: last + 1]):
             state = None
@@ -431,20 +459,184 @@ def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
             elif isinstance(module, nn.MaxPool2d):
                 state = switches(module, x)
             records.append((x.shape, state))
+            in_shape = x.shape
             x = _call(module, x)
             if isinstance(x, tuple):
                 x = x[0]
+            taps.append(_taps(module, in_shape, x.shape))
             if i in at:
                 _resolve(x, at[i])
-                seeds[i] = _seed(x, at[i], chunk.rounds)
-        # Down: from the deepest unit to the input, adding each unit's seed at its module.
-        signal = seeds[last]
-        for i in range(last, -1, -1):
-            if i != last and i in seeds:
-                signal = signal + seeds[i]
-            in_shape, state = records[i]
-            signal = _down(steps[i][1], signal, in_shape, state, mode)
-    return signal
+                if windowed and all(t is not None for t in taps):
+                    windows[i] = x.shape[1]
+                else:
+                    outs[i] = x
+        placed: dict[int, _Placed] = {}  # id(slot) -> result
+        size = batch_size or len(chunk.slots)
+        for i, channels in windows.items():
+            for j in range(0, len(at[i]), size):
+                slots = at[i][j:j + size]
+                maps, origins = _down_windows(steps, records, taps, slots, i, channels, mode, x)
+                for slot, one, origin in zip(slots, maps, origins.tolist(), strict=True):
+                    placed[id(slot)] = (one, (origin[0], origin[1]))
+        if outs:
+            # Down: from the deepest unit to the input, adding each unit's seed at its module;
+            # rounds * images stay within batch_size
+            rounds = max(1, size // len(chunk.images))
+            for first in range(0, chunk.rounds, rounds):
+                top = max(outs)
+                signal = _seed(outs[top], at[top], rounds, first)
+                for i in range(top, -1, -1):
+                    if i != top and i in outs:
+                        signal = signal + _seed(outs[i], at[i], rounds, first)
+                    in_shape, state = records[i]
+                    signal = _down(steps[i][1], signal, in_shape, state, mode)
+                for slot in (s for i in outs for s in at[i] if first <= s.r < first + rounds):
+                    placed[id(slot)] = (signal[slot.r - first, slot.m], (0, 0))
+    return [placed[id(slot)] for slot in chunk.slots]
+
+
+# ----------------------------------------------------------- (a') the chain on windows
+#
+# A unit's projection is zero outside its *window*: at its own module's output the unit alone;
+# one step down, the input positions its window reads; and so on to the input. Every step of
+# a conv/pool chain maps an output window [o, o+h) to the input window [o*s - p, o*s - p +
+# (h-1)*s + d*(k-1) + 1) per axis: the same size for every unit of a module, so the units of a
+# chunk go down together as (S, C, h, w) with an origin each. Where a window reaches past the
+# map (padding) the signal is set to zero, which is what the whole-map pass drops there. This
+# is receptive-field arithmetic, as in `fields`, but relative to the unit's module, at every
+# step: fields() gives module outputs in input pixels only, so the steps are composed here.
+
+_Taps = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+_SAME: _Taps = ((1, 1, 0, 1), (1, 1, 0, 1))
+
+
+def _taps(module: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]) -> _Taps | None:
+    """Per axis (kernel, stride, padding, dilation): output position o reads input positions
+    o*stride - padding + t*dilation, t < kernel. None: a step windows do not follow (flatten,
+    linear, adaptive pools of uneven windows), or one that is not (M, C, H, W) -> (M, C, h, w)."""
+    if len(in_shape) != 4 or len(out_shape) != 4:
+        return None
+    if isinstance(module, (nn.ReLU, nn.BatchNorm2d, nn.Dropout, nn.Identity)):
+        return _SAME
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+        kernel = module.weight.shape[-2:] if isinstance(module, nn.Conv2d) else \
+            _pair(module.kernel_size)
+        s, p, d = _pair(module.stride), _pair(module.padding), _pair(module.dilation)
+        return ((int(kernel[0]), s[0], p[0], d[0]), (int(kernel[1]), s[1], p[1], d[1]))
+    if isinstance(module, nn.AvgPool2d):  # _chain_rule_exists: no padding, no ceil_mode
+        k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        return ((k[0], s[0], 0, 1), (k[1], s[1], 0, 1))
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        n_in, n_out = in_shape[-2:], out_shape[-2:]
+        if all(a % b == 0 for a, b in zip(n_in, n_out, strict=True)):  # plain windows
+            k0, k1 = n_in[0] // n_out[0], n_in[1] // n_out[1]
+            return ((k0, k0, 0, 1), (k1, k1, 0, 1))
+    return None
+
+
+def _inside(origin: torch.Tensor, size: tuple[int, int], hw: Sequence[int]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each window's rows and columns (S, h) and (S, w), and where it lies inside an (H, W)
+    map: bool (S, 1, h, w)."""
+    rows = origin[:, :1] + torch.arange(size[0], device=origin.device)
+    cols = origin[:, 1:] + torch.arange(size[1], device=origin.device)
+    inside = ((rows >= 0) & (rows < hw[0]))[:, None, :, None] & \
+        ((cols >= 0) & (cols < hw[1]))[:, None, None, :]
+    return rows, cols, inside
+
+
+def _window(t: torch.Tensor, m: torch.Tensor, origin: torch.Tensor, size: tuple[int, int]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window `origin` + `size` of image m[i] of `t` (M, C, H, W) for each i: (S, C, h, w), and
+    where it lies inside the map (outside, the values are the edge's: mask them)."""
+    h, w = t.shape[-2:]
+    rows, cols, inside = _inside(origin, size, (h, w))
+    got = t[m[:, None, None], :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None]]
+    # advanced indices come first, (S, h, w, C); contiguous again, as the convolutions want
+    return got.permute(0, 3, 1, 2).contiguous(), inside
+
+
+def _down_windows(steps: Sequence[tuple[str, nn.Module]],
+                  records: Sequence[tuple[torch.Size, torch.Tensor | None]],
+                  taps: Sequence[_Taps | None], slots: Sequence[_Slot], end: int,
+                  channels: int, mode: Mode, like: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The down pass of `slots` (resolved units of step `end`'s (C, H, W) output) on their
+    windows: maps (S, C_in, h, w), zero outside the image, and their origins (S, 2) (y, x)."""
+    device = like.device
+    m = torch.tensor([s.m for s in slots], device=device)
+    origin = torch.tensor([s.position for s in slots], device=device)
+    signal = like.new_zeros((len(slots), channels, 1, 1))
+    signal[torch.arange(len(slots)), [s.unit.channel for s in slots]] = 1.0
+    for i in range(end, -1, -1):
+        module = steps[i][1]
+        in_shape, state = records[i]
+        t = taps[i]
+        assert t is not None
+        h, w = signal.shape[-2:]
+        size = ((h - 1) * t[0][1] + t[0][3] * (t[0][0] - 1) + 1,
+                (w - 1) * t[1][1] + t[1][3] * (t[1][0] - 1) + 1)
+        below = origin * torch.tensor([t[0][1], t[1][1]], device=device) - \
+            torch.tensor([t[0][2], t[1][2]], device=device)
+        signal = _down_window(module, t, signal, origin, below, size, in_shape, state, m, mode)
+        origin = below
+    return signal, origin
+
+
+def _down_window(module: nn.Module, t: _Taps, signal: torch.Tensor, origin: torch.Tensor,
+                 below: torch.Tensor, size: tuple[int, int], in_shape: Sequence[int],
+                 state: torch.Tensor | None, m: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """`_down` on windows: `signal` (S, C, h, w) at `origin` of the module's output -> (S, C_in,
+    *size) at `below` of its input, zero outside the input map; `t` is the module's `_taps`."""
+    if isinstance(module, nn.ReLU):
+        positive = None
+        if mode != Mode.deconvnet:  # deconvnet ignores the forward sign
+            assert state is not None
+            positive = _window(state, m, origin, size)[0]
+        return _relu_rule(mode, signal, positive)  # outside the map the signal is zero already
+    if isinstance(module, nn.BatchNorm2d):
+        return _down(module, signal[None], in_shape, state, mode)[0]
+    if isinstance(module, (nn.Dropout, nn.Identity)):
+        return signal
+    if isinstance(module, nn.MaxPool2d):
+        assert state is not None
+        picked, inside = _window(state, m, origin, (signal.shape[-2], signal.shape[-1]))
+        width = in_shape[-1]
+        local = (picked // width - below[:, 0, None, None, None]) * size[1] + \
+            picked % width - below[:, 1, None, None, None]
+        local = torch.where(inside, local, 0)  # outside the map the signal is zero
+        s, c = signal.shape[:2]
+        out = signal.new_zeros((s, c, size[0] * size[1]))
+        return out.scatter_add_(2, local.flatten(2), signal.flatten(2)).view(s, c, *size)
+    if isinstance(module, nn.Conv2d):
+        weight, groups = module.weight.to(signal), module.groups
+        stride, dilation = _pair(module.stride), _pair(module.dilation)
+    else:  # average pools: a transposed conv of each channel with the window's mean
+        groups = signal.shape[1]
+        weight = signal.new_full((groups, 1, t[0][0], t[1][0]), 1 / (t[0][0] * t[1][0]))
+        stride, dilation = (t[0][1], t[1][1]), (1, 1)
+    out = _transposed(signal, weight, stride, dilation, groups)
+    return torch.where(_inside(below, size, in_shape[-2:])[2], out, 0)
+
+
+def _transposed(signal: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
+                dilation: tuple[int, int], groups: int) -> torch.Tensor:
+    """`conv_transpose2d` without padding. A strided one runs as a stride-1 conv2d with one
+    output channel per input channel and phase (y mod s, x mod s), put in place by a shuffle:
+    on the CPU torch's own strided transposed conv took 3-4 times as long (AlexNet's conv1)."""
+    if stride == (1, 1) or dilation != (1, 1) or groups != 1:
+        return F.conv_transpose2d(signal, weight, None, stride, 0, 0, groups, dilation)
+    c_out, c_in, k0, k1 = weight.shape
+    (s0, s1), n, h, w = stride, signal.shape[0], signal.shape[2], signal.shape[3]
+    j0, j1 = -(-k0 // s0), -(-k1 // s1)  # taps per phase
+    # input row q*s + r gets tap j*s + r from signal row q - j: a full convolution per phase
+    taps = F.pad(weight, (0, j1 * s1 - k1, 0, j0 * s0 - k0)).view(c_out, c_in, j0, s0, j1, s1)
+    phases = taps.flip(2, 4).permute(1, 3, 5, 0, 2, 4).reshape(c_in * s0 * s1, c_out, j0, j1)
+    out = F.conv2d(signal, phases, None, 1, (j0 - 1, j1 - 1))
+    q0, q1 = out.shape[-2:]
+    out = out.view(n, c_in, s0, s1, q0, q1).permute(0, 1, 4, 2, 5, 3).reshape(
+        n, c_in, q0 * s0, q1 * s1)
+    return out[..., :(h - 1) * s0 + k0, :(w - 1) * s1 + k1]
 
 
 # ---------------------------------------------------------------------- (b) autograd
@@ -510,8 +702,9 @@ class _Stop(Exception):
 
 
 def _autograd_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
-                    ) -> torch.Tensor:
-    """Autograd with rectified ReLUs: returns the maps (rounds, M, C, H, W); resolves slots.
+                    ) -> list[_Placed]:
+    """Autograd with rectified ReLUs: each slot's map (C, H, W) and origin (0, 0), in
+    `chunk.slots` order; resolves the slots.
 
     One forward pass (`torch.func.vjp`), then the backward pass for all rounds of seeds at once
     (`torch.func.vmap` of the vjp, whose batching rules batch the convolutions' backward).
@@ -560,16 +753,18 @@ def _autograd_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode
             seeds.append(_seed(out, slots, chunk.rounds))
         if chunk.rounds == 1:
             (grad,) = vjp(tuple(s[0] for s in seeds))
-            return grad[None]
-        (grad,) = torch.func.vmap(vjp)(tuple(seeds))
-        return grad
+            grad = grad[None]
+        else:
+            (grad,) = torch.func.vmap(vjp)(tuple(seeds))
+        return [(grad[s.r, s.m], (0, 0)) for s in chunk.slots]
 
 
 # ------------------------------------------------------------------------ the driver
 
 
 def _project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[int, Unit]],
-                  mode: Mode, batch_size: int, method: Method) -> list[Projection]:
+                  mode: Mode, batch_size: int, method: Method, windowed: bool = True,
+                  trim: bool = False) -> list[Projection]:
     mode, method = Mode(mode), Method(method)
     if batch_size < 1:
         raise ConvmapsError(f"batch_size must be at least 1, not {batch_size}")
@@ -581,17 +776,24 @@ def _project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[i
             method = Method.chain if all(u.module in ends for _, u in jobs) else Method.autograd
         except ConvmapsError:
             method = Method.autograd
-    engine = _chain_chunk if method == Method.chain else _autograd_chunk
     results: list[Projection | None] = [None] * len(jobs)
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.inference_mode(False):
-            for chunk in _plan(jobs, batch_size):
-                maps = engine(model, images[chunk.images].clone(), chunk, mode)
-                for s in chunk.slots:
+            by_chain = method == Method.chain
+            for chunk in _plan(jobs, batch_size, whole=by_chain and windowed):
+                x = images[chunk.images].clone()
+                got = _chain_chunk(model, x, chunk, mode, windowed, batch_size) \
+                    if method == Method.chain else _autograd_chunk(model, x, chunk, mode)
+                for s, (one, origin) in zip(chunk.slots, got, strict=True):
+                    if not trim and (origin != (0, 0) or one.shape[-2:] != images.shape[-2:]):
+                        h, w = images.shape[-2:]  # the window put in place: zero elsewhere
+                        one = crop(one, (-origin[0], -origin[1], h - origin[0], w - origin[1]),
+                                   (h, w), 0.0)
+                        origin = (0, 0)
                     results[s.job] = Projection(s.unit, s.position, s.value,
-                                                maps[s.r, s.m].detach().clone())
+                                                one.detach().clone(), origin)
     finally:
         for module, flag in training:
             module.training = flag
@@ -599,13 +801,18 @@ def _project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[i
 
 
 def project(model: nn.Module, image: torch.Tensor, units: Sequence[Unit],
-            mode: Mode = Mode.deconvnet, batch_size: int = 32, method: Method = Method.auto
-            ) -> list[Projection]:
+            mode: Mode = Mode.deconvnet, batch_size: int = 32, method: Method = Method.auto,
+            windowed: bool = True) -> list[Projection]:
     """Project each unit of one image (C, H, W) down to the input, in `units` order.
 
     One forward pass per `batch_size` units, and one batched backward pass for them; the
     computation runs in the image's dtype and device (parameters are cast for the call, so a
     float64 image gives float64 maps). The model is left as found; it runs in eval mode.
+
+    Args:
+        windowed: the chain carries each unit of a (C, H, W) output down on its window only
+            (the positions its projection can reach at every step); False: over whole maps,
+            the reference the windows are tested against. The autograd method ignores it.
 
     Raises:
         ConvmapsError: a unit that does not fit its module's output, or (method=chain) a model
@@ -613,30 +820,55 @@ def project(model: nn.Module, image: torch.Tensor, units: Sequence[Unit],
     """
     if image.dim() != 3:
         raise ConvmapsError(f"project takes one image (C, H, W), not {tuple(image.shape)}")
-    return _project_jobs(model, image[None], [(0, u) for u in units], mode, batch_size, method)
+    return _project_jobs(model, image[None], [(0, u) for u in units], mode, batch_size, method,
+                         windowed)
 
 
 def project_batch(model: nn.Module, images: torch.Tensor, units: Sequence[Unit],
                   mode: Mode = Mode.deconvnet, batch_size: int = 32,
-                  method: Method = Method.auto) -> list[list[Projection]]:
+                  method: Method = Method.auto, windowed: bool = True
+                  ) -> list[list[Projection]]:
     """Project every unit of every image of `images` (N, C, H, W), as `project` does for one:
     a list per image, in `units` order."""
     if images.dim() != 4:
         raise ConvmapsError(f"project_batch takes images (N, C, H, W), not {tuple(images.shape)}")
     jobs = [(i, u) for i in range(len(images)) for u in units]
-    got = _project_jobs(model, images, jobs, mode, batch_size, method)
+    got = _project_jobs(model, images, jobs, mode, batch_size, method, windowed)
     return [got[i * len(units):(i + 1) * len(units)] for i in range(len(images))]
 
 
 def project_each(model: nn.Module, images: torch.Tensor, units: Sequence[Unit],
                  mode: Mode = Mode.deconvnet, batch_size: int = 32,
-                 method: Method = Method.auto) -> list[Projection]:
-    """Project `units[i]` of `images[i]` (N, C, H, W) for every i, as `project` does: e.g. each
-    channel's top images in a data set, one unit each."""
+                 method: Method = Method.auto, windowed: bool = True) -> list[Projection]:
+    """Project `units[i]` of `images[i]` (N, C, H, W) for every i, as `project` does. Each row
+    runs forward on its own: where images recur, `project_jobs` runs each once."""
     if images.dim() != 4 or len(images) != len(units):
         raise ConvmapsError(
             f"project_each takes images (N, C, H, W) and N units, not {tuple(images.shape)} "
             f"and {len(units)}"
         )
-    return _project_jobs(model, images, list(enumerate(units)), mode, batch_size, method)
+    return _project_jobs(model, images, list(enumerate(units)), mode, batch_size, method,
+                         windowed)
 
+
+def project_jobs(model: nn.Module, images: torch.Tensor, jobs: Sequence[tuple[int, Unit]],
+                 mode: Mode = Mode.deconvnet, batch_size: int = 32,
+                 method: Method = Method.auto, windowed: bool = True, trim: bool = False
+                 ) -> list[Projection]:
+    """Project unit u of `images[i]` (N, C, H, W) for every job (i, u), as `project` does, in
+    `jobs` order: each image runs forward once per chunk of its jobs, e.g. each channel's top
+    images in a data set, where one image wins for many channels.
+
+    Args:
+        trim: each map on its unit's window only, its place in `Projection.origin` (the whole
+            input for units the windows do not follow: 1-D outputs, or the autograd method).
+
+    Raises:
+        ConvmapsError: as `project`, or a job whose image is not in `images`.
+    """
+    if images.dim() != 4:
+        raise ConvmapsError(f"project_jobs takes images (N, C, H, W), not {tuple(images.shape)}")
+    bad = [i for i, _ in jobs if not 0 <= i < len(images)]
+    if bad:
+        raise ConvmapsError(f"job image {bad[0]} is not among the {len(images)} images")
+    return _project_jobs(model, images, jobs, mode, batch_size, method, windowed, trim)

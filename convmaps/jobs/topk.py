@@ -54,13 +54,15 @@ from convmaps.jobs.partial import (
     save_state,
 )
 from convmaps.jobs.runtime import memory_format
-from convmaps.options import Mode, TopkOptions
+from convmaps.options import DType, Mode, TopkOptions
 
 __all__ = ["NO_PROJECTION", "Topk", "plan_topk", "run_topk"]
 
 NO_PROJECTION = "none"  # `--project none`
 _OVERVIEW_PX = 64  # tiles of a module's overview PNG are at most this many pixels a side
-_PROJECT_ENTRIES = 64  # top-k entries projected together (decoded images held at once)
+# top-k entries projected together: each distinct image among them runs forward once (images
+# win for many channels), and at most this many are decoded and held at once
+_PROJECT_ENTRIES = 128
 _CACHE_BYTES = 256 << 20  # decoded winners kept for the next channels (they recur)
 
 
@@ -115,6 +117,7 @@ class Topk(Job):
     def fingerprint(self) -> dict[str, Any]:
         o, lay = self.options, self.layout
         return {"layout": [lay.modules, lay.png_caps, lay.png], "k": o.k, "project": o.project,
+                "dtype": str(o.dtype),
                 # batches fix which images are computed together: the low bits of every value
                 "batch_size": o.batch_size,
                 "memory": str(memory_format(torch.device(o.device)))}
@@ -224,7 +227,8 @@ def _result_bytes(plan: Plan) -> int:
     for key, cap in zip(t.keys, t.layout.png_caps, strict=True):
         c = t.shapes[key][0]
         bh, bw = t.sizes[key]
-        per_entry = 4 + 8 + 16 + 32 + (4 * plan.loaded.in_channels * bh * bw if t.mode else 0)
+        item = DType(plan.options.dtype).torch.itemsize
+        per_entry = 4 + 8 + 16 + 32 + (item * plan.loaded.in_channels * bh * bw if t.mode else 0)
         total += c * k * per_entry + 4096
         if t.layout.png:
             total += cap * render.topk_png_bound(k, bh, bw) + render.topk_png_bound(c, 64, 64)
@@ -325,10 +329,11 @@ def _write_results(plan: Plan, tops: dict[str, TopK], manifest: dict[str, Any],
         specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
         size = t.sizes[key]
         if t.mode:
-            specs.append(TensorSpec("projections", torch.float32, (*top.values.shape, c_in, *size)))
+            specs.append(TensorSpec("projections", DType(plan.options.dtype).torch,
+                                    (*top.values.shape, c_in, *size)))
         meta = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
                 "run": plan.fingerprint, "module": key, f"module.{key}": plan.reprs[key],
-                "k": str(top.k), "mode": plan.options.project}
+                "k": str(top.k), "mode": plan.options.project, "dtype": str(plan.options.dtype)}
         chunks = _chunks(plan, key, top, pos, boxes, size, images, model, tick)
         write_safetensors(plan.folder / t.layout.module_file(key), specs,
                           _then(tensors.items(), chunks), meta)
@@ -393,8 +398,8 @@ def _chunks(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
         rows = range(c0, min(c0 + step, channels))
         maps = _projections(plan, key, top, pos, boxes, size, images, model, rows) \
             if t.mode else None
-        if maps is not None:
-            yield "projections", maps
+        if maps is not None:  # stored in --dtype; the figures draw the float32 maps
+            yield "projections", maps.to(DType(plan.options.dtype).torch)
         for c in rows:
             if not t.layout.png or k == 0:
                 continue
@@ -416,18 +421,25 @@ def _chunks(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
 def _projections(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Tensor,
                  size: tuple[int, int], images: _Winners, model: torch.nn.Module,
                  rows: range) -> Tensor:
-    """Projections of channels `rows`' entries, cropped to their boxes: (len(rows), k, C_in,
-    bh, bw). Each winner's value is computed again and must match the recorded one."""
-    from convmaps.core.deconv import Unit, project_each
+    """Projections of channels `rows`' entries, cropped to their boxes: float32 (len(rows), k,
+    C_in, bh, bw). Each distinct winner among them runs forward once, and each projection is
+    computed on its unit's window only. Each winner's value is computed again and must match
+    the recorded one."""
+    from convmaps.core.deconv import Unit, project_jobs
 
     k = top.k
     pairs = [(c, r) for c in rows for r in range(k)]
     out = torch.zeros(len(rows), k, plan.loaded.in_channels, *size)
-    units = [Unit(key, c, None if pos is None else (int(pos[c, r, 0]), int(pos[c, r, 1])))
-             for c, r in pairs]
+    winners = [int(top.images[c, r]) for c, r in pairs]
+    distinct = list(dict.fromkeys(winners))  # in first-seen order
+    row = {image: i for i, image in enumerate(distinct)}
+    jobs = [(row[image], Unit(key, c, None if pos is None else
+                              (int(pos[c, r, 0]), int(pos[c, r, 1]))))
+            for (c, r), image in zip(pairs, winners, strict=True)]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batch = torch.stack([images.tensor(int(top.images[c, r])) for c, r in pairs]).to(device)
-    got = project_each(model, batch, units, Mode(plan.options.project), plan.options.batch_size)
+    batch = torch.stack([images.tensor(i) for i in distinct]).to(device)
+    got = project_jobs(model, batch, jobs, Mode(plan.options.project), plan.options.batch_size,
+                       trim=True)
     values = top.values[rows.start:rows.stop]
     scale = float(values.abs().max()) if values.numel() else 0.0
     for (c, r), p in zip(pairs, got, strict=True):
@@ -438,7 +450,9 @@ def _projections(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Ten
                 f"{src.path}: {key}:{c} is {p.value:.6g} now but {recorded:.6g} when ranked (the "
                 "image or the weights changed); run the same command with --overwrite"
             )
-        out[c - rows.start, r] = crop(p.map.float().cpu(), boxes[c, r].tolist(), size, 0.0)
+        # the map covers the unit's window (zero outside the image): its box, moved to it
+        y, x = p.origin
+        t, left, b, right = boxes[c, r].tolist()
+        out[c - rows.start, r] = crop(p.map.float().cpu(), (t - y, left - x, b - y, right - x),
+                                      size, 0.0)
     return out
-
-
