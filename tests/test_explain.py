@@ -1,0 +1,174 @@
+"""core.explain: at every node of the tree the sum is exact, the value is the module's real
+activation (forward hooks), a conv node's terms are the kernel maps there (decompose), and the
+children are the largest terms; on LeNet, AlexNet and VGG11_bn with seeded weights."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models
+
+from convmaps.core.decompose import kernel_maps
+from convmaps.core.deconv import Unit
+from convmaps.core.explain import INPUT, Node, explain, nodes
+from convmaps.core.models import lenet5
+from convmaps.errors import ConvmapsError
+
+
+def _activations(model: nn.Module, image: torch.Tensor) -> tuple[dict[str, torch.Tensor],
+                                                                  dict[str, torch.Tensor]]:
+    """Every named module's input and output for one image, kept by forward hooks (cloned
+    before any in-place ReLU after it)."""
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_m, args, out):
+            ins[name] = args[0][0].detach().clone()
+            outs[name] = out[0].detach().clone()
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(image[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs
+
+
+def _at(t: torch.Tensor, node: Node) -> float:
+    p = node.position
+    return float(t[node.channel] if p is None else t[node.channel, p[0], p[1]])
+
+
+def _check_tree(model: nn.Module, image: torch.Tensor, root: Node, top: int) -> int:
+    """Every invariant at every node; returns the number of conv nodes checked."""
+    ins, outs = _activations(model, image)
+    tol = 1e-10 if image.dtype == torch.float64 else 1e-5
+    convs = 0
+    for node in nodes(root):
+        terms = [t.value for t in node.terms]
+        scale = max([abs(node.bias), abs(node.value), *map(abs, terms)])
+        assert abs(node.bias + sum(terms) - node.value) <= tol * max(scale, 1e-30), node.module
+        real = image if node.module == INPUT else outs.get(node.module)
+        if real is not None:  # (AlexNet's torch.flatten is no module)
+            assert _at(real, node) == pytest.approx(node.value, rel=1e-12, abs=1e-12)
+        sizes = [abs(v) for v in terms]
+        assert sizes == sorted(sizes, reverse=True)
+        if node.kind == "Conv2d":
+            convs += 1
+            conv = model.get_submodule(node.module)
+            assert isinstance(conv, nn.Conv2d) and node.position is not None
+            km = kernel_maps(conv, ins[node.module])[node.channel, :, *node.position]
+            cg = conv.in_channels // conv.groups
+            c0 = node.channel // (conv.out_channels // conv.groups) * cg
+            got = torch.zeros_like(km)
+            for t in node.terms:
+                got[t.channel - c0] = t.value
+            assert torch.allclose(got, km, rtol=0, atol=tol * max(scale, 1e-30))
+            bias = 0.0 if conv.bias is None else float(conv.bias[node.channel].detach())
+            assert node.bias == bias
+        if node.children:
+            first = node.children[0]
+            assert (first.channel, first.position) == (node.terms[0].channel,
+                                                        node.terms[0].position)
+            assert abs(node.terms[0].value) == max(sizes)
+            if node.kind in ("Conv2d", "Linear") and node.children[0].module != INPUT:
+                assert len(node.children) == min(top, len(node.terms))
+            for child, t in zip(node.children, node.terms, strict=False):
+                assert (child.channel, child.position) == (t.channel, t.position)
+    return convs
+
+
+def test_lenet_every_node_float64() -> None:
+    torch.manual_seed(0)
+    model = lenet5().double().eval()
+    image = torch.rand(1, 28, 28, dtype=torch.float64)
+    root = explain(model, image, Unit("OUTPUT", 3), depth=6, top=2)
+    assert root.position is None and root.kind == "Linear"
+    mods = {n.module for n in nodes(root)}
+    assert {"OUTPUT", "relu6", "F6", "flatten", "C5", "S4", "C3", "S2", "C1"} <= mods
+    assert _check_tree(model, image, root, 2) > 3
+    # the pixels: one node per colour channel under C1, leaves
+    leaves = [n for n in nodes(root) if n.module == INPUT]
+    assert leaves and all(not n.children and n.terms[0].value == n.value for n in leaves)
+
+
+def test_lenet_strongest_position_and_depth() -> None:
+    torch.manual_seed(1)
+    model = lenet5().eval()
+    image = torch.rand(1, 28, 28)
+    root = explain(model, image, Unit("C3", 5), depth=1)
+    act = model[:4](image[None])[0, 5]
+    flat = int(act.flatten().argmax())
+    assert root.position == (flat // act.shape[-1], flat % act.shape[-1])
+    assert root.children == []  # depth 1: the root's sum only
+    assert len(root.terms) == 6
+    deep = explain(model, image, Unit("relu3", 5, root.position), depth=2, top=3)
+    assert deep.kind == "ReLU" and deep.children[0].module == "C3"
+    assert [c.module for c in deep.children[0].children] == ["S2"] * 3
+    assert _check_tree(model, image, deep, 3) == 4
+
+
+def test_alexnet_features_and_classifier() -> None:
+    torch.manual_seed(0)
+    model = models.alexnet(weights=None).eval()
+    image = torch.randn(3, 67, 67)
+    root = explain(model, image, Unit("features.10", 7), depth=3, top=3)
+    assert _check_tree(model, image, root, 3) == 1 + 3 + 9
+    logit = explain(model, image, Unit("classifier.6", 2), depth=2, top=2)
+    assert [n.module for n in nodes(logit)] == ["classifier.6", "classifier.5", "classifier.4",
+                                                "classifier.5", "classifier.4"]
+    _check_tree(model, image, logit, 2)
+
+
+def test_vgg11_bn_batchnorm_float64() -> None:
+    torch.manual_seed(0)
+    model = models.vgg11_bn(weights=None)
+    for m in model.modules():  # running statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model = model.double().eval()
+    image = torch.randn(3, 32, 32, dtype=torch.float64)
+    root = explain(model, image, Unit("features.10", 4), depth=3, top=2)
+    kinds = {n.kind for n in nodes(root)}
+    assert {"ReLU", "BatchNorm2d", "Conv2d", "MaxPool2d"} <= kinds
+    assert _check_tree(model, image, root, 2) == 1 + 2 + 4
+
+
+def test_grouped_dilated_padded_conv_and_avgpool() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([
+        ("a", nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)),
+        ("bn", nn.BatchNorm2d(6)),
+        ("act", nn.ReLU(inplace=True)),
+        ("dw", nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, padding_mode="reflect")),
+        ("avg", nn.AvgPool2d(2)),
+        ("gap", nn.AdaptiveAvgPool2d((2, 3))),
+        ("b", nn.Conv2d(6, 3, 1)),
+    ])).eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    image = torch.randn(4, 13, 11)
+    root = explain(model, image, Unit("b", 1, (1, 2)), depth=4, top=3)
+    assert [n.kind for n in nodes(root)][:5] == ["Conv2d", "AdaptiveAvgPool2d", "AvgPool2d",
+                                                 "Conv2d", "ReLU"]
+    assert _check_tree(model, image, root, 3) >= 3
+
+
+def test_refusals() -> None:
+    model = models.resnet18(weights=None).eval()
+    with pytest.raises(ConvmapsError, match="not a sequential chain"):
+        explain(model, torch.rand(3, 32, 32), Unit("layer1.0.conv1", 0))
+    odd = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh()).eval()
+    with pytest.raises(ConvmapsError, match=r"1 \(Tanh\)"):
+        explain(odd, torch.rand(1, 8, 8), Unit("1", 0))
+    with pytest.raises(ConvmapsError, match="at least 1"):
+        explain(lenet5(), torch.rand(1, 28, 28), Unit("C1", 0), depth=0)
