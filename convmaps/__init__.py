@@ -39,11 +39,13 @@ _API = {
     "project": "convmaps.core.deconv",
     "Unit": "convmaps.core.deconv",
     "occlude": "convmaps.core.occlusion",
+    "explain": "convmaps.core.explain",
     "DumpOptions": "convmaps.options",
     "TopkOptions": "convmaps.options",
     "ProjectOptions": "convmaps.options",
     "FilterOptions": "convmaps.options",
     "OccludeOptions": "convmaps.options",
+    "ExplainOptions": "convmaps.options",
     "plan_dump": "convmaps.jobs.dump",
     "run_dump": "convmaps.jobs.dump",
     "plan_topk": "convmaps.jobs.topk",
@@ -51,6 +53,7 @@ _API = {
     "run_project": "convmaps.jobs.project",
     "run_filters": "convmaps.jobs.filters",
     "run_occlude": "convmaps.jobs.occlude",
+    "run_explain": "convmaps.jobs.explain",
     "build_report": "convmaps.report",
 }
 __all__ = ["__version__", *_API]

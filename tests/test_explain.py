@@ -1,21 +1,32 @@
 """core.explain: at every node of the tree the sum is exact, the value is the module's real
 activation (forward hooks), a conv node's terms are the kernel maps there (decompose), and the
-children are the largest terms; on LeNet, AlexNet and VGG11_bn with seeded weights."""
+children are the largest terms; on LeNet, AlexNet and VGG11_bn with seeded weights. Then the
+`explain` job and command: files, resume, ownership, shards, errors and progress."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 from torchvision import models
+from typer.testing import CliRunner
 
+from convmaps.cli import app
 from convmaps.core.decompose import kernel_maps
 from convmaps.core.deconv import Unit
 from convmaps.core.explain import INPUT, Node, explain, nodes
-from convmaps.core.models import lenet5
+from convmaps.core.models import lenet5, load_model
 from convmaps.errors import ConvmapsError
+from convmaps.io.images import decode
+from convmaps.jobs.explain import node_record, run_explain
+from convmaps.options import ExplainOptions
+
+from .conftest import logged, refused_in_one_line, sharded_like_one
+
+runner = CliRunner()
 
 
 def _activations(model: nn.Module, image: torch.Tensor) -> tuple[dict[str, torch.Tensor],
@@ -172,3 +183,99 @@ def test_refusals() -> None:
         explain(odd, torch.rand(1, 8, 8), Unit("1", 0))
     with pytest.raises(ConvmapsError, match="at least 1"):
         explain(lenet5(), torch.rand(1, 28, 28), Unit("C1", 0), depth=0)
+
+
+# -- the job and the command -----------------------------------------------------------------
+
+
+
+def _records(tree: dict) -> list[dict]:
+    return [tree, *(r for c in tree["children"] for r in _records(c))]
+
+
+def test_job_files_hold_the_trees_of_the_core(tmp_path):
+    out = tmp_path / "o"
+    m = run_explain(ExplainOptions(model="lenet", out=str(out), units=["C3:5", "OUTPUT:3"],
+                                   depth=2, top=2, workers=0, batch_size=3))
+    loaded = load_model("lenet")
+    assert len(m["inputs"]) == 8 and m["run"]
+    for e in m["inputs"]:
+        assert e["status"] == "ok"
+        assert e["files"] == ["explain/C3:5.json", "explain/OUTPUT:3.json",
+                              "png/explain/C3:5.png", "png/explain/OUTPUT:3.png"]
+        x = loaded.preprocess(decode(e["source"]))
+        for unit in ("C3:5", "OUTPUT:3"):
+            record = json.loads((out / e["key"] / "explain" / f"{unit}.json").read_text())
+            assert record["unit"] == unit and record["sha256"] == e["sha256"]
+            assert record["depth"] == 2 and record["top"] == 2 and record["model"] == "lenet"
+            module, channel = unit.split(":")
+            want = explain(loaded.model, x, Unit(module, int(channel)), depth=2, top=2)
+            got, mine = _records(record["tree"]), _records(node_record(want))
+            assert [(r["module"], r["channel"], r["position"]) for r in got] == \
+                [(r["module"], r["channel"], r["position"]) for r in mine]
+            for r, w in zip(got, mine, strict=True):  # (another thread count may round apart)
+                assert r["value"] == pytest.approx(w["value"], rel=1e-5, abs=1e-6)
+                assert [c["channel"] for c in r["contributions"][:2]] == \
+                    [c["channel"] for c in w["contributions"][:2]]
+            for r in _records(record["tree"]):
+                total = r["bias"] + r["rest"] + sum(c["value"] for c in r["contributions"])
+                big = max(abs(c["value"]) for c in r["contributions"])
+                assert abs(total - r["value"]) <= 1e-5 * max(big, abs(r["value"]), 1e-30)
+    tree = json.loads((out / "5_sandal.png/explain/OUTPUT:3.json").read_text())["tree"]
+    assert tree["position"] is None and len(tree["contributions"]) == 64  # of F6's 84
+    assert tree["children"][0]["module"] == "relu6"
+
+
+def test_resume_ownership_overwrite_and_a_dump_beside(tmp_path):
+    out = tmp_path / "o"
+    args = ["explain", "lenet", "--out", str(out), "--unit", "C3:5@2,3", "--depth", "2"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "0 image(s) written, 8 already done" in again.output
+    other = runner.invoke(app, [*args, "--top", "1"])
+    assert other.exit_code == 1 and "--overwrite" in " ".join(other.output.split())
+    replaced = runner.invoke(app, [*args, "--top", "1", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    folder = out / "0_t-shirt-top.png"
+    record = json.loads((folder / "explain/C3:5@2,3.json").read_text())
+    assert record["top"] == 1 and len(record["tree"]["children"]) == 1
+    assert record["tree"]["position"] == [2, 3]
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["dump", "lenet", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+    assert (folder / "explain/C3:5@2,3.json").is_file()
+    assert (folder / "png/explain/C3:5@2,3.png").is_file()
+    dump = json.loads((out / "manifest.json").read_text())
+    assert all(not f.startswith(("explain", "png/explain")) for e in dump["inputs"]
+               for f in e["files"])
+    shown = runner.invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0 and "explain trees of lenet" in shown.output
+    assert "8 tree(s)" in shown.output
+
+
+def test_shards_give_the_bytes_of_one_process(tmp_path):
+    args = ["explain", "lenet", "--unit", "relu3:2", "--workers", "0"]
+    m = sharded_like_one(args, tmp_path, "explain.json")
+    assert len(m["inputs"]) == 8
+
+
+@pytest.mark.parametrize("model,extra,words", [
+    ("lenet", ["--unit", "C3:99"], "the channel must be in 0-15"),
+    ("lenet", ["--unit", "C3"], "is not MODULE:C"),
+    ("lenet", [], "explain needs a unit"),
+    ("resnet18", ["-w", "none", "--unit", "layer1.0.conv1:0"],
+     "residual and concatenating models are not supported"),
+])
+def test_bad_units_are_one_line(tmp_path, model, extra, words):
+    refused_in_one_line(["explain", model, "--out", str(tmp_path / "o"), *extra], words)
+    assert not (tmp_path / "o" / "explain.json").exists()
+
+
+def test_progress_in_a_log_and_a_titled_figure(tmp_path):
+    log = logged(["explain", "lenet", "--out", str(tmp_path / "o"), "--unit", "C5:7"])
+    assert "explain: 8/8 images" in log
+    from PIL import Image
+
+    with Image.open(tmp_path / "o" / "3_dress.png" / "png" / "explain" / "C5:7.png") as img:
+        assert img.width > 400 and img.height > 300

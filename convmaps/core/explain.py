@@ -48,7 +48,7 @@ from convmaps.core.deconv import Unit
 from convmaps.core.pooling import switches
 from convmaps.errors import ConvmapsError
 
-__all__ = ["INPUT", "Node", "Term", "explain", "nodes"]
+__all__ = ["INPUT", "Node", "Term", "explain", "explainable", "nodes"]
 
 INPUT = "input"  # the module name of the image's pixel nodes
 _FLATTEN = "flatten"  # the name of AlexNet's and VGG's unnamed torch.flatten step
@@ -241,6 +241,26 @@ def _node(run: _Run, k: int, c: int, pos: tuple[int, int] | None, level: int) ->
     return node
 
 
+def explainable(model: nn.Module, unit: Unit) -> tuple[list[tuple[str, nn.Module]], int]:
+    """The model's chain and the step whose output is the unit's module.
+
+    Raises:
+        ConvmapsError: the model is not a chain (residual adds, concatenations), or a module on
+            the way to the unit cannot be taken apart.
+    """
+    try:
+        steps = chain.steps(model)
+    except ConvmapsError as e:
+        raise ConvmapsError(f"explain: {e}; residual and concatenating models are not "
+                            "supported") from None
+    ends = chain.ends(steps)
+    if unit.module not in ends:
+        raise ConvmapsError(f"unit {unit}: {unit.module} is not a step of the chain")
+    k = ends[unit.module]
+    _check(steps[:k + 1])
+    return steps, k
+
+
 def explain(model: nn.Module, image: Tensor, unit: Unit, depth: int = 3, top: int = 3) -> Node:
     """The tree of `unit` on one image `(C, H, W)`: its value as an exact sum, followed down the
     `top` largest terms of each conv and linear node for `depth` levels.
@@ -255,17 +275,14 @@ def explain(model: nn.Module, image: Tensor, unit: Unit, depth: int = 3, top: in
     """
     if depth < 1 or top < 1:
         raise ConvmapsError(f"--depth and --top must be at least 1 (got {depth}, {top})")
-    steps = chain.steps(model)
-    ends = chain.ends(steps)
-    if unit.module not in ends:
-        raise ConvmapsError(f"unit {unit}: {unit.module} is not a step of the chain")
-    k = ends[unit.module]
-    _check(steps[:k + 1])
+    steps, k = explainable(model, unit)
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            outs = [image.detach()]
+            # A fresh copy: a batch row's view sits at another alignment, and BLAS may round
+            # differently there, so an image's tree would depend on its batch.
+            outs = [image.detach().clone()]
             for _, module in steps[:k + 1]:
                 x = outs[-1].unsqueeze(0)
                 # An in-place ReLU would overwrite the kept output of the step before it.
