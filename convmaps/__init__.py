@@ -14,6 +14,9 @@ The Python API, imported on first use (`import convmaps` and `convmaps --help` s
     True
     >>> convmaps.fields(lenet.model, (1, 28, 28))["C3"].box(0, 0)  # C3 at (0, 0) sees these pixels
     (-2, -2, 12, 12)
+    >>> node = convmaps.explain(lenet.model, x[0], convmaps.Unit("C3", 5, (4, 4)))  # an exact sum
+    >>> abs(node.bias + sum(t.value for t in node.terms) - node.value) < 1e-5
+    True
 
 Jobs over folders of images run as the CLI runs them, e.g.
 `convmaps.run_dump(convmaps.plan_dump(convmaps.DumpOptions("lenet", out="o")))`.
