@@ -32,14 +32,17 @@ runner = CliRunner()
 def _activations(model: nn.Module, image: torch.Tensor) -> tuple[dict[str, torch.Tensor],
                                                                   dict[str, torch.Tensor]]:
     """Every named module's input and output for one image, kept by forward hooks (cloned
-    before any in-place ReLU after it)."""
+    before any in-place ReLU after it); a module's k-th call again as `name@k`."""
     ins: dict[str, torch.Tensor] = {}
     outs: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
         def hook(_m, args, out):
-            ins[name] = args[0][0].detach().clone()
-            outs[name] = out[0].detach().clone()
+            key = name
+            while key in outs:
+                key = f"{name}@{int(key.rsplit('@', 1)[1]) + 1 if '@' in key else 1}"
+            ins[key] = args[0][0].detach().clone()
+            outs[key] = out[0].detach().clone()
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
@@ -67,7 +70,7 @@ def _check_tree(model: nn.Module, image: torch.Tensor, root: Node, top: int) -> 
         scale = max([abs(node.bias), abs(node.value), *map(abs, terms)])
         assert abs(node.bias + sum(terms) - node.value) <= tol * max(scale, 1e-30), node.module
         real = image if node.module == INPUT else outs.get(node.module)
-        if real is not None:  # (AlexNet's torch.flatten is no module)
+        if real is not None:  # (torch.flatten, a residual add are no module)
             assert _at(real, node) == pytest.approx(node.value, rel=1e-12, abs=1e-12)
         sizes = [abs(v) for v in terms]
         assert sizes == sorted(sizes, reverse=True)
@@ -92,7 +95,10 @@ def _check_tree(model: nn.Module, image: torch.Tensor, root: Node, top: int) -> 
             if node.kind in ("Conv2d", "Linear") and node.children[0].module != INPUT:
                 assert len(node.children) == min(top, len(node.terms))
             for child, t in zip(node.children, node.terms, strict=False):
-                assert (child.channel, child.position) == (t.channel, t.position)
+                assert (child.module, child.channel, child.position) == \
+                    (t.source, t.channel, t.position)
+            if node.kind == "add":
+                assert len(node.children) == len(node.terms) == 2
     return convs
 
 
@@ -174,10 +180,83 @@ def test_grouped_dilated_padded_conv_and_avgpool() -> None:
     assert _check_tree(model, image, root, 3) >= 3
 
 
+def _seeded_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine parameters that are not the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_resnet18_residual_adds_float64() -> None:
+    torch.manual_seed(0)
+    model = _seeded_bn(models.resnet18(weights=None)).double().eval()
+    image = torch.randn(3, 40, 40, dtype=torch.float64)
+    root = explain(model, image, Unit("layer2.0", 3), depth=3, top=2)
+    assert root.module == "layer2.0.relu@1" and root.kind == "ReLU"
+    adds = [n for n in nodes(root) if n.kind == "add"]
+    assert adds and {t.source for t in adds[0].terms} == {"layer2.0.bn2",
+                                                          "layer2.0.downsample.1"}
+    assert _check_tree(model, image, root, 2) >= 4
+    logit = explain(model, image, Unit("fc", 1), depth=2, top=2)
+    assert [n.kind for n in nodes(logit)][:3] == ["Linear", "flatten", "AdaptiveAvgPool2d"]
+    _check_tree(model, image, logit, 2)
+
+
+def test_mobilenet_v2_depthwise_relu6_and_adds() -> None:
+    torch.manual_seed(0)
+    model = _seeded_bn(models.mobilenet_v2(weights=None)).eval()
+    image = torch.randn(3, 48, 48)
+    root = explain(model, image, Unit("features.3", 5), depth=4, top=2)
+    kinds = [n.kind for n in nodes(root)]
+    assert kinds[0] == "add" and "ReLU6" in kinds and "BatchNorm2d" in kinds
+    assert any(n.kind == "Conv2d" and len(n.terms) == 1 for n in nodes(root))  # depthwise
+    assert _check_tree(model, image, root, 2) >= 4
+    logit = explain(model, image, Unit("classifier.1", 7), depth=2, top=3)
+    assert "adaptive_avg_pool2d" in [n.kind for n in nodes(logit)]
+    _check_tree(model, image, logit, 3)
+
+
+def test_concatenation_picks_the_branch_of_the_channel() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 4, 1)
+            self.head = nn.Conv2d(7, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+    torch.manual_seed(0)
+    model = Two().eval()
+    image = torch.randn(2, 9, 9)
+    root = explain(model, image, Unit("head", 1), depth=3, top=7)
+    cats = [n for n in nodes(root) if n.kind == "cat"]
+    assert {c.terms[0].source for c in cats} == {"a", "b"}
+    for c in cats:
+        assert c.children[0].module == ("a" if c.channel < 3 else "b")
+        assert c.children[0].channel == (c.channel if c.channel < 3 else c.channel - 3)
+    assert _check_tree(model, image, root, 7) == 1 + 7
+
+
 def test_refusals() -> None:
-    model = models.resnet18(weights=None).eval()
-    with pytest.raises(ConvmapsError, match="not a sequential chain"):
-        explain(model, torch.rand(3, 32, 32), Unit("layer1.0.conv1", 0))
+    with pytest.raises(ConvmapsError, match=r"features\.0\.2 \(SiLU\)"):
+        explain(models.efficientnet_b0(weights=None).eval(), torch.rand(3, 32, 32),
+                Unit("features.1", 0))
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    with pytest.raises(ConvmapsError, match="cannot be traced"):
+        explain(Branchy(), torch.rand(1, 8, 8), Unit("conv", 0))
     odd = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh()).eval()
     with pytest.raises(ConvmapsError, match=r"1 \(Tanh\)"):
         explain(odd, torch.rand(1, 8, 8), Unit("1", 0))
@@ -264,8 +343,8 @@ def test_shards_give_the_bytes_of_one_process(tmp_path):
     ("lenet", ["--unit", "C3:99"], "the channel must be in 0-15"),
     ("lenet", ["--unit", "C3"], "is not MODULE:C"),
     ("lenet", [], "explain needs a unit"),
-    ("resnet18", ["-w", "none", "--unit", "layer1.0.conv1:0"],
-     "residual and concatenating models are not supported"),
+    ("efficientnet_b0", ["-w", "none", "--unit", "features.1:0"],
+     "explain cannot take features.0.2 (SiLU) apart"),
 ])
 def test_bad_units_are_one_line(tmp_path, model, extra, words):
     refused_in_one_line(["explain", model, "--out", str(tmp_path / "o"), *extra], words)

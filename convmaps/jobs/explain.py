@@ -7,8 +7,9 @@ channel was strongest.
 A tree file: `tree` (the root node) beside what made it (`model`, `weights`, `unit`, `key`,
 `source`, `sha256`, `run`, `depth`, `top`). A node: `module`, `kind`, `channel`, `position`
 (`[y, x]`, or null for a 1-D output), `value`, `bias`, `contributions` (the largest
-`_LISTED` terms `{"channel", "value"[, "position"]}` sorted by |value|), `rest` (the sum of
-the others, 0 when all are listed) and `children`.
+`_LISTED` terms `{"channel", "value"[, "position"], "source"}` sorted by |value|: `source`
+the input's module or operation, `position` where in it the term's child would be), `rest`
+(the sum of the others, 0 when all are listed) and `children`.
 
 `OUT/explain.json` lists the images, as a dump's manifest does; the engine brings folders,
 batches, progress, shards and resume. One configuration owns an image's trees: other options
@@ -105,8 +106,9 @@ def run_explain(o: ExplainOptions, on_progress: Callable[[int], None] | None = N
     shard's until the last shard merges them).
 
     Raises:
-        ConvmapsError: no unit or a bad one, a model that is not a chain or a module explain
-            cannot take apart, a bad device, or an OUT that holds another network's dump.
+        ConvmapsError: no unit or a bad one, a model torch.fx cannot trace or an operation
+            explain cannot take apart, a bad device, or an OUT that holds another network's
+            dump.
     """
     return run_job(plan_job(o, Explain()), on_progress).manifest
 
@@ -120,7 +122,7 @@ def node_record(node: Node) -> dict[str, Any]:
         "value": node.value, "bias": node.bias,
         "contributions": [{"channel": t.channel, "value": t.value}
                           | ({} if t.position is None else {"position": list(t.position)})
-                          for t in listed],
+                          | {"source": t.source} for t in listed],
         "rest": sum(t.value for t in node.terms[_LISTED:]),
         "children": [node_record(c) for c in node.children],
     }

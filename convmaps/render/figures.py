@@ -403,7 +403,7 @@ def occlusion_figure(image: Tensor, probability: Tensor, top_class: Tensor, unit
 
 _POS_RGB, _NEG_RGB, _REST_RGB = (78, 121, 167), (225, 87, 89), (186, 176, 172)
 _EXPLAIN_BARS = 6  # a node's largest terms drawn as bars; the others make one "rest" bar
-_EXPLAIN_LABEL = 16 * _FONT_W  # the bars' label column
+_EXPLAIN_LABEL = 24 * _FONT_W  # the bars' label column (a residual add names its branches)
 _EXPLAIN_HALF = 150  # px from the zero line to the largest bar's end
 _EXPLAIN_INDENT = 2 * _FONT_W  # per level of the tree
 
@@ -422,8 +422,9 @@ def _explain_rows(node: Node, level: int) -> list[tuple[int, str, list[tuple[str
     bars: list[tuple[str, float, tuple[int, int, int]]] = []
     if len(terms) > 1 or node.bias != 0:
         for t in terms[:_EXPLAIN_BARS]:
-            label = f"at {_at_text(t.position)[1:]}" if "AvgPool" in node.kind \
-                else f"ch {t.channel}"
+            pooled = "avgpool" in node.kind.lower().replace("_", "")
+            label = f"at {_at_text(t.position)[1:]}" if pooled \
+                else t.source if node.kind == "add" else f"ch {t.channel}"
             bars.append((label, t.value, _POS_RGB if t.value >= 0 else _NEG_RGB))
         if len(terms) > _EXPLAIN_BARS:
             bars.append((f"rest ({len(terms) - _EXPLAIN_BARS})",
