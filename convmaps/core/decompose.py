@@ -646,10 +646,13 @@ def window_products(conv: nn.Conv2d, x: Tensor, filter: int, position: tuple[int
         # Only the window is gathered; the taps in the padding read zeros.
         h, w = xs.shape[-2:]
         inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
-        win = xs[:, rows.clamp(0, h - 1)][:, :, cols.clamp(0, w - 1)]
+        # index_select, not x[:, rows]: advanced indexing is ~100x slower on CPU here
+        win = xs.index_select(1, rows.clamp(0, h - 1).to(xs.device)).index_select(
+            2, cols.clamp(0, w - 1).to(xs.device))
         win = win * inside.to(device=win.device, dtype=dtype)
     else:  # reflect, replicate, circular: the padded values are other pixels
         left, _, top, _ = g.pad
         xp = F.pad(xs.unsqueeze(0), g.pad, mode=g.padding_mode)[0]
-        win = xp[:, rows + top][:, :, cols + left]
+        win = xp.index_select(1, (rows + top).to(xp.device)).index_select(
+            2, (cols + left).to(xp.device))
     return weight[filter].to(dtype) * win

@@ -403,12 +403,15 @@ def _forward(ops: list[_Op], k: int, image: Tensor) -> dict[int, Tensor]:
     # differently there, so an image's tree would depend on its batch.
     full = {-1: image.detach().clone().unsqueeze(0)}
 
-    def read(a: fx.Node) -> Tensor:
-        # a copy for every reader: an in-place ReLU must not overwrite a kept output
-        return full[index.get(a, -1)].clone()
-
     for i in _ancestors(ops, k):
         op = ops[i]
+        # an in-place ReLU reads a copy: it must not overwrite the output kept before it
+        copy = getattr(op.what, "inplace", False) or op.node.kwargs.get("inplace", False)
+
+        def read(a: fx.Node, copy: bool = bool(copy)) -> Tensor:
+            t = full[index.get(a, -1)]
+            return t.clone() if copy else t
+
         args = fx.node.map_arg(op.node.args, read)
         kwargs = fx.node.map_arg(op.node.kwargs, read)
         full[i] = op.what(*args, **kwargs)
