@@ -17,6 +17,9 @@ The Python API, imported on first use (`import convmaps` and `convmaps --help` s
     >>> moved = convmaps.invariance(lenet.model, x[0], "rotate", [0.0, 90.0], ["C1", "F6"])
     >>> moved.distance.shape  # (amounts, modules): how far each output moved
     torch.Size([2, 2])
+    >>> node = convmaps.explain(lenet.model, x[0], convmaps.Unit("C3", 5, (4, 4)))  # an exact sum
+    >>> abs(node.bias + sum(t.value for t in node.terms) - node.value) < 1e-5
+    True
 
 Jobs over folders of images run as the CLI runs them, e.g.
 `convmaps.run_dump(convmaps.plan_dump(convmaps.DumpOptions("lenet", out="o")))`.
@@ -43,12 +46,14 @@ _API = {
     "Unit": "convmaps.core.deconv",
     "occlude": "convmaps.core.occlusion",
     "invariance": "convmaps.core.invariance",
+    "explain": "convmaps.core.explain",
     "DumpOptions": "convmaps.options",
     "TopkOptions": "convmaps.options",
     "ProjectOptions": "convmaps.options",
     "FilterOptions": "convmaps.options",
     "OccludeOptions": "convmaps.options",
     "InvarianceOptions": "convmaps.options",
+    "ExplainOptions": "convmaps.options",
     "plan_dump": "convmaps.jobs.dump",
     "run_dump": "convmaps.jobs.dump",
     "plan_topk": "convmaps.jobs.topk",
@@ -57,6 +62,7 @@ _API = {
     "run_filters": "convmaps.jobs.filters",
     "run_occlude": "convmaps.jobs.occlude",
     "run_invariance": "convmaps.jobs.invariance",
+    "run_explain": "convmaps.jobs.explain",
     "build_report": "convmaps.report",
 }
 __all__ = ["__version__", *_API]

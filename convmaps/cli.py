@@ -330,6 +330,7 @@ def run(ctx: typer.Context, config: Path, **values: Any) -> None:
     every step that has them."""
     from convmaps.config import COMMANDS, steps_from
     from convmaps.options import (
+        ExplainOptions,
         InvarianceOptions,
         OccludeOptions,
         ProjectOptions,
@@ -351,13 +352,14 @@ def run(ctx: typer.Context, config: Path, **values: Any) -> None:
         elif isinstance(options, DumpOptions):
             _dump(options)
         else:
+            from convmaps.jobs.explain import Explain
             from convmaps.jobs.invariance import Invariance
             from convmaps.jobs.occlude import Occlude
             from convmaps.jobs.project import Project
             from convmaps.jobs.topk import Topk
 
             jobs = {ProjectOptions: Project, TopkOptions: Topk, OccludeOptions: Occlude,
-                    InvarianceOptions: Invariance}
+                    InvarianceOptions: Invariance, ExplainOptions: Explain}
             _job(options, jobs[type(options)]())
 
 
@@ -647,6 +649,46 @@ def invariance(
     _job(o, Invariance())
 
 
+def explain(
+    model: ModelArg,
+    inputs: InputsArg = None,
+    unit: Annotated[
+        list[str] | None,
+        typer.Option("--unit", "-u", help="MODULE:C (channel C at its strongest position), "
+                     "MODULE:C@Y,X, or MODULE:I for a 1-D output; repeat for more."),
+    ] = None,
+    depth: Annotated[int, typer.Option("--depth", min=1, help="Conv and linear levels (and "
+                                       "the pixels) followed down a path.")] = 3,
+    top: Annotated[int, typer.Option("--top", min=1, help="A conv or linear node's children: "
+                                     "its largest terms.")] = 3,
+    out: OutOpt = Path("convmaps_out"),
+    weights: WeightsOpt = None,
+    arch: ArchOpt = None,
+    device: DeviceOpt = "cpu",
+    png: Annotated[bool, typer.Option("--png/--no-png", help="A figure per unit.")] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1,
+                                            help="Images per batch.")] = 16,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    shard: ShardOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--overwrite", help="Skip images whose trees are done; "
+                           "--overwrite replaces trees of other options.")
+    ] = True,
+) -> None:
+    """A unit's value as an exact sum (a conv's: its input channels' kernel-map values plus the
+    bias), followed down the largest terms, into OUT/<image key>/explain/<unit>.json and
+    png/explain/<unit>.png."""
+    from convmaps.jobs.explain import Explain
+    from convmaps.options import ExplainOptions
+
+    o = ExplainOptions(model=model, inputs=[str(p) for p in inputs or []], units=unit or [],
+                       depth=depth, top=top, out=str(out), weights=weights, arch=arch,
+                       device=device, png=png, batch_size=batch_size, workers=workers,
+                       threads=threads, shard=shard, resume=resume)
+    _job(o, Explain())
+
+
 @app.command()
 @reports_errors
 def topk(
@@ -767,6 +809,7 @@ def show(
         parts = [(path, layout.MANIFEST, "dump"), (path, layout.PROJECTIONS_MANIFEST,
                                                     "projections"),
                  (path, layout.OCCLUSION_MANIFEST, "occlusion maps"),
+                 (path, layout.EXPLAIN_MANIFEST, "explain trees"),
                  (path / layout.TOPK, layout.MANIFEST, "top-k"),
                  (path / layout.INVARIANCE, layout.MANIFEST, "invariance"),
                  (path / layout.FILTERS, layout.MANIFEST, "filters")]
@@ -783,7 +826,11 @@ def show(
                               "skipped", highlight=False)
             if what == "dump":
                 _print_predictions(entries)
-            if what in ("dump", "projections", "occlusion maps"):
+            if what == "explain trees":
+                trees = sum(1 for e in entries for f in e["files"] if f.endswith(".json"))
+                out_console.print(f"  {trees} tree(s): <image key>/explain/<unit>.json",
+                                  highlight=False)
+            elif what in ("dump", "projections", "occlusion maps"):
                 for rel, stats in dump_stats(folder, name).items():
                     out_console.print(_stats_table(f"{rel} (over {ok} image(s))", stats))
             else:

@@ -7,7 +7,8 @@
     dtype = "float16"
 
 Keys are the options' field names (`batch_size` or `batch-size`) of the file's `command`
-(default `dump`; also `filters`, `project`, `topk`, `occlude`, `invariance`, `report`). A file
+(default `dump`; also `filters`, `project`, `topk`, `occlude`, `invariance`, `explain`,
+`report`). A file
 of several commands lists them as `[[run]]` tables, in order; its top-level keys are shared by
 every step whose command has that option (each must fit one at least):
 
@@ -34,6 +35,7 @@ from typing import Any
 from convmaps.errors import ConvmapsError
 from convmaps.options import (
     DumpOptions,
+    ExplainOptions,
     FilterOptions,
     InvarianceOptions,
     OccludeOptions,
@@ -45,13 +47,13 @@ from convmaps.options import (
 __all__ = ["COMMANDS", "load_config", "options_from", "steps_from"]
 
 Options = DumpOptions | FilterOptions | ProjectOptions | TopkOptions | OccludeOptions \
-    | InvarianceOptions | ReportOptions
+    | InvarianceOptions | ExplainOptions | ReportOptions
 
 # The commands a config can run, by its `command` key (default: dump).
 COMMANDS: dict[str, type[Options]] = {
     "dump": DumpOptions, "filters": FilterOptions, "project": ProjectOptions,
     "topk": TopkOptions, "occlude": OccludeOptions, "invariance": InvarianceOptions,
-    "report": ReportOptions,
+    "explain": ExplainOptions, "report": ReportOptions,
 }
 
 # Size options: a string such as "8GB" or an integer number of bytes.

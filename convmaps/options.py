@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DType", "DumpOptions", "FilterOptions", "InvarianceOptions", "Mode", "PngScale",
-           "ProjectOptions", "TopkOptions"]
+__all__ = ["DType", "DumpOptions", "ExplainOptions", "FilterOptions", "InvarianceOptions",
+           "Mode", "OccludeOptions", "PngScale", "ProjectOptions", "TopkOptions"]
 
 
 class DType(StrEnum):
@@ -144,6 +144,27 @@ class OccludeOptions:
     threads: int | None = None  # None: runtime.default_threads()
     shard: str | None = None  # "I/N": this process does shard I (0-based) of N
     resume: bool = True  # False (--overwrite): occlusion maps of other options are replaced
+
+
+@dataclass
+class ExplainOptions:
+    """Every `explain` option: units as exact sums, followed down their largest terms."""
+
+    model: str = "lenet"
+    inputs: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)  # MODULE:C or MODULE:C@Y,X (at least one)
+    depth: int = 3  # conv and linear levels (and the pixels) on a path
+    top: int = 3  # a conv or linear node's children: its largest terms
+    out: str = "convmaps_out"
+    weights: str | None = None
+    arch: str | None = None
+    device: str = "cpu"
+    png: bool = True
+    batch_size: int = 16  # images per batch
+    workers: int | None = None  # None: runtime.default_workers()
+    threads: int | None = None  # None: runtime.default_threads()
+    shard: str | None = None  # "I/N": this process does shard I (0-based) of N
+    resume: bool = True  # False (--overwrite): trees of other options are replaced
 
 
 @dataclass

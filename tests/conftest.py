@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -172,3 +173,52 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(builtins, "open", py_open)
     return paths
+
+
+def sharded_like_one(args: list[str], tmp: Path, manifest: str) -> dict[str, Any]:
+    """Run a job command (`args`, without --out) in one process into tmp/one and as two shards
+    into tmp/two; asserts the two give the same manifest and the same bytes in every file it
+    lists, with no shard manifest left; returns the manifest."""
+    from typer.testing import CliRunner
+
+    from convmaps.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, "--out", str(tmp / "one")]).exit_code == 0
+    for i in range(2):
+        result = runner.invoke(app, [*args, "--out", str(tmp / "two"), "--shard", f"{i}/2"])
+        assert result.exit_code == 0, result.output
+    one = json.loads((tmp / "one" / manifest).read_text())
+    two = json.loads((tmp / "two" / manifest).read_text())
+    assert [e["key"] for e in one["inputs"]] == [e["key"] for e in two["inputs"]]
+    for e in one["inputs"]:
+        for f in e["files"]:
+            assert (tmp / "one" / e["key"] / f).read_bytes() == \
+                (tmp / "two" / e["key"] / f).read_bytes()
+    assert not list((tmp / "two").glob(f"{manifest.removesuffix('.json')}.shard-*"))
+    return one
+
+
+def refused_in_one_line(args: list[str], words: str) -> None:
+    """A command that exits 1 with one line saying `words`."""
+    from typer.testing import CliRunner
+
+    from convmaps.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and words in " ".join(result.output.split()), result.output
+
+
+def logged(args: list[str]) -> str:
+    """A command run as a process whose stderr is no terminal; returns its stderr, with no
+    terminal escape in it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "convmaps", *args], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stderr
+    return proc.stderr

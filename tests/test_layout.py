@@ -7,7 +7,10 @@ from convmaps.io.layout import (
     OCCLUSION_PNG,
     ImageLayout,
     collision,
+    explain_json,
+    explain_png,
     is_dump_output,
+    is_explain_output,
     is_image_output,
     is_occlusion_output,
     is_projection_output,
@@ -58,6 +61,19 @@ def test_occlusion_files_are_neither_a_dumps_nor_projections():
                 ".activations.safetensors.1.tmp"):
         assert not is_occlusion_output(rel)
     assert is_shard_manifest("occlusion.shard-0-of-2.json", of="occlusion.json")
+
+
+def test_explain_files_belong_to_explain_alone():
+    unit = "features.10:5@3,4"
+    for rel in (explain_json(unit), explain_png(unit), f"explain/{temp_name('C1:0.json', 3)}",
+                f"png/explain/{temp_name('C1:0.png', 4)}"):
+        assert is_explain_output(rel) and is_image_output(rel)
+        assert not is_dump_output(rel) and not is_projection_output(rel)
+        assert not is_occlusion_output(rel)
+    for rel in ("png/C1.png", "explain.json", "explain/x/C1:0.json", "png/explain/C1:0.json",
+                "explain/.json", OCCLUSION_PNG):
+        assert not is_explain_output(rel)
+    assert is_shard_manifest("explain.shard-1-of-2.json", of="explain.json")
 
 
 def test_temp_names_round_trip():

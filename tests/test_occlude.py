@@ -4,9 +4,6 @@ and against Captum, ownership, resume, shards and errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from convmaps.io.images import decode
 from convmaps.jobs.occlude import logit_drop, run_occlude
 from convmaps.options import OccludeOptions
 
-from .conftest import write_image
+from .conftest import logged, refused_in_one_line, sharded_like_one, write_image
 
 runner = CliRunner()
 
@@ -166,18 +163,7 @@ def test_a_dump_beside_occlusion_maps_leaves_them_alone(tmp_path):
 
 def test_shards_give_the_bytes_of_one_process(tmp_path):
     args = ["occlude", "lenet", "--patch", "10", "--stride", "9", "--workers", "0"]
-    assert runner.invoke(app, [*args, "--out", str(tmp_path / "one")]).exit_code == 0
-    for i in range(2):
-        result = runner.invoke(app, [*args, "--out", str(tmp_path / "two"), "--shard", f"{i}/2"])
-        assert result.exit_code == 0, result.output
-    one = json.loads((tmp_path / "one" / "occlusion.json").read_text())
-    two = json.loads((tmp_path / "two" / "occlusion.json").read_text())
-    assert [e["key"] for e in one["inputs"]] == [e["key"] for e in two["inputs"]]
-    for e in one["inputs"]:
-        for f in e["files"]:
-            assert (tmp_path / "one" / e["key"] / f).read_bytes() == \
-                (tmp_path / "two" / e["key"] / f).read_bytes()
-    assert not list((tmp_path / "two").glob("occlusion.shard-*"))
+    sharded_like_one(args, tmp_path, "occlusion.json")
 
 
 @pytest.mark.parametrize("extra,words", [
@@ -189,19 +175,14 @@ def test_shards_give_the_bytes_of_one_process(tmp_path):
     (["--patch", "29"], "does not fit"),
 ])
 def test_bad_options_are_one_line(tmp_path, extra, words):
-    result = runner.invoke(app, ["occlude", "lenet", "--out", str(tmp_path / "o"), *extra])
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and words in " ".join(result.output.split()), result.output
+    refused_in_one_line(["occlude", "lenet", "--out", str(tmp_path / "o"), *extra], words)
     assert not (tmp_path / "o" / "occlusion.json").exists()
 
 
 def test_progress_in_a_log_and_a_figure_that_says_what_it_shows(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "convmaps", "occlude", "lenet", "--out",
-                           str(tmp_path / "o"), "--patch", "10", "--stride", "9"],
-                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stderr
-    assert "occlude: 8/8 images" in proc.stderr and "\x1b[" not in proc.stderr
+    log = logged(["occlude", "lenet", "--out", str(tmp_path / "o"), "--patch", "10", "--stride",
+                  "9"])
+    assert "occlude: 8/8 images" in log
     from PIL import Image
 
     with Image.open(tmp_path / "o" / "0_t-shirt-top.png" / "png" / "occlusion.png") as img:

@@ -584,7 +584,7 @@ def test_occlusion_maps_are_on_their_image_pages_and_in_a_standalone_report(tmp_
     run_occlude(OccludeOptions(model="lenet", out=str(out), patch=10, stride=9, workers=0))
     build_report(out, standalone=True)
     index = (out / "report" / "index.html").read_text()
-    assert "Images with projections or occlusion maps" in index
+    assert "Images with projections, occlusion maps or explain trees" in index
     pages = sorted((out / "report" / "images").glob("*.html"))
     assert len(pages) == 8
     for page in pages:
@@ -598,3 +598,35 @@ def test_occlusion_maps_are_on_their_image_pages_and_in_a_standalone_report(tmp_
     first = (out / "report" / "images" / "0.html").read_text()
     assert "Occlusion (where the network looks)" in first
     assert "<th>probability</th>" in first  # the dump's page: its predictions, then occlusion
+
+
+def test_explain_trees_get_pages_linked_from_their_image_and_top_k_unit(tmp_path):
+    """A page per tree (its figure and the tree as nested lists), linked from the image page
+    and from the top-k page of the unit it explains; the figure is copied when standalone."""
+    from convmaps.jobs.explain import run_explain
+    from convmaps.jobs.topk import plan_topk, run_topk
+    from convmaps.options import ExplainOptions, TopkOptions
+
+    out = tmp_path / "o"
+    run_explain(ExplainOptions(model="lenet", out=str(out), units=["C3:5", "C3:1@2,2"],
+                               depth=2, workers=0))
+    build_report(out, standalone=True)
+    index = (out / "report" / "index.html").read_text()
+    assert "explain trees" in index and len(list((out / "report" / "images").glob("*"))) == 8
+    trees = sorted((out / "report" / "explain").glob("*.html"))
+    assert len(trees) == 16
+    for page in trees:
+        html = page.read_text()
+        assert '<ul class="tree">' in html and "Conv2d" in html and "bias" in html
+        (src,) = [r for r in _refs(page) if r.endswith(".png") and "explain" in r]
+        assert (page.parent / unquote(src)).resolve().is_file()
+    first = (out / "report" / "images" / "0.html").read_text()
+    assert "Explained (exact sums)" in first and ">C3:1@2,2</a>" in first
+    assert _built_from(out)["explain"]["inputs"] == 8
+    run_topk(plan_topk(TopkOptions(out=str(out), layers="C3", k=2, png_cap=1, project="none",
+                                   workers=0)))
+    build_report(out)
+    unit = (out / "report" / "topk" / "C3" / "5.html").read_text()
+    assert "Explained (exact sums)" in unit and "C3:5 on " in unit
+    assert "C3:1@2,2 on" in (out / "report" / "topk" / "C3" / "1.html").read_text()
+    assert "Explained" not in (out / "report" / "topk" / "C3" / "2.html").read_text()

@@ -50,6 +50,8 @@ __all__ = [
     "kernel_maps",
     "tap_map_chunks",
     "tap_maps",
+    "window_products",
+    "window_taps",
 ]
 
 # A tile is at most this many filters and this many bytes of maps in the compute dtype.
@@ -593,3 +595,64 @@ def _tap_chunks(
         for r in pieces:
             part = layer.shape_tap(maps[:, r.start - block.start : r.stop - block.start])
             yield slice(r.start, r.stop), part.clone() if len(pieces) > 1 else part
+
+
+def window_taps(conv: nn.Conv2d, position: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The input rows `(kh,)` and columns `(kw,)` the taps of output `position` (y, x) read,
+    in the unpadded input's coordinates (outside it where the conv pads).
+
+    >>> from torch import nn
+    >>> rows, cols = window_taps(nn.Conv2d(1, 1, 3, stride=2, padding=1), (0, 2))
+    >>> rows.tolist(), cols.tolist()
+    ([-1, 0, 1], [3, 4, 5])
+    """
+    g = _geometry(conv)
+    left, _, top, _ = g.pad
+    rows = torch.arange(g.kh) * g.dilation[0] + position[0] * g.stride[0] - top
+    cols = torch.arange(g.kw) * g.dilation[1] + position[1] * g.stride[1] - left
+    return rows, cols
+
+
+def window_products(conv: nn.Conv2d, x: Tensor, filter: int, position: tuple[int, int]
+                    ) -> Tensor:
+    """The products `w * x` of one filter at one output position, `(C_in/groups, kh, kw)`, no
+    bias: only that window is read. Summed over the taps, input channel i's product is its
+    kernel-map value there (`kernel_maps(conv, x)[filter, i, y, x]`, up to the order of the
+    sum); the dtype is the input's, at least float32.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    >>> x = torch.randn(4, 7, 7)
+    >>> p = window_products(conv, x, 5, (0, 3))
+    >>> p.shape
+    torch.Size([2, 3, 3])
+    >>> torch.allclose(p.sum((1, 2)), kernel_maps(conv, x)[5, :, 0, 3], atol=1e-6)
+    True
+    """
+    g = _geometry(conv)
+    if x.dim() != 3 or x.shape[0] != g.c_in:
+        raise ValueError(f"expected x of shape ({g.c_in}, H, W), got {tuple(x.shape)}")
+    ho, wo = g.out_hw(x.shape[-2], x.shape[-1])
+    if not (0 <= filter < g.c_out and 0 <= position[0] < ho and 0 <= position[1] < wo):
+        raise ValueError(f"filter {filter} at {position} is outside the output "
+                         f"({g.c_out}, {ho}, {wo})")
+    c0 = filter // g.co_g * g.cg
+    weight = conv.weight.detach()
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    xs = x[c0:c0 + g.cg].detach().to(dtype)
+    rows, cols = window_taps(conv, position)
+    if g.padding_mode == "zeros":
+        # Only the window is gathered; the taps in the padding read zeros.
+        h, w = xs.shape[-2:]
+        inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+        # index_select, not x[:, rows]: advanced indexing is ~100x slower on CPU here
+        win = xs.index_select(1, rows.clamp(0, h - 1).to(xs.device)).index_select(
+            2, cols.clamp(0, w - 1).to(xs.device))
+        win = win * inside.to(device=win.device, dtype=dtype)
+    else:  # reflect, replicate, circular: the padded values are other pixels
+        left, _, top, _ = g.pad
+        xp = F.pad(xs.unsqueeze(0), g.pad, mode=g.padding_mode)[0]
+        win = xp.index_select(1, (rows + top).to(xp.device)).index_select(
+            2, (cols + left).to(xp.device))
+    return weight[filter].to(dtype) * win

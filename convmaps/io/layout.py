@@ -47,6 +47,10 @@ __all__ = [
     "OCCLUSION",
     "OCCLUSION_MANIFEST",
     "OCCLUSION_PNG",
+    "EXPLAIN_MANIFEST",
+    "explain_json",
+    "explain_png",
+    "is_explain_output",
     "is_dump_output",
     "is_occlusion_output",
     "is_image_output",
@@ -76,14 +80,16 @@ OCCLUSION_MANIFEST = "occlusion.json"  # `convmaps occlude`'s own manifest
 INVARIANCE = "invariance"  # the folder under OUT that `convmaps invariance` owns
 INVARIANCE_FILE = "invariance.safetensors"
 _PARTIAL = "partial"  # an aggregate folder's shard states (topk/, invariance/)
+EXPLAIN_MANIFEST = "explain.json"  # `convmaps explain`'s own manifest
+_EXPLAIN = "explain"  # explain/<unit>.json and png/explain/<unit>.png in an image folder
 _DUMP_TENSORS = frozenset({ACTIVATIONS, SWITCHES, KERNELS, TAPS})
 _PROJECTION_PNGS = "projections"  # png/projections/<mode>/<module>/<channel>.png
 # Top-level names of an output folder that belong to convmaps, besides image folders.
 FILTERS = "filters"  # the folder under OUT that `convmaps filters` owns
 FILTER_WEIGHTS = "filters.safetensors"
-RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, OCCLUSION_MANIFEST, FILTERS, TOPK,
-                      INVARIANCE, "report"})
-_SHARD = re.compile(r"(manifest|projections|occlusion)\.shard-(\d+)-of-(\d+)\.json")
+RESERVED = frozenset({MANIFEST, PROJECTIONS_MANIFEST, OCCLUSION_MANIFEST, EXPLAIN_MANIFEST,
+                      FILTERS, TOPK, INVARIANCE, "report"})
+_SHARD = re.compile(r"(manifest|projections|occlusion|explain)\.shard-(\d+)-of-(\d+)\.json")
 _TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
 
@@ -168,7 +174,7 @@ def is_dump_output(rel: str) -> bool:
     file of one): only such files are ever removed by a dump, whatever else is beside them."""
     parts = PurePosixPath(rel).parts
     if not parts or (len(parts) > 1 and parts[:2] == ("png", _PROJECTION_PNGS)) \
-            or is_occlusion_output(rel):
+            or is_occlusion_output(rel) or is_explain_output(rel):
         return False
     if is_temp(parts[-1]):
         return True
@@ -198,9 +204,30 @@ def is_occlusion_output(rel: str) -> bool:
         and parts[-1].startswith(f".{last.name}.")
 
 
+def explain_json(unit: str) -> str:
+    """The tree of a unit (`MODULE:C` or `MODULE:C@Y,X`, as the user gave it) in an image
+    folder."""
+    return f"{_EXPLAIN}/{unit}.json"
+
+
+def explain_png(unit: str) -> str:
+    """The figure of a unit's tree in an image folder."""
+    return f"png/{_EXPLAIN}/{unit}.png"
+
+
+def is_explain_output(rel: str) -> bool:
+    """Whether a path inside an image folder is one `explain` writes there (or its temporary
+    file)."""
+    parts = PurePosixPath(rel).parts
+    ends = ".png" if len(parts) == 3 else ".json"
+    return parts[:-1] in ((_EXPLAIN,), ("png", _EXPLAIN)) and (
+        (parts[-1].endswith(ends) and len(parts[-1]) > len(ends)) or is_temp(parts[-1]))
+
+
 def is_image_output(rel: str) -> bool:
     """Whether a path inside an image folder is any convmaps output (never read as an input)."""
-    return is_dump_output(rel) or is_projection_output(rel) or is_occlusion_output(rel)
+    return is_dump_output(rel) or is_projection_output(rel) or is_occlusion_output(rel) \
+        or is_explain_output(rel)
 
 
 def projection_key(mode: str, module: str, channel: int,

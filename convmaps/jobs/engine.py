@@ -333,6 +333,65 @@ class Job:
                 f"done, {len(result.skipped)} skipped; manifest: {result.path}")
 
 
+class ListedJob(Job):
+    """A job that writes files into image folders beside a dump and lists its images in its
+    own manifest (occlude, explain): it stands only beside a dump of the same network, removes
+    only the files `owns` claims, and resumes an image whose files `finished` accepts."""
+
+    model: torch.nn.Module
+
+    def owns(self, rel: str) -> bool:
+        """Whether a path inside an image folder is one this job writes there."""
+        return False
+
+    def finished(self, plan: Plan, i: int) -> Entry | None:
+        """Image i's entry when its files are complete and this run's, else None."""
+        return None
+
+    def remove(self, folder: Path, m: Entry) -> None:
+        remove_listed(folder, m, self.owns, self.manifest)
+
+    def settle(self, plan: Plan, key: str, previous: set[str]) -> list[str]:
+        """After image `key`'s files are written: remove those of `previous` (what the
+        manifests listed there) this run no longer writes; returns the files it has."""
+        files = self.files(plan, key)
+        clear_folder(plan.out, key, set(files), owner(previous))
+        return sorted(f for f in files if (plan.out / key / f).is_file())
+
+    def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
+        check_network(out, loaded, self.what)
+
+    def ours(self, out: Path, earlier: list[Entry]) -> set[str]:
+        lists = [manifests.read(out, name) for name in _IMAGE_LISTS if name != self.manifest]
+        return {e["key"] for e in earlier} | {e["key"] for m in lists
+                                              for e in (m or {}).get("inputs", [])}
+
+    def resume(self, plan: Plan) -> dict[int, Entry]:
+        return {i: e for i in plan.mine if i not in plan.skips
+                and (e := self.finished(plan, i)) is not None}
+
+    def start(self, plan: Plan, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+
+    def describe(self, plan: Plan) -> str:
+        return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
+                f"input(s), {len(plan.finished)} already done · {self.doing(plan)}")
+
+    def doing(self, plan: Plan) -> str:
+        """What the run does to each image, for `describe`."""
+        return ""
+
+    def closing(self, plan: Plan, result: Result) -> str:
+        return (f"{plan.label}{self.what}: {result.written} image(s) written, "
+                f"{result.already} already done, {len(result.skipped)} skipped; list: "
+                f"{result.path}")
+
+
+# The manifests that list image folders of OUT.
+_IMAGE_LISTS = (layout.MANIFEST, layout.PROJECTIONS_MANIFEST, layout.OCCLUSION_MANIFEST,
+                layout.EXPLAIN_MANIFEST)
+
+
 @dataclass
 class Plan:
     """What a run will do, decided before any image is decoded."""
@@ -436,6 +495,15 @@ def plain_entry(plan: Plan, item: Entry, files: list[str] | None = None,
     if item["tensor"] is None:
         return manifests.entry(src.key, str(src.path), None, f"skipped: {item['reason']}", [])
     return manifests.entry(src.key, str(src.path), item["sha256"], "ok", files or [], top5)
+
+
+def remove_listed(out: Path, m: Entry, mine: Callable[[str], bool], manifest: str
+                  ) -> None:
+    """Remove the files of a job's manifest `m` in OUT (those `mine` says the job writes),
+    then the manifest `manifest` itself (claiming with --overwrite)."""
+    for e in m["inputs"]:
+        clear_folder(out, e["key"], set(), owner({f for f in e["files"] if mine(f)}))
+    (out / manifest).unlink(missing_ok=True)
 
 
 _RUNTIME = frozenset({"resume", "workers", "threads", "device", "out", "config", "shard",

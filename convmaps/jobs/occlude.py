@@ -19,7 +19,6 @@ occlusion files: other options are refused, or replaced with --overwrite.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,22 +36,19 @@ from convmaps.io import layout
 from convmaps.io.images import sha256_file
 from convmaps.io.store import png_complete, read_metadata, save_tensors, write_bytes
 from convmaps.jobs.engine import (
-    Job,
+    ListedJob,
     Plan,
-    Result,
-    check_network,
     per_image,
     plain_entry,
     plan_job,
     run_job,
 )
-from convmaps.jobs.ownership import clear_folder, owner
 from convmaps.options import OccludeOptions
 
 __all__ = ["Occlude", "logit_drop", "run_occlude"]
 
 
-class Occlude(Job):
+class Occlude(ListedJob):
     """Occlusion maps of every image, `--batch-size` patch positions a step."""
 
     name = "occlude"
@@ -109,26 +105,11 @@ class Occlude(Job):
     def files(self, plan: Plan, key: str) -> list[str]:
         return [layout.OCCLUSION, *([layout.OCCLUSION_PNG] if self.options.png else [])]
 
-    def remove(self, folder: Path, m: dict[str, Any]) -> None:
-        remove_occlusion(folder, m)
+    def owns(self, rel: str) -> bool:
+        return layout.is_occlusion_output(rel)
 
-    def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
-        check_network(out, loaded, "occlusion maps")
-
-    def ours(self, out: Path, earlier: list[dict[str, Any]]) -> set[str]:
-        from convmaps.io import manifest as manifests
-
-        others = [manifests.read(out, name) for name in (layout.MANIFEST,
-                                                         layout.PROJECTIONS_MANIFEST)]
-        return {e["key"] for e in earlier} | {e["key"] for m in others
-                                              for e in (m or {}).get("inputs", [])}
-
-    def resume(self, plan: Plan) -> dict[int, dict[str, Any]]:
-        return {i: e for i in plan.mine if i not in plan.skips
-                and (e := _finished_entry(plan, i)) is not None}
-
-    def start(self, plan: Plan, model: torch.nn.Module, device: torch.device) -> None:
-        self.model = model
+    def finished(self, plan: Plan, i: int) -> dict[str, Any] | None:
+        return _finished_entry(plan, i)
 
     def step(self, plan: Plan, batch: Tensor | None, items: list[dict[str, Any]]) -> Any:
         if batch is None:
@@ -146,19 +127,12 @@ class Occlude(Job):
 
         return per_image(plan, items, write_one)
 
-    def describe(self, plan: Plan) -> str:
+    def doing(self, plan: Plan) -> str:
         o = self.options
         h, w = plan.loaded.input_size
         n = len(corners(h, o.patch, o.stride)) * len(corners(w, o.patch, o.stride))
-        return (f"{plan.label}{plan.loaded.arch} ({plan.loaded.weights}) · {len(plan.mine)} "
-                f"input(s), {len(plan.finished)} already done · {o.patch} px patch, stride "
-                f"{o.stride}: {n} positions an image · target {o.target} · "
-                f"{self.method.split(' (')[0]}")
-
-    def closing(self, plan: Plan, result: Result) -> str:
-        return (f"{plan.label}occlusion maps: {result.written} image(s) written, "
-                f"{result.already} already done, {len(result.skipped)} skipped; list: "
-                f"{result.path}")
+        return (f"{o.patch} px patch, stride {o.stride}: {n} positions an image · target "
+                f"{o.target} · {self.method.split(' (')[0]}")
 
 
 def run_occlude(o: OccludeOptions, on_progress: Callable[[int], None] | None = None
@@ -239,9 +213,7 @@ def _write(plan: Plan, it: dict[str, Any], x: Tensor, found: Occlusion) -> list[
             f"{float(meta['clear_probability']):.3g} unoccluded"
             + (f" · unit {module}:{channel}" if units else ""))
         write_bytes(folder / layout.OCCLUSION_PNG, render.png_bytes(img), sync=False)
-    files = job.files(plan, src.key)
-    clear_folder(plan.out, src.key, set(files), owner(previous))
-    return sorted(f for f in files if (folder / f).is_file())
+    return job.settle(plan, src.key, previous)
 
 
 def _finished_entry(plan: Plan, i: int) -> dict[str, Any] | None:
@@ -261,11 +233,3 @@ def _finished_entry(plan: Plan, i: int) -> dict[str, Any] | None:
     except BadImageError:  # not readable now: redone, and recorded as skipped
         return None
     return plain_entry(plan, {"index": i, "tensor": True, "sha256": meta["sha256"]}, files)
-
-
-def remove_occlusion(out: Path, m: dict[str, Any]) -> None:
-    """Remove the occlusion files an `occlusion.json` lists, then the list itself."""
-    for e in m["inputs"]:
-        mine = {f for f in e["files"] if layout.is_occlusion_output(f)}
-        clear_folder(out, e["key"], set(), owner(mine))
-    (out / layout.OCCLUSION_MANIFEST).unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from convmaps.jobs.engine import (
     per_image,
     plain_entry,
     plan_job,
+    remove_listed,
     run_job,
 )
 from convmaps.jobs.ownership import clear_folder, owner
@@ -176,10 +177,7 @@ def _finished_entry(plan: Plan, i: int) -> dict[str, Any] | None:
 
 def remove_projections(out: Path, m: dict[str, Any]) -> None:
     """Remove the projection files a `projections.json` lists, then the list itself."""
-    for e in m["inputs"]:
-        mine = {f for f in e["files"] if layout.is_projection_output(f)}
-        clear_folder(out, e["key"], set(), owner(mine))
-    (out / layout.PROJECTIONS_MANIFEST).unlink(missing_ok=True)
+    remove_listed(out, m, layout.is_projection_output, layout.PROJECTIONS_MANIFEST)
 
 
 def _kept(folder: Path, run: str, sha: str) -> dict[str, torch.Tensor]:

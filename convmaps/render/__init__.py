@@ -29,6 +29,7 @@ public names.
 from __future__ import annotations
 
 from convmaps.render.figures import (
+    explain_figure,
     occlusion_figure,
     picture,
     projection_figure,
@@ -57,6 +58,7 @@ from convmaps.render.png import png_bytes
 from convmaps.render.scales import Scale, choose_scale, colorize, robust_limit
 
 __all__ = [
+    "explain_figure",
     "Picture",
     "Scale",
     "chart_size",

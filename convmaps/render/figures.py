@@ -4,6 +4,7 @@ top-k of a unit (Zeiler & Fergus) and of a module."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -12,7 +13,11 @@ from torch import Tensor
 from convmaps.render.grids import _FONT_W, _LINE, _TITLE_H, _glyphs, upscale_factor
 from convmaps.render.scales import Scale, colorize
 
+if TYPE_CHECKING:
+    from convmaps.core.explain import Node
+
 __all__ = [
+    "explain_figure",
     "occlusion_figure",
     "picture",
     "projection_figure",
@@ -391,4 +396,77 @@ def occlusion_figure(image: Tensor, probability: Tensor, top_class: Tensor, unit
         draw.rectangle([x, y + row * _LINE + 1, x + 9, y + row * _LINE + 10], fill=rgb)
         _write(canvas, text, x + 14, y + row * _LINE)
     canvas.info["convmaps-scale"] = "occlusion"
+    return canvas
+
+
+# --- explain ----------------------------------------------------------------------------------
+
+_POS_RGB, _NEG_RGB, _REST_RGB = (78, 121, 167), (225, 87, 89), (186, 176, 172)
+_EXPLAIN_BARS = 6  # a node's largest terms drawn as bars; the others make one "rest" bar
+_EXPLAIN_LABEL = 24 * _FONT_W  # the bars' label column (a residual add names its branches)
+_EXPLAIN_HALF = 150  # px from the zero line to the largest bar's end
+_EXPLAIN_INDENT = 2 * _FONT_W  # per level of the tree
+
+
+def _at_text(position: tuple[int, int] | None) -> str:
+    return "" if position is None else f"@{position[0]},{position[1]}"
+
+
+def _explain_rows(node: Node, level: int) -> list[tuple[int, str, list[tuple[str, float, tuple[
+        int, int, int]]]]]:
+    """(indent, header, bars) per node, depth first; bars (label, value, colour) only where
+    the sum has more than one term or a bias."""
+    terms = node.terms
+    head = (f"{node.module}:{node.channel}{_at_text(node.position)} = {node.value:.4g}"
+            f"   {node.kind}")
+    bars: list[tuple[str, float, tuple[int, int, int]]] = []
+    if len(terms) > 1 or node.bias != 0:
+        for t in terms[:_EXPLAIN_BARS]:
+            pooled = "avgpool" in node.kind.lower().replace("_", "")
+            label = f"at {_at_text(t.position)[1:]}" if pooled \
+                else t.source if node.kind == "add" else f"ch {t.channel}"
+            bars.append((label, t.value, _POS_RGB if t.value >= 0 else _NEG_RGB))
+        if len(terms) > _EXPLAIN_BARS:
+            bars.append((f"rest ({len(terms) - _EXPLAIN_BARS})",
+                         sum(t.value for t in terms[_EXPLAIN_BARS:]), _REST_RGB))
+        bars.append(("bias", node.bias, _REST_RGB))
+    rows = [(level * _EXPLAIN_INDENT, head, bars)]
+    for child in node.children:
+        rows += _explain_rows(child, level + 1)
+    return rows
+
+
+def explain_figure(root: Node, title: str | None = None) -> Image.Image:
+    """A unit's explain tree, one block per node (depth first, indented by level): its value,
+    and where it is a sum of several terms a bar chart of the largest terms, the rest as one
+    bar, and the bias, on the node's own scale (blue positive, red negative, grey rest and
+    bias). With a `title` (model, unit, image), a strip says it."""
+    from PIL import ImageDraw
+
+    rows = _explain_rows(root, 0)
+    bar_w = 2 * _EXPLAIN_HALF
+    width = max(i for i, _, _ in rows) + _EXPLAIN_LABEL + bar_w + 12 * _FONT_W + 2 * _PAD
+    height = sum(_LINE + len(bars) * _LINE + 4 for _, _, bars in rows) + _PAD
+    what = ("each node: value = bias + its terms (input channels' kernel-map values, w*x, ...); "
+            "children: the largest terms")
+    canvas, y = _titled(width, height, None if title is None else (title, what),
+                        *(h for _, h, _ in rows))
+    draw = ImageDraw.Draw(canvas)
+    for indent, head, bars in rows:
+        x = _PAD + indent
+        _write(canvas, head, x, y)
+        y += _LINE
+        lim = max((abs(v) for _, v, _ in bars), default=0.0) or 1.0
+        zero = x + _EXPLAIN_LABEL + _EXPLAIN_HALF
+        if bars:
+            draw.line([zero, y, zero, y + len(bars) * _LINE - 2], fill=_INK_RGB)
+        for label, value, rgb in bars:
+            _write(canvas, label, x, y)
+            end = zero + round(value / lim * _EXPLAIN_HALF)
+            if end != zero:
+                draw.rectangle([min(zero, end), y + 2, max(zero, end), y + _LINE - 3], fill=rgb)
+            _write(canvas, f"{value:.4g}", x + _EXPLAIN_LABEL + bar_w + 4, y)
+            y += _LINE
+        y += 4
+    canvas.info["convmaps-scale"] = "explain"
     return canvas

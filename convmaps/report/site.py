@@ -8,9 +8,10 @@ script needs sits in the page itself (browsers block `fetch` from `file://`). Ev
 without JavaScript; the script only names the channel under the mouse and sorts tables.
 
 It covers whatever OUT holds: a dump (`manifest.json`), projections (`projections.json`),
-occlusion maps (`occlusion.json`), `filters/`, `topk/` and `invariance/`. It reads only files on
-disk and never runs the model; the pictures of the inputs are drawn from the source images with
-the run's own preprocessing, so receptive-field boxes land where the network looked.
+occlusion maps (`occlusion.json`), explain trees (`explain.json`, a page per tree), `filters/`,
+`topk/` and `invariance/`. It reads only files on disk and never runs the model; the pictures of
+the inputs are drawn from the source images with the run's own preprocessing, so receptive-field
+boxes land where the network looked.
 
     >>> import tempfile
     >>> build_report(tempfile.mkdtemp())  # doctest: +ELLIPSIS
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
@@ -67,6 +68,7 @@ class _Site:
     dump: dict[str, Any] | None
     projections: dict[str, Any] | None
     occlusion: dict[str, Any] | None
+    explain: dict[str, Any] | None
     filters: list[str]  # conv names with a filters PNG
     filters_meta: dict[str, str]
     topk: dict[str, Any] | None
@@ -78,11 +80,13 @@ class _Site:
     by_sha: dict[str, str] = field(default_factory=dict)  # sha256 -> its image page
     projected: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     occluded: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # (image key, tree file) -> the tree's page
+    trees: dict[tuple[str, str], str] = field(default_factory=dict)
     copies: _Copies | None = None  # a standalone report's copies of the pictures of OUT
 
     @property
     def header(self) -> dict[str, Any]:
-        return self.dump or self.projections or self.occlusion or self.topk or \
+        return self.dump or self.projections or self.occlusion or self.explain or self.topk or \
             self.invariance or {
             "model": self.filters_meta.get(
             "model", "?"), "weights": self.filters_meta.get("weights", "?")}
@@ -121,6 +125,7 @@ def _read_site(out: Path) -> _Site:
     dump = manifests.read(out)
     projections = manifests.read(out, layout.PROJECTIONS_MANIFEST)
     occlusion = manifests.read(out, layout.OCCLUSION_MANIFEST)
+    explain = manifests.read(out, layout.EXPLAIN_MANIFEST)
     folder = out / layout.FILTERS
     listed = manifests.read(folder)  # only what the last filters run wrote: no stale grids
     filters = [m for m in (listed or {}).get("modules", [])
@@ -131,10 +136,10 @@ def _read_site(out: Path) -> _Site:
     invariance = manifests.read(folder) if folder.is_dir() else None
     if invariance is not None and not invariance.get("finished"):
         invariance = None  # shards still running: no curves yet
-    if not (dump or projections or occlusion or filters or topk or invariance):
+    if not (dump or projections or occlusion or explain or filters or topk or invariance):
         raise ConvmapsError(f"{out} holds nothing to report (no manifest.json, projections.json,"
-                            " occlusion.json, filters/, topk/ or invariance/)")
-    site = _Site(out, dump, projections, occlusion, filters, filters_meta, topk,
+                            " occlusion.json, explain.json, filters/, topk/ or invariance/)")
+    site = _Site(out, dump, projections, occlusion, explain, filters, filters_meta, topk,
                  invariance=invariance)
     if topk is not None:
         site.units = _read_topk(out / layout.TOPK, topk)
@@ -342,8 +347,8 @@ def _index(site: _Site) -> str:
     elif site.pages:
         links = [f'<li><a href="{_url(page)}">{_e(key)}</a></li>'
                  for key, page in site.pages.items()]
-        parts.append("<h2>Images with projections or occlusion maps</h2><ul>" + "".join(links)
-                     + "</ul>")
+        parts.append("<h2>Images with projections, occlusion maps or explain trees</h2><ul>"
+                     + "".join(links) + "</ul>")
     if site.topk:
         parts.append(f'<h2>Top-k</h2><p><a href="topk/index.html">{len(site.units)} module(s)'
                      f'</a> over {len(site.topk["inputs"])} image(s)</p>')
@@ -439,9 +444,61 @@ def _image_page(site: _Site, e: dict[str, Any], units: dict[str, dict[int, int]]
                f"unit {_e(meta.get('units') or '—')}")
         parts.append("<h2>Occlusion (where the network looks)</h2>"
                      + _figure(site, f"{key}/{layout.OCCLUSION_PNG}", up, cap, ' class="wide"'))
+    parts.append(_tree_links([(PurePosixPath(f).stem, page) for (k, f), page
+                              in site.trees.items() if k == key], up))
     if units:
         parts.append(_units_driven(units, up))
     return _page(key, "\n".join(parts), up, site)
+
+
+def _tree_links(trees: list[tuple[str, str]], up: str) -> str:
+    """Links to explain-tree pages, (text, page) each; nothing when there are none."""
+    if not trees:
+        return ""
+    links = [f'<li><a href="{up}{_url(page)}">{_e(text)}</a></li>' for text, page in trees]
+    return "<h2>Explained (exact sums)</h2><ul>" + "".join(links) + "</ul>"
+
+
+def _tree_items(node: dict[str, Any]) -> str:
+    """A node of an explain tree and its children as nested list items."""
+    at = node.get("position")
+    name = f"{node.get('module')}:{node.get('channel')}" + (f"@{at[0]},{at[1]}" if at else "")
+    terms = node.get("contributions", [])
+    shown = ", ".join(f"{_e(t.get('channel'))}: {float(t.get('value', 0)):.4g}"
+                      for t in terms[:6])
+    more = len(terms) - 6
+    rest = float(node.get("rest", 0))
+    tail = (f" … (+{more} listed)" if more > 0 else "") + (f", rest {rest:.4g}" if rest else "")
+    line = (f"<b>{_e(name)}</b> = {float(node.get('value', 0)):.4g} <small>"
+            f"{_e(node.get('kind'))}</small>: bias {float(node.get('bias', 0)):.4g}; "
+            f"terms {shown}{tail}")
+    children = node.get("children", [])
+    inner = "<ul>" + "".join(_tree_items(c) for c in children) + "</ul>" if children else ""
+    return f"<li>{line}{inner}</li>"
+
+
+def _tree_page(site: _Site, e: dict[str, Any], rel: str) -> str:
+    """One explain tree: its figure and the tree as nested lists, linked to its image."""
+    up = "../"
+    key = e["key"]
+    try:
+        with open_regular(site.out / key / rel) as f:
+            record = json.loads(f.read().decode())
+        tree = record["tree"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return _page(f"{key} · {PurePosixPath(rel).stem}", f'<p class="note">the tree file '
+                     f"could not be read: {_e(err)}</p>", up, site)
+    unit = str(record.get("unit", PurePosixPath(rel).stem))
+    png = layout.explain_png(unit)
+    parts = [f'<p>image <a href="{up}{_url(site.pages[key])}">{_e(key)}</a> · depth '
+             f'{_e(record.get("depth"))}, top {_e(record.get("top"))} · each node: value = '
+             "bias + the sum of its terms (a conv's: its input channels' kernel-map values "
+             "there); children: the largest terms</p>"]
+    if png in e.get("files", []):
+        parts.append(_figure(site, f"{key}/{png}", up, f"{_e(unit)} on {_e(key)}",
+                             ' class="wide"'))
+    parts.append(f'<ul class="tree">{_tree_items(tree)}</ul>')
+    return _page(f"{key} · {unit}", "\n".join(parts), up, site)
 
 
 def _plural(n: int, word: str) -> str:
@@ -573,6 +630,10 @@ def _topk_unit(site: _Site, name: str, c: int) -> str:
                      f"{name_link}</figcaption></figure>")
     parts.append('<h2>The images they came from</h2><div class="grid">' + "".join(cells)
                  + "</div>")
+    unit = f"{name}:{c}"
+    parts.append(_tree_links([(f"{PurePosixPath(f).stem} on {key}", page)
+                              for (key, f), page in site.trees.items()
+                              if PurePosixPath(f).stem.split("@")[0] == unit], up))
     nav = f'<p><a href="../{_url(name)}.html">all units of {_e(name)}</a></p>'
     return _page(f"{name} · unit {c}", nav + "\n".join(parts), up, site)
 
@@ -712,7 +773,8 @@ def _built_from(report: Path) -> dict[str, Any]:
 
 
 def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
-    parts = [m.get("inputs", []) for m in (site.dump, site.projections, site.occlusion) if m]
+    parts = [m.get("inputs", []) for m in (site.dump, site.projections, site.occlusion,
+                                           site.explain) if m]
     entries = [e for part in parts for e in part]
     topk_inputs = (site.topk or {}).get("inputs", [])
     winners = {i for u in site.units.values() for row in u.get("images", []) for i in row}
@@ -729,6 +791,9 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
     site.projected, site.occluded = ({(e["key"], e.get("sha256") or ""): e
                                       for e in (m or {}).get("inputs", []) if e["status"] == "ok"}
                                      for m in (site.projections, site.occlusion))
+    trees = [(e, f) for e in (site.explain or {}).get("inputs", []) if e["status"] == "ok"
+             and e["key"] in site.pages for f in e.get("files", []) if f.endswith(".json")]
+    site.trees = {(e["key"], f): f"explain/{n}.html" for n, (e, f) in enumerate(trees)}
     # image sha256 -> module -> unit -> the image's best rank among the unit's top k
     back: dict[str, dict[str, dict[int, int]]] = {}
     for name, u in site.units.items():
@@ -742,6 +807,7 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
     files: list[tuple[str, Callable[[], str]]] = [("index.html", partial(_index, site))]
     files += [(site.pages[e["key"]], partial(_image_page, site, e, back.get(
         e.get("sha256") or "", {}))) for e in pages]
+    files += [(site.trees[e["key"], f], partial(_tree_page, site, e, f)) for e, f in trees]
     if site.filters:
         files.append(("filters.html", partial(_filters_page, site)))
     if site.invariance:
@@ -764,8 +830,8 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
     # whether it holds its pictures
     built_from: dict[str, Any] = {part: {"run": m.get("run"), "inputs": len(m.get("inputs", []))}
                   for part, m in (("dump", site.dump), ("projections", site.projections),
-                                  ("occlusion", site.occlusion), ("topk", site.topk),
-                                  ("invariance", site.invariance)) if m}
+                                  ("occlusion", site.occlusion), ("explain", site.explain),
+                                  ("topk", site.topk), ("invariance", site.invariance)) if m}
     if site.filters:
         built_from["filters"] = {"modules": site.filters}
     built_from["standalone"] = site.copies is not None
