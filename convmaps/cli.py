@@ -649,6 +649,8 @@ def invariance(
     _job(o, Invariance())
 
 
+@app.command()
+@reports_errors
 def explain(
     model: ModelArg,
     inputs: InputsArg = None,

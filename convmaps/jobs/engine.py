@@ -473,6 +473,15 @@ def per_image(plan: Plan, items: list[Entry], write_one: Callable[[int, Entry], 
     return done
 
 
+def same_bytes(source: ImageSource, sha: object) -> bool:
+    """Whether the input still holds the bytes whose sha256 an output records (an unreadable
+    input: no, so its image is redone and recorded as skipped)."""
+    try:
+        return sha == sha256_file(source.path)
+    except BadImageError:
+        return False
+
+
 def check_network(out: Path, loaded: LoadedModel, what: str) -> None:
     """Refuse a part of OUT (`what`) of another network than the dump there: a dump's maps,
     projections and top-k in one folder must come from one network."""

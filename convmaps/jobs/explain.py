@@ -30,9 +30,8 @@ from convmaps.core.deconv import parse_unit
 from convmaps.core.explain import Node, explain, explainable
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel
-from convmaps.errors import BadImageError, ConvmapsError
+from convmaps.errors import ConvmapsError
 from convmaps.io import layout
-from convmaps.io.images import sha256_file
 from convmaps.io.store import png_complete, write_bytes
 from convmaps.jobs.engine import (
     ListedJob,
@@ -41,6 +40,7 @@ from convmaps.jobs.engine import (
     plain_entry,
     plan_job,
     run_job,
+    same_bytes,
 )
 from convmaps.options import ExplainOptions
 
@@ -179,9 +179,6 @@ def _finished_entry(plan: Plan, i: int) -> dict[str, Any] | None:
         if not isinstance(record, dict) or record.get("run") != plan.fingerprint:
             return None
         shas.add(record.get("sha256"))
-    try:
-        if shas != {sha256_file(source.path)}:
-            return None
-    except BadImageError:  # not readable now: redone, and recorded as skipped
+    if len(shas) != 1 or not same_bytes(source, next(iter(shas))):
         return None
     return plain_entry(plan, {"index": i, "tensor": True, "sha256": shas.pop()}, files)

@@ -31,9 +31,8 @@ from convmaps.core.deconv import parse_unit
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, normalisation
 from convmaps.core.occlusion import Occlusion, corners, occlude
-from convmaps.errors import BadImageError, ConvmapsError
+from convmaps.errors import ConvmapsError
 from convmaps.io import layout
-from convmaps.io.images import sha256_file
 from convmaps.io.store import png_complete, read_metadata, save_tensors, write_bytes
 from convmaps.jobs.engine import (
     ListedJob,
@@ -42,6 +41,7 @@ from convmaps.jobs.engine import (
     plain_entry,
     plan_job,
     run_job,
+    same_bytes,
 )
 from convmaps.options import OccludeOptions
 
@@ -227,9 +227,6 @@ def _finished_entry(plan: Plan, i: int) -> dict[str, Any] | None:
     if meta is None or meta.get("run") != plan.fingerprint or not all(
             png_complete(folder / f) for f in files if f.endswith(".png")):
         return None
-    try:
-        if meta.get("sha256") != sha256_file(source.path):
-            return None
-    except BadImageError:  # not readable now: redone, and recorded as skipped
+    if not same_bytes(source, meta.get("sha256")):
         return None
     return plain_entry(plan, {"index": i, "tensor": True, "sha256": meta["sha256"]}, files)

@@ -25,9 +25,9 @@ from convmaps.core.capture import LayerRow, Trace
 from convmaps.core.deconv import Unit, parse_unit, project_batch
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, normalisation
-from convmaps.errors import BadImageError, ConvmapsError
+from convmaps.errors import ConvmapsError
 from convmaps.io import layout
-from convmaps.io.images import ImageSource, sha256_file
+from convmaps.io.images import ImageSource
 from convmaps.io.store import png_complete, read_metadata, save_tensors, write_bytes
 from convmaps.jobs.engine import (
     Job,
@@ -39,6 +39,7 @@ from convmaps.jobs.engine import (
     plan_job,
     remove_listed,
     run_job,
+    same_bytes,
 )
 from convmaps.jobs.ownership import clear_folder, owner
 from convmaps.options import ProjectOptions
@@ -165,10 +166,7 @@ def _finished_entry(plan: Plan, i: int) -> dict[str, Any] | None:
     if not all(layout.projection_key(str(job.options.mode), u.module, u.channel, u.position)
                in keys for u in job.units):
         return None
-    try:
-        if meta.get("sha256") != sha256_file(source.path):
-            return None
-    except BadImageError:  # not readable now: redone, and recorded as skipped
+    if not same_bytes(source, meta.get("sha256")):
         return None
     files = sorted(f for f in job.files(plan, source.key) if (folder / f).is_file())
     return plain_entry(plan, {"index": i, "tensor": True,
