@@ -726,6 +726,10 @@ def topk(
         str, typer.Option("--dtype", help="Storage dtype of the projections: float32, float16 "
                           "or bfloat16.")
     ] = "float32",
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Each entry as an exact sum of the layer below "
+                           "(depth 2, top 3), and the lower units a unit's k trees share.")
+    ] = False,
     max_bytes: MaxBytesOpt = "8GB",
 ) -> None:
     """Per module and channel, the k images whose maximum over space is largest, with where,
@@ -740,7 +744,7 @@ def topk(
                     project=project, out=str(out), weights=weights, arch=arch,
                     batch_size=batch_size, workers=workers, threads=threads, device=device,
                     shard=shard, resume=resume, png=png, png_cap=png_cap, dtype=_dtype(dtype),
-                    max_bytes=max_bytes)
+                    max_bytes=max_bytes, explain=explain)
     _job(o, Topk())
 
 

@@ -188,6 +188,8 @@ class TopkOptions:
     png: bool = True
     png_cap: int = 16  # channels per module that get a figure
     dtype: DType = DType.float32  # storage dtype of the projections
+    # each entry as an exact sum (depth 2, top 3) and the lower units the k trees share
+    explain: bool = False
     max_bytes: str = "8GB"
     checkpoint_seconds: float = 60.0  # how often the partial top-k is saved while running
 

@@ -115,5 +115,9 @@ def test_topk_layout_names_and_ownership():
     for rel in [*lay.files(), lay.state_file(1, 2), "manifest.shard-0-of-2.json",
                 "png/C1/.3.png.99.tmp"]:
         assert is_topk_output(rel), rel
-    for rel in ("notes.txt", "partial/notes.txt", "png/readme.md", "sub/C1.safetensors"):
+    for rel in ("notes.txt", "partial/notes.txt", "png/readme.md", "sub/C1.safetensors",
+                "explain/C1/notes.txt", "explain/x.json"):
         assert not is_topk_output(rel), rel
+    explained = TopkLayout(modules=("C1",), png_caps=(0,), explain=(12,))
+    assert explained.files()[:2] == ["C1.safetensors", "explain/C1/00.json"]
+    assert len(explained.files()) == 14 and all(is_topk_output(f) for f in explained.files())

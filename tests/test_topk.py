@@ -608,3 +608,67 @@ def test_a_merge_removes_the_partial_states_of_an_earlier_split(tmp_path, photos
         run_topk(_planned(tmp_path, photos, shard=f"{i}/3", resume=False))
     assert not partial.exists()
     assert not list((tmp_path / "o" / "topk").glob("manifest.shard-*"))
+
+
+def _sums_hold(node: dict, tol: float) -> int:
+    """Check bias + listed terms + rest == value at every node of a tree file; returns how many
+    nodes were checked."""
+    terms = [t["value"] for t in node["contributions"]]
+    scale = max([abs(node["value"]), abs(node["bias"]), *map(abs, terms), 1e-12])
+    assert abs(node["bias"] + sum(terms) + node["rest"] - node["value"]) <= tol * scale, node
+    return 1 + sum(_sums_hold(child, tol) for child in node["children"])
+
+
+def _recipe_of(tree: dict) -> set[tuple[str, int]]:
+    """The weighted lower units of one tree (conv and linear nodes below its root)."""
+    found = set()
+    stack = list(tree["children"])
+    while stack:
+        node = stack.pop()
+        if node["kind"] in ("Conv2d", "Linear"):
+            found.add((node["module"], node["channel"]))
+        stack += node["children"]
+    return found
+
+
+def test_explain_writes_every_entrys_exact_sum_and_each_units_recipe(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "o"
+    args = ["topk", "lenet", "--out", str(out), "-k", "3", "--project", "none", "--no-png",
+            "--layers", "C1,C3,F6", "--workers", "0"]
+    result = runner.invoke(app, [*args, "--explain"])
+    assert result.exit_code == 0, result.output
+    assert "topk explain: 106/106 units" in result.output  # 6 C1 + 16 C3 channels, 84 F6 units
+    checked = 0
+    for module, channels in (("C1", 6), ("C3", 16), ("F6", 84)):
+        top = load_file(out / "topk" / f"{module}.safetensors")
+        for c in range(channels):
+            name = f"{c:0{len(str(channels - 1))}d}.json"
+            record = json.loads((out / "topk" / "explain" / module / name).read_text())
+            assert record["unit"] == f"{module}:{c}" and len(record["entries"]) == 3
+            counts: dict[tuple[str, int], int] = {}
+            for r, entry in enumerate(record["entries"]):
+                tree = entry["tree"]
+                # the root is the ranked entry itself, at its position
+                assert tree["module"] == module and tree["channel"] == c
+                assert tree["value"] == pytest.approx(float(top["values"][c, r]), rel=1e-5,
+                                                      abs=1e-6)
+                if module != "F6":
+                    assert tree["position"] == top["positions"][c, r].tolist()
+                checked += _sums_hold(tree, 1e-5)
+                for unit in _recipe_of(tree):
+                    counts[unit] = counts.get(unit, 0) + 1
+            got = {(u["module"], u["channel"]): u["trees"] for u in record["recipe"]}
+            assert got == counts
+            assert [u["trees"] for u in record["recipe"]] == \
+                sorted((u["trees"] for u in record["recipe"]), reverse=True)
+    assert checked > 1000
+    # the report's unit page shows the recipe, linked to the lower units' own pages
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report" / "topk" / "F6" / "0.html").read_text()
+    assert "<h2>Recipe</h2>" in page and "C5:" in page and "explain/F6/00.json" in page
+    page = (out / "report" / "topk" / "C3" / "0.html").read_text()
+    assert "<h2>Recipe</h2>" in page and 'href="../../topk/C1/' in page  # C1 was ranked too
+    # --explain belongs to the run's options: another run without it is refused
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "--overwrite" in " ".join(again.output.split())

@@ -56,7 +56,7 @@ from convmaps.core.deconv import Unit
 from convmaps.core.pooling import switches
 from convmaps.errors import ConvmapsError
 
-__all__ = ["INPUT", "Node", "Term", "explain", "explainable", "nodes"]
+__all__ = ["INPUT", "Node", "Term", "explain", "explainable", "nodes", "recipe"]
 
 INPUT = "input"  # the module name of the image's pixel nodes
 _WEIGHTED = (nn.Conv2d, nn.Linear)  # the modules that count as a level of depth
@@ -103,6 +103,17 @@ def nodes(root: Node) -> list[Node]:
     for child in root.children:
         out += nodes(child)
     return out
+
+
+def recipe(trees: Sequence[Node]) -> list[tuple[str, int, int]]:
+    """The lower units a unit's trees go through: (module, channel, in how many of the trees),
+    most frequent first (ties: first seen). Only weighted units count (conv, linear: the
+    nodes whose terms are channels of the layer below), not the root itself."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for tree in trees:
+        counts.update({(n.module, n.channel) for n in nodes(tree)[1:]
+                       if n.kind in ("Conv2d", "Linear")})
+    return [(m, c, n) for (m, c), n in counts.most_common()]
 
 
 # --- the graph ---------------------------------------------------------------------------------

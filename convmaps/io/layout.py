@@ -270,6 +270,7 @@ class TopkLayout:
     modules: tuple[str, ...] = ()
     png_caps: tuple[int, ...] = ()  # per module: how many channels get a figure
     png: bool = False
+    explain: tuple[int, ...] = ()  # per module: channels with an explain file (`--explain`)
     partial: str = _PARTIAL  # the folder of the shards' partial top-k (a module name has no /)
 
     def module_file(self, key: str) -> str:
@@ -288,6 +289,12 @@ class TopkLayout:
     def module_png(self, key: str) -> str:
         return f"png/{key}.png"
 
+    def explain_file(self, key: str, channel: int) -> str:
+        """`explain/<module>/<channel>.json`: the unit's k trees and its recipe (zero-padded
+        as the figures are)."""
+        count = dict(zip(self.modules, self.explain, strict=False)).get(key, channel + 1)
+        return f"explain/{key}/{channel:0{len(str(max(count - 1, channel, 0)))}d}.json"
+
     def png_files(self) -> list[str]:
         if not self.png:
             return []
@@ -297,8 +304,10 @@ class TopkLayout:
 
     def files(self) -> list[str]:
         """Every final file of a finished run, sorted (partial top-k files are gone by then)."""
+        explained = [self.explain_file(k, c) for k, n in zip(self.modules, self.explain,
+                                                             strict=False) for c in range(n)]
         return sorted([MANIFEST, *(self.module_file(k) for k in self.modules),
-                       *self.png_files()])
+                       *self.png_files(), *explained])
 
 
 def state_file(index: int, count: int) -> str:
@@ -379,4 +388,6 @@ def is_topk_output(rel: str) -> bool:
         return name == MANIFEST or is_shard_manifest(name) or name.endswith(".safetensors")
     if parts[0] == TopkLayout.partial:
         return len(parts) == 2 and name.endswith(".safetensors")
+    if parts[0] == "explain":
+        return len(parts) == 3 and name.endswith(".json")
     return parts[0] == "png" and name.endswith(".png")

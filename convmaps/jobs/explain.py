@@ -113,9 +113,10 @@ def run_explain(o: ExplainOptions, on_progress: Callable[[int], None] | None = N
     return run_job(plan_job(o, Explain()), on_progress).manifest
 
 
-def node_record(node: Node) -> dict[str, Any]:
-    """A node and its children as the tree file holds them."""
-    listed = node.terms[:_LISTED]
+def node_record(node: Node, listed_terms: int = _LISTED) -> dict[str, Any]:
+    """A node and its children as the tree file holds them: the `listed_terms` largest terms,
+    the others summed into `rest`."""
+    listed = node.terms[:listed_terms]
     return {
         "module": node.module, "kind": node.kind, "channel": node.channel,
         "position": None if node.position is None else list(node.position),
@@ -123,8 +124,8 @@ def node_record(node: Node) -> dict[str, Any]:
         "contributions": [{"channel": t.channel, "value": t.value}
                           | ({} if t.position is None else {"position": list(t.position)})
                           | {"source": t.source} for t in listed],
-        "rest": sum(t.value for t in node.terms[_LISTED:]),
-        "children": [node_record(c) for c in node.children],
+        "rest": sum(t.value for t in node.terms[listed_terms:]),
+        "children": [node_record(c, listed_terms) for c in node.children],
     }
 
 

@@ -7,6 +7,7 @@ Files go under `OUT/topk/`, names from `io.layout.TopkLayout`.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +65,9 @@ _OVERVIEW_PX = 64  # tiles of a module's overview PNG are at most this many pixe
 # win for many channels), and at most this many are decoded and held at once
 _PROJECT_ENTRIES = 128
 _CACHE_BYTES = 256 << 20  # decoded winners kept for the next channels (they recur)
+# `--explain`: each entry's tree, as `convmaps explain --depth 2 --top 3` makes it, listing at
+# most 8 terms a node (the rest summed): about 20 kB a tree, bounded by _TREE_BYTES
+_EXPLAIN_DEPTH, _EXPLAIN_TOP, _EXPLAIN_LISTED, _TREE_BYTES = 2, 3, 8, 64_000
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -106,7 +110,13 @@ class Topk(Job):
         self.sizes = {k: fields[k].size if len(shapes[k]) == 3 else loaded.input_size
                       for k in keys}
         self.layout = TopkLayout(tuple(keys), tuple(min(o.png_cap, shapes[k][0]) for k in keys),
-                                 o.png)
+                                 o.png, tuple(shapes[k][0] for k in keys) if o.explain else ())
+        if o.explain:  # a model explain cannot take apart: one line now, not after ranking
+            from convmaps.core.deconv import Unit
+            from convmaps.core.explain import explainable
+
+            for key in keys:
+                explainable(model, Unit(key, 0, (0, 0) if len(shapes[key]) == 3 else None))
         self.mode = None if o.project == NO_PROJECTION else o.project
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # NaN never ranks: every later check would blame the images
@@ -117,7 +127,7 @@ class Topk(Job):
     def fingerprint(self) -> dict[str, Any]:
         o, lay = self.options, self.layout
         return {"layout": [lay.modules, lay.png_caps, lay.png], "k": o.k, "project": o.project,
-                "dtype": str(o.dtype),
+                "dtype": str(o.dtype), "explain": o.explain,
                 # batches fix which images are computed together: the low bits of every value
                 "batch_size": o.batch_size,
                 "memory": str(memory_format(torch.device(o.device)))}
@@ -230,6 +240,8 @@ def _result_bytes(plan: Plan) -> int:
         item = DType(plan.options.dtype).torch.itemsize
         per_entry = 4 + 8 + 16 + 32 + (item * plan.loaded.in_channels * bh * bw if t.mode else 0)
         total += c * k * per_entry + 4096
+        if plan.options.explain:
+            total += c * (k * _TREE_BYTES + 4096)
         if t.layout.png:
             total += cap * render.topk_png_bound(k, bh, bw) + render.topk_png_bound(c, 64, 64)
     return total
@@ -337,6 +349,64 @@ def _write_results(plan: Plan, tops: dict[str, TopK], manifest: dict[str, Any],
         chunks = _chunks(plan, key, top, pos, boxes, size, images, model, tick)
         write_safetensors(plan.folder / t.layout.module_file(key), specs,
                           _then(tensors.items(), chunks), meta)
+    if plan.options.explain:
+        _explain_all(plan, tops, images, model, manifest)
+
+
+def _same_value(plan: Plan, key: str, c: int, r: int, value: float, top: TopK) -> None:
+    """Refuse a winner whose unit computes to another value now than when it was ranked (its
+    image or the weights changed): its projection or tree would not be of the ranked entry."""
+    recorded = float(top.values[c, r])
+    scale = float(top.values[c].abs().max())
+    if not math.isclose(value, recorded, rel_tol=1e-3, abs_tol=1e-3 * max(scale, 1e-6)):
+        src = plan.sources[int(top.images[c, r])]
+        raise ConvmapsError(
+            f"{src.path}: {key}:{c} is {value:.6g} now but {recorded:.6g} when ranked (the "
+            "image or the weights changed); run the same command with --overwrite"
+        )
+
+
+def _explain_all(plan: Plan, tops: dict[str, TopK], images: _Winners, model: torch.nn.Module,
+                 manifest: dict[str, Any]) -> None:
+    """`explain/<module>/<channel>.json` for every unit: each of its k entries as an exact sum
+    (depth 2, top 3), each root checked against the ranked value, and the unit's recipe: the
+    lower units its trees go through, with how many of them do."""
+    from convmaps.core.deconv import Unit
+    from convmaps.core.explain import explain, recipe
+    from convmaps.jobs.explain import node_record
+
+    t = _topk(plan)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    total, done = sum(int(tops[k].values.shape[0]) for k in t.keys), 0
+    inputs = manifest["inputs"]
+    for key in t.keys:
+        top = tops[key]
+        spatial = len(t.shapes[key]) == 3
+        pos = positions(top.flat, t.shapes[key][2]) if spatial else None
+        for c in range(top.values.shape[0]):
+            trees, entries = [], []
+            for r in range(top.k):
+                index = int(top.images[c, r])
+                at = (int(pos[c, r, 0]), int(pos[c, r, 1])) if pos is not None else None
+                with torch.inference_mode(False):
+                    tree = explain(model, images.tensor(index).to(device), Unit(key, c, at),
+                                   depth=_EXPLAIN_DEPTH, top=_EXPLAIN_TOP)
+                _same_value(plan, key, c, r, tree.value, top)
+                trees.append(tree)
+                entries.append({"rank": r, "key": inputs[index]["key"],
+                                "sha256": inputs[index].get("sha256"),
+                                "tree": node_record(tree, _EXPLAIN_LISTED)})
+            record = {"convmaps": __version__, "model": plan.loaded.arch,
+                      "weights": plan.loaded.weights, "run": plan.fingerprint,
+                      "unit": f"{key}:{c}", "depth": _EXPLAIN_DEPTH, "top": _EXPLAIN_TOP,
+                      "recipe": [{"module": m, "channel": ch, "trees": n}
+                                 for m, ch, n in recipe(trees)],
+                      "entries": entries}
+            data = json.dumps(record, indent=1, ensure_ascii=False).encode() + b"\n"
+            write_bytes(plan.folder / t.layout.explain_file(key, c), data, sync=False)
+            done += 1
+            if plan.on_phase:
+                plan.on_phase("explain", done, total)
 
 
 def _then(first: Any, rest: Iterator[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -440,16 +510,8 @@ def _projections(plan: Plan, key: str, top: TopK, pos: Tensor | None, boxes: Ten
     batch = torch.stack([images.tensor(i) for i in distinct]).to(device)
     got = project_jobs(model, batch, jobs, Mode(plan.options.project), plan.options.batch_size,
                        trim=True)
-    values = top.values[rows.start:rows.stop]
-    scale = float(values.abs().max()) if values.numel() else 0.0
     for (c, r), p in zip(pairs, got, strict=True):
-        recorded = float(top.values[c, r])
-        if not math.isclose(p.value, recorded, rel_tol=1e-3, abs_tol=1e-3 * max(scale, 1e-6)):
-            src = plan.sources[int(top.images[c, r])]
-            raise ConvmapsError(
-                f"{src.path}: {key}:{c} is {p.value:.6g} now but {recorded:.6g} when ranked (the "
-                "image or the weights changed); run the same command with --overwrite"
-            )
+        _same_value(plan, key, c, r, p.value, top)
         # the map covers the unit's window (zero outside the image): its box, moved to it
         y, x = p.origin
         t, left, b, right = boxes[c, r].tolist()

@@ -365,14 +365,21 @@ def _index(site: _Site) -> str:
 def _figure(site: _Site, rel: str, up: str, caption: str, attrs: str = "") -> str:
     """The figure of the picture `OUT/rel` on a page `up` below report/: where convmaps wrote
     it, or, in a standalone report, its copy inside report/ (a note where none was made)."""
-    if site.copies is None:
-        src = f"{up}../{rel}"
-    elif (why := site.copies.add(rel)) is None:
-        src = f"{up}{layout.report_copy(rel)}"
-    else:
+    src, why = _source(site, rel, up)
+    if src is None:
         return f'<figure><p class="note">{_e(why)}</p><figcaption>{caption}</figcaption></figure>'
     return (f'<figure><img src="{_url(src)}" alt="{_e(caption)}" loading="lazy"{attrs}>'
             f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _source(site: _Site, rel: str, up: str) -> tuple[str | None, str | None]:
+    """Where a page `up` below report/ finds `OUT/rel`: beside the report, or in a standalone
+    report its copy inside report/; (None, why) where no copy could be made."""
+    if site.copies is None:
+        return f"{up}../{rel}", None
+    if (why := site.copies.add(rel)) is None:
+        return f"{up}{layout.report_copy(rel)}", None
+    return None, why
 
 
 def _hover(path: Path, shape: list[int] | None, png_scale: str) -> str:
@@ -630,12 +637,43 @@ def _topk_unit(site: _Site, name: str, c: int) -> str:
                      f"{name_link}</figcaption></figure>")
     parts.append('<h2>The images they came from</h2><div class="grid">' + "".join(cells)
                  + "</div>")
+    parts.append(_recipe(site, name, c, up))
     unit = f"{name}:{c}"
     parts.append(_tree_links([(f"{PurePosixPath(f).stem} on {key}", page)
                               for (key, f), page in site.trees.items()
                               if PurePosixPath(f).stem.split("@")[0] == unit], up))
     nav = f'<p><a href="../{_url(name)}.html">all units of {_e(name)}</a></p>'
     return _page(f"{name} · unit {c}", nav + "\n".join(parts), up, site)
+
+
+def _recipe(site: _Site, name: str, c: int, up: str) -> str:
+    """A `topk --explain` unit's recipe: the lower units its k trees go through, each with in
+    how many of them, linked to their own top-k pages where the run ranked them."""
+    options = (site.topk or {}).get("options", {})
+    if options.get("explain") is not True:
+        return ""
+    count = len(site.units[name].get("values", []))
+    rel = layout.TopkLayout((name,), explain=(count,)).explain_file(name, c)
+    try:
+        with open_regular(site.out / layout.TOPK / rel) as f:
+            record = json.loads(f.read().decode())
+        rows = [(str(r["module"]), int(r["channel"]), int(r["trees"]))
+                for r in record["recipe"]]
+        k = len(record["entries"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f'<p class="note">the explain file {_e(rel)} could not be read: {_e(err)}</p>'
+    items = []
+    for module, channel, n in rows[:12]:
+        label = f"{_e(module)}:{channel}"
+        if module in site.units and 0 <= channel < len(site.units[module].get("values", [])):
+            label = f'<a href="{up}{_url(layout.TOPK, module, str(channel))}.html">{label}</a>'
+        items.append(f"<li>{label} · in {n} of {k} trees</li>")
+    src, _ = _source(site, f"{layout.TOPK}/{rel}", up)
+    trees = f' (<a href="{_url(src)}">the trees</a>)' if src else ""
+    return ("<h2>Recipe</h2><p>The lower units that make this one fire in its top images: "
+            "each entry written as an exact sum of the layer below (depth 2, the 3 largest "
+            f"terms followed), and how many of the {k} trees go through each unit{trees}.</p>"
+            "<ul>" + "".join(items) + "</ul>")
 
 
 # --- building --------------------------------------------------------------------------------
