@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -188,6 +189,9 @@ def sharded_like_one(args: list[str], tmp: Path, manifest: str) -> dict[str, Any
     for i in range(2):
         result = runner.invoke(app, [*args, "--out", str(tmp / "two"), "--shard", f"{i}/2"])
         assert result.exit_code == 0, result.output
+        # each shard must have work of its own, or the merge of two halves goes untested
+        written = re.search(r"(\d+) image\(s\) written", " ".join(result.output.split()))
+        assert written and int(written[1]) > 0, result.output
     one = json.loads((tmp / "one" / manifest).read_text())
     two = json.loads((tmp / "two" / manifest).read_text())
     assert [e["key"] for e in one["inputs"]] == [e["key"] for e in two["inputs"]]

@@ -32,7 +32,8 @@ def test_python_dash_m():
     assert out.stdout.startswith("convmaps ")
 
 
-@pytest.mark.parametrize("cmd", ["layers", "filters", "dump", "show", "train-lenet"])
+@pytest.mark.parametrize("cmd", ["layers", "filters", "dump", "project", "topk", "occlude",
+                                 "invariance", "explain", "report", "run", "show", "train-lenet"])
 def test_help(cmd):
     result = run(cmd, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
@@ -338,7 +339,7 @@ def test_cli_polish_says_what_to_do(tmp_path, args, words):
 
 
 def test_help_names_its_arguments_as_the_contract_does():
-    for command in ("dump", "topk", "project"):
+    for command in ("dump", "topk", "project", "occlude", "invariance", "explain"):
         usage = runner.invoke(app, [command, "--help"]).output
         assert "MODEL" in usage and "[INPUT]..." in usage and "{model}" not in usage
 

@@ -334,7 +334,7 @@ def test_resume_ownership_overwrite_and_a_dump_beside(tmp_path):
 
 
 def test_shards_give_the_bytes_of_one_process(tmp_path):
-    args = ["explain", "lenet", "--unit", "relu3:2", "--workers", "0"]
+    args = ["explain", "lenet", "--unit", "relu3:2", "--workers", "0", "--batch-size", "3"]
     m = sharded_like_one(args, tmp_path, "explain.json")
     assert len(m["inputs"]) == 8
 

@@ -162,7 +162,8 @@ def test_a_dump_beside_occlusion_maps_leaves_them_alone(tmp_path):
 
 
 def test_shards_give_the_bytes_of_one_process(tmp_path):
-    args = ["occlude", "lenet", "--patch", "10", "--stride", "9", "--workers", "0"]
+    args = ["occlude", "lenet", "--patch", "10", "--stride", "9", "--workers", "0",
+            "--batch-size", "3"]  # batches of images: 3 + 3 + 2, so each shard has some
     sharded_like_one(args, tmp_path, "occlusion.json")
 
 

@@ -630,3 +630,25 @@ def test_explain_trees_get_pages_linked_from_their_image_and_top_k_unit(tmp_path
     assert "Explained (exact sums)" in unit and "C3:5 on " in unit
     assert "C3:1@2,2 on" in (out / "report" / "topk" / "C3" / "1.html").read_text()
     assert "Explained" not in (out / "report" / "topk" / "C3" / "2.html").read_text()
+
+
+def test_every_image_page_is_reachable_from_the_index(tmp_path):
+    """A dump of some images and occlusion maps of others: the index links every image page."""
+    from convmaps.jobs.occlude import run_occlude
+    from convmaps.options import OccludeOptions
+
+    src = Path(__file__).parents[1] / "convmaps" / "data" / "samples"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, names in ((a, ["0_t-shirt-top.png", "1_trouser.png"]), (b, ["7_sneaker.png"])):
+        folder.mkdir()
+        for name in names:
+            shutil.copy(src / name, folder / name)
+    out = tmp_path / "o"
+    run_dump(plan_dump(DumpOptions(model="lenet", inputs=[str(a)], out=str(out), png=False,
+                                   workers=0)))
+    run_occlude(OccludeOptions(model="lenet", inputs=[str(b)], out=str(out), patch=10,
+                               stride=9, workers=0))
+    build_report(out)
+    linked = {r for r in _refs(out / "report" / "index.html") if r.startswith("images/")}
+    pages = {f"images/{p.name}" for p in (out / "report" / "images").glob("*.html")}
+    assert len(pages) == 3 and linked == pages

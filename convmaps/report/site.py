@@ -344,10 +344,12 @@ def _index(site: _Site) -> str:
         ok = sum(1 for e in site.dump["inputs"] if e["status"] == "ok")
         parts.append(f"<h2>Images ({ok} of {len(site.dump['inputs'])} ok)</h2>"
                      + _table(["", "image", "predicted", "status"], rows, sortable=True))
-    elif site.pages:
-        links = [f'<li><a href="{_url(page)}">{_e(key)}</a></li>'
-                 for key, page in site.pages.items()]
-        parts.append("<h2>Images with projections, occlusion maps or explain trees</h2><ul>"
+    dumped = {e["key"] for e in (site.dump or {}).get("inputs", [])}
+    others = [(key, page) for key, page in site.pages.items() if key not in dumped]
+    if others:  # every image page is reachable from here, dumped or not
+        links = [f'<li><a href="{_url(page)}">{_e(key)}</a></li>' for key, page in others]
+        more = "Other images" if site.dump else "Images"
+        parts.append(f"<h2>{more} with projections, occlusion maps or explain trees</h2><ul>"
                      + "".join(links) + "</ul>")
     if site.topk:
         parts.append(f'<h2>Top-k</h2><p><a href="topk/index.html">{len(site.units)} module(s)'
