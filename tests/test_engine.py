@@ -411,3 +411,26 @@ def test_a_plan_makes_one_pass_on_the_meta_device(tmp_path, photos, monkeypatch)
         passes.clear()
         plan_job(o, job)
         assert len(passes) == 1, type(job).__name__
+
+
+@pytest.mark.parametrize("first,then", [
+    (["occlude", "lenet", "-w", "none", "--patch", "14", "--stride", "14"],
+     ["explain", "lenet", "--unit", "C3:1"]),
+    (["explain", "lenet", "-w", "none", "--unit", "C3:1"], ["dump", "lenet", "--layers", "C1"]),
+    (["invariance", "lenet", "-w", "none", "--steps", "2"], ["topk", "lenet", "-k", "2"]),
+    (["filters", "lenet", "-w", "none"], ["occlude", "lenet", "--patch", "14", "--stride", "14"]),
+])
+def test_no_part_of_out_mixes_with_another_networks(tmp_path, first, then):
+    """Any part of OUT (not only a dump) fixes the network of every other part there."""
+    from typer.testing import CliRunner
+
+    from convmaps.cli import app
+
+    out = ["--out", str(tmp_path / "o")]
+    runner = CliRunner()
+    assert runner.invoke(app, [*first, *out]).exit_code == 0
+    result = runner.invoke(app, [*then, *out])
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert "(weights none)" in line and "would not match: choose another --out" in line
+    assert runner.invoke(app, [*then, "-w", "none", *out]).exit_code == 0  # the same network

@@ -41,6 +41,7 @@ from convmaps.jobs.engine import (
     Job,
     Plan,
     Result,
+    check_network,
     identity,
     per_image,
     plain_entry,
@@ -113,6 +114,8 @@ class Dump(Job):
 
     def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
         _projections_of_another_network(out, loaded, resume)
+        check_network(out, loaded, "a dump",
+                      own=[(".", layout.MANIFEST), (".", layout.PROJECTIONS_MANIFEST)])
 
     def resume(self, plan: Plan) -> dict[int, dict[str, Any]]:
         return {i: e for i in plan.mine if i not in plan.skips

@@ -359,7 +359,7 @@ class ListedJob(Job):
         return sorted(f for f in files if (plan.out / key / f).is_file())
 
     def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
-        check_network(out, loaded, self.what)
+        check_network(out, loaded, self.what, own=[(".", self.manifest)])
 
     def ours(self, out: Path, earlier: list[Entry]) -> set[str]:
         lists = [manifests.read(out, name) for name in _IMAGE_LISTS if name != self.manifest]
@@ -482,19 +482,34 @@ def same_bytes(source: ImageSource, sha: object) -> bool:
         return False
 
 
-def check_network(out: Path, loaded: LoadedModel, what: str) -> None:
-    """Refuse a part of OUT (`what`) of another network than the dump there: a dump's maps,
-    projections and top-k in one folder must come from one network."""
-    try:
-        dump = manifests.read(out)
-    except ConvmapsError as e:
-        raise ConvmapsError(f"{e}; convmaps will not replace it: choose another --out") from e
-    if dump is not None and dump.get("identity", identity(loaded)) != identity(loaded):
-        raise ConvmapsError(
-            f"{out} holds a dump of {dump.get('model')} (weights {dump.get('weights')}); "
-            f"{what} of {loaded.arch} ({loaded.weights}) would not match its maps: "
-            "choose another --out"
-        )
+# Every part of OUT, by its manifest: (folder under OUT, manifest name, what it holds).
+_PARTS = ((".", layout.MANIFEST, "a dump"), (".", layout.PROJECTIONS_MANIFEST, "projections"),
+          (".", layout.OCCLUSION_MANIFEST, "occlusion maps"),
+          (".", layout.EXPLAIN_MANIFEST, "explain trees"),
+          (layout.TOPK, layout.MANIFEST, "a top-k"),
+          (layout.INVARIANCE, layout.MANIFEST, "invariance curves"),
+          (layout.FILTERS, layout.MANIFEST, "filters"))
+
+
+def check_network(out: Path, loaded: LoadedModel, what: str,
+                  own: Iterable[tuple[str, str]] = ()) -> None:
+    """Refuse a part of OUT (`what`) of another network than any other part there (`own`: the
+    parts, as (folder, manifest), that the caller checks itself): a dump's maps and the
+    projections, occlusion maps, trees, top-k, curves and filters beside them must all come
+    from one network, or the report would show one network's maps under another's."""
+    mine, skip = identity(loaded), set(own)
+    for folder, name, part in _PARTS:
+        if (folder, name) in skip or not (out / folder).is_dir():
+            continue
+        try:
+            m = manifests.read(out / folder, name)
+        except ConvmapsError as e:
+            raise ConvmapsError(f"{e}; convmaps will not replace it: choose another --out") from e
+        if m is not None and m.get("identity", mine) != mine:
+            raise ConvmapsError(
+                f"{out} holds {part} of {m.get('model')} (weights {m.get('weights')}); {what} "
+                f"of {loaded.arch} ({loaded.weights}) would not match: choose another --out"
+            )
 
 
 def plain_entry(plan: Plan, item: Entry, files: list[str] | None = None,

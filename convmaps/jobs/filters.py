@@ -53,7 +53,7 @@ def run_filters(o: FilterOptions, on_phase: Callable[[str, int, int], None] | No
     fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(o.out)
     folder = out / layout.FILTERS
-    check_network(out, loaded, "filters")
+    check_network(out, loaded, "filters", own=[(layout.FILTERS, layout.MANIFEST)])
     if (link := symlink_under(folder)) is not None:
         raise ConvmapsError(f"{link} is a symlink: convmaps writes nothing through one inside "
                             "OUT; remove it or choose another --out")

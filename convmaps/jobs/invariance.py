@@ -111,7 +111,8 @@ class Invariance(Job):
         clear_folder(folder.parent, folder.name, set(), layout.is_invariance_output)
 
     def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
-        check_network(out, loaded, "invariance curves")
+        check_network(out, loaded, "invariance curves",
+                      own=[(layout.INVARIANCE, layout.MANIFEST)])
 
     def ours(self, out: Path, earlier: list[Entry]) -> set[str]:
         return dump_keys(out)  # no image folders of its own: a dump's are no inputs

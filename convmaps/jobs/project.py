@@ -87,7 +87,7 @@ class Project(Job):
         remove_projections(folder, m)
 
     def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
-        check_network(out, loaded, "projections")
+        check_network(out, loaded, "projections", own=[(".", layout.PROJECTIONS_MANIFEST)])
 
     def ours(self, out: Path, earlier: list[dict[str, Any]]) -> set[str]:
         from convmaps.io import manifest as manifests

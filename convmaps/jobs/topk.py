@@ -139,7 +139,7 @@ class Topk(Job):
         _remove_topk(folder, m)
 
     def neighbours(self, out: Path, loaded: LoadedModel, resume: bool) -> None:
-        check_network(out, loaded, "a top-k")
+        check_network(out, loaded, "a top-k", own=[(layout.TOPK, layout.MANIFEST)])
 
     def ours(self, out: Path, earlier: list[dict[str, Any]]) -> set[str]:
         return dump_keys(out)  # topk writes no image folders: a dump's are no inputs
