@@ -57,7 +57,7 @@ ArchOpt = Annotated[
     str | None, typer.Option("--arch", help="Architecture of a checkpoint MODEL, e.g. vgg16.")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-# Options of the commands that run a folder of images (dump, topk).
+# Options of the commands that run a folder of images (every job on the engine).
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
 WorkersOpt = Annotated[
     int | None,
@@ -326,7 +326,7 @@ def _dtype(value: str) -> DType:
 
 def run(ctx: typer.Context, config: Path, **values: Any) -> None:
     """Run the command of a TOML config (a dump unless it says `command = ...`), or each of
-    its `[[run]]` steps in order; see configs/. Options given here override the file's, in
+    its `[[job]]` steps in order; see configs/. Options given here override the file's, in
     every step that has them."""
     from convmaps.config import COMMANDS, steps_from
     from convmaps.options import (
@@ -373,7 +373,7 @@ def _run_signature() -> None:
         "config", inspect.Parameter.POSITIONAL_OR_KEYWORD,
         annotation=Annotated[Path, typer.Argument(
             help="A TOML file of one command's options (a dump unless it says command = ...), "
-            "or of [[run]] steps."
+            "or of [[job]] steps."
         )],
     )
     inputs = params["inputs"].replace(annotation=Annotated[
@@ -751,8 +751,8 @@ def topk(
 @app.command()
 @reports_errors
 def report(
-    out: Annotated[Path, typer.Argument(help="An output folder: a dump, projections, filters/ "
-                                        "and/or topk/.")] = Path("convmaps_out"),
+    out: Annotated[Path, typer.Argument(help="An output folder, with any of the parts convmaps "
+                                        "writes.")] = Path("convmaps_out"),
     standalone: Annotated[bool, typer.Option(
         "--standalone", help="Put every picture the pages show inside OUT/report/ (hard links, "
         "or copies where the disk makes none), so that report/ alone can be zipped and opened "
@@ -804,7 +804,7 @@ def _print_predictions(entries: list[dict[str, Any]], limit: int = 20) -> None:
 @app.command()
 @reports_errors
 def show(
-    path: Annotated[Path, typer.Argument(help="A .safetensors file or a dump folder.")],
+    path: Annotated[Path, typer.Argument(help="A .safetensors file or an output folder.")],
 ) -> None:
     """Summary statistics (shape, dtype, min/max, mean/std, zeros) of a file or a whole dump."""
     from convmaps.io import layout

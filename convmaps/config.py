@@ -9,15 +9,15 @@
 Keys are the options' field names (`batch_size` or `batch-size`) of the file's `command`
 (default `dump`; also `filters`, `project`, `topk`, `occlude`, `invariance`, `explain`,
 `report`). A file
-of several commands lists them as `[[run]]` tables, in order; its top-level keys are shared by
+of several commands lists them as `[[job]]` tables, in order; its top-level keys are shared by
 every step whose command has that option (each must fit one at least):
 
     model = "alexnet"
     out = "zf"
-    [[run]]
+    [[job]]
     command = "topk"
     k = 9
-    [[run]]
+    [[job]]
     command = "report"
 
 Relative paths are taken from the current folder, as on the command line.
@@ -127,8 +127,8 @@ def _command(path: Path, data: dict[str, Any], default: str | None) -> str:
 def _parse(path: Path) -> tuple[str, dict[str, Any]]:
     """(command, validated options) of a one-command config file."""
     data = _read(path)
-    if "run" in data:
-        raise ConvmapsError(f"{path} runs several commands ([[run]] tables): use "
+    if "job" in data:
+        raise ConvmapsError(f"{path} runs several commands ([[job]] tables): use "
                             "`convmaps run`, which runs each")
     command = _command(path, data, "dump")
     return command, _validated(path, command, data)
@@ -166,18 +166,18 @@ def options_from(path: str | Path, overrides: dict[str, Any]) -> Options:
 
 
 def steps_from(path: str | Path, overrides: dict[str, Any]) -> list[Options]:
-    """The options of every command a config file runs, in order (one, or its `[[run]]`
+    """The options of every command a config file runs, in order (one, or its `[[job]]`
     tables with the top-level keys they share), with command-line `overrides` on top of each
     step that has the option."""
     path = Path(path)
     data = _read(path)
-    if "run" not in data:
+    if "job" not in data:
         return [options_from(path, overrides)]
-    steps = data.pop("run")
+    steps = data.pop("job")
     if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
-        raise ConvmapsError(f"{path}: run must be a list of [[run]] tables, one per command")
+        raise ConvmapsError(f"{path}: job must be a list of [[job]] tables, one per command")
     if "command" in data:
-        raise ConvmapsError(f"{path}: a file of [[run]] tables names each step's command in "
+        raise ConvmapsError(f"{path}: a file of [[job]] tables names each step's command in "
                             "its table, not at the top")
     commands = [_command(path, step, None) for step in steps]
     for key in data:  # shared keys: each must be an option of some step

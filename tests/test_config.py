@@ -33,12 +33,12 @@ def test_the_zeiler_fergus_config_runs_the_papers_commands_in_order():
 
 
 @pytest.mark.parametrize("text,words", [
-    ('model = "lenet"\n[[run]]\ncommand = "topk"\nstride = 3\n', "unknown key 'stride'"),
-    ('model = "lenet"\nstride = 3\n[[run]]\ncommand = "topk"\n', "'stride' is an option of none"),
-    ('command = "dump"\n[[run]]\ncommand = "topk"\n', "not at the top"),
-    ('run = 3\n', "list of [[run]] tables"),
-    ('[[run]]\nk = 3\n', "command must be one of"),
-    ('[[run]]\ncommand = "explode"\n', "command must be one of"),
+    ('model = "lenet"\n[[job]]\ncommand = "topk"\nstride = 3\n', "unknown key 'stride'"),
+    ('model = "lenet"\nstride = 3\n[[job]]\ncommand = "topk"\n', "'stride' is an option of none"),
+    ('command = "dump"\n[[job]]\ncommand = "topk"\n', "not at the top"),
+    ('job = 3\n', "list of [[job]] tables"),
+    ('[[job]]\nk = 3\n', "command must be one of"),
+    ('[[job]]\ncommand = "explode"\n', "command must be one of"),
 ])
 def test_a_bad_multi_step_config_is_one_line(tmp_path, text, words):
     path = tmp_path / "c.toml"
@@ -49,8 +49,8 @@ def test_a_bad_multi_step_config_is_one_line(tmp_path, text, words):
 
 def test_an_override_no_step_takes_is_refused_and_others_go_where_they_fit(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('model = "lenet"\n[[run]]\ncommand = "filters"\n[[run]]\n'
-                    'command = "occlude"\npatch = 8\n[[run]]\ncommand = "report"\n')
+    path.write_text('model = "lenet"\n[[job]]\ncommand = "filters"\n[[job]]\n'
+                    'command = "occlude"\npatch = 8\n[[job]]\ncommand = "report"\n')
     with pytest.raises(ConvmapsError, match="--kernels: not an option of `convmaps filters`"):
         steps_from(path, {"kernels": "C1"})
     filters, occlude, report = steps_from(path, {"out": "o", "inputs": ["x"]})
@@ -60,9 +60,9 @@ def test_an_override_no_step_takes_is_refused_and_others_go_where_they_fit(tmp_p
 def test_run_runs_every_step_of_a_config(tmp_path):
     path = tmp_path / "c.toml"
     out = tmp_path / "o"
-    path.write_text(f'model = "lenet"\nout = "{out}"\n[[run]]\ncommand = "topk"\nk = 2\n'
-                    'project = "none"\n[[run]]\ncommand = "occlude"\npatch = 10\nstride = 9\n'
-                    '[[run]]\ncommand = "report"\n')
+    path.write_text(f'model = "lenet"\nout = "{out}"\n[[job]]\ncommand = "topk"\nk = 2\n'
+                    'project = "none"\n[[job]]\ncommand = "occlude"\npatch = 10\nstride = 9\n'
+                    '[[job]]\ncommand = "report"\n')
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     assert "step 3/3: convmaps report" in result.output
