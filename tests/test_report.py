@@ -652,3 +652,32 @@ def test_every_image_page_is_reachable_from_the_index(tmp_path):
     linked = {r for r in _refs(out / "report" / "index.html") if r.startswith("images/")}
     pages = {f"images/{p.name}" for p in (out / "report" / "images").glob("*.html")}
     assert len(pages) == 3 and linked == pages
+
+
+def test_a_run_that_adds_to_out_removes_the_report_built_before(tmp_path):
+    """More images of the same run, or a part that was not there: the old report would not show
+    them, so it goes; a run with nothing to do keeps it."""
+    from convmaps.jobs.occlude import run_occlude
+    from convmaps.options import OccludeOptions
+
+    src = Path(__file__).parents[1] / "convmaps" / "data" / "samples"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(src / "0_t-shirt-top.png", inputs / "a.png")
+    out = tmp_path / "o"
+
+    def occlude() -> None:
+        run_occlude(OccludeOptions(model="lenet", inputs=[str(inputs)], out=str(out), patch=14,
+                                   stride=14, workers=0, png=False))
+
+    occlude()
+    build_report(out)
+    occlude()  # nothing to do: the report still shows everything
+    assert (out / "report" / "index.html").is_file()
+    shutil.copy(src / "7_sneaker.png", inputs / "b.png")
+    occlude()  # one more image
+    assert not (out / "report").exists()
+    build_report(out)
+    run_dump(plan_dump(DumpOptions(model="lenet", inputs=[str(inputs)], out=str(out), png=False,
+                                   workers=0)))  # a new part
+    assert not (out / "report").exists()

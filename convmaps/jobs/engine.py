@@ -668,6 +668,10 @@ def _run(plan: Plan, on_progress: Callable[[int], None] | None) -> Result:
     o, job = plan.options, plan.job
     if plan.done is not None:
         return _result(plan, plan.done, plan.folder / job.manifest, True)
+    if plan.pending:  # OUT is about to change: a report built before would not show it
+        from convmaps.report import remove_report
+
+        remove_report(plan.out)
     device = plan.device
     memory = memory_format(device)
     model = plan.loaded.model.to(device).to(memory_format=memory)
