@@ -819,6 +819,10 @@ def show(
                  (path / layout.TOPK, layout.MANIFEST, "top-k"),
                  (path / layout.INVARIANCE, layout.MANIFEST, "invariance"),
                  (path / layout.FILTERS, layout.MANIFEST, "filters")]
+        folders = {layout.TOPK: "top-k", layout.INVARIANCE: "invariance",
+                   layout.FILTERS: "filters"}
+        if path.name in folders and (path / layout.MANIFEST).is_file():  # one such folder
+            parts = [(path, layout.MANIFEST, folders[path.name])]
         found = [(folder, name, what, m) for folder, name, what in parts
                  if (m := manifests.read(folder, name)) is not None]
         if not found:

@@ -319,6 +319,9 @@ def test_show_reads_every_part_of_out_not_only_a_dump(tmp_path):
     result = runner.invoke(app, ["show", str(out)])
     text = result.output.replace("\n", "")
     assert "projections of lenet" in text and "projections.safetensors" in text
+    result = runner.invoke(app, ["show", str(out / "topk")])  # one part's own folder
+    text = result.output.replace("\n", "")
+    assert result.exit_code == 0 and "top-k of lenet" in text and "dump of" not in text
     empty = tmp_path / "empty"
     empty.mkdir()
     result = runner.invoke(app, ["show", str(empty)])
