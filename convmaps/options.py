@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DType", "DumpOptions", "ExplainOptions", "FilterOptions", "InvarianceOptions",
-           "Mode", "OccludeOptions", "PngScale", "ProjectOptions", "TopkOptions"]
+           "Mode", "OccludeOptions", "PngScale", "ProjectOptions", "ReportOptions",
+           "TopkOptions"]
 
 
 class DType(StrEnum):
