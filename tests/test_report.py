@@ -623,9 +623,15 @@ def test_explain_trees_get_pages_linked_from_their_image_and_top_k_unit(tmp_path
     first = (out / "report" / "images" / "0.html").read_text()
     assert "Explained (exact sums)" in first and ">C3:1@2,2</a>" in first
     assert _built_from(out)["explain"]["inputs"] == 8
-    run_topk(plan_topk(TopkOptions(out=str(out), layers="C3", k=2, png_cap=1, project="none",
-                                   workers=0)))
+    run_topk(plan_topk(TopkOptions(out=str(out), layers="C1,C3", k=2, png_cap=1,
+                                   project="none", workers=0)))
     build_report(out)
+    # a tree's nodes link to the top-k pages of the units they are, where the run ranked them
+    tree = next(p for p in (out / "report" / "explain").glob("*.html")
+                if "C3:5@" in p.read_text())
+    links = [r for r in _refs(tree) if "topk/" in r]
+    assert "../topk/C3/5.html" in links and any(r.startswith("../topk/C1/") for r in links)
+    assert all((tree.parent / r).resolve().is_file() for r in links)
     unit = (out / "report" / "topk" / "C3" / "5.html").read_text()
     assert "Explained (exact sums)" in unit and "C3:5 on " in unit
     assert "C3:1@2,2 on" in (out / "report" / "topk" / "C3" / "1.html").read_text()

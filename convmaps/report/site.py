@@ -468,21 +468,30 @@ def _tree_links(trees: list[tuple[str, str]], up: str) -> str:
     return "<h2>Explained (exact sums)</h2><ul>" + "".join(links) + "</ul>"
 
 
-def _tree_items(node: dict[str, Any]) -> str:
-    """A node of an explain tree and its children as nested list items."""
+def _tree_items(node: dict[str, Any], site: _Site | None = None, up: str = "") -> str:
+    """A node of an explain tree and its children as nested list items; a node whose unit a
+    top-k run ranked links to that unit's page."""
     at = node.get("position")
     name = f"{node.get('module')}:{node.get('channel')}" + (f"@{at[0]},{at[1]}" if at else "")
+    module, channel = node.get("module"), node.get("channel")
+    ranked = site is not None and isinstance(module, str) and module in site.units \
+        and isinstance(channel, int) and 0 <= channel < len(site.units[module].get("values", []))
     terms = node.get("contributions", [])
     shown = ", ".join(f"{_e(t.get('channel'))}: {float(t.get('value', 0)):.4g}"
                       for t in terms[:6])
     more = len(terms) - 6
     rest = float(node.get("rest", 0))
     tail = (f" … (+{more} listed)" if more > 0 else "") + (f", rest {rest:.4g}" if rest else "")
-    line = (f"<b>{_e(name)}</b> = {float(node.get('value', 0)):.4g} <small>"
+    label = f"<b>{_e(name)}</b>"
+    if ranked:
+        link = _url(layout.TOPK, str(module), str(channel))
+        label = f'<a href="{up}{link}.html" title="its top-k">{label}</a>'
+    line = (f"{label} = {float(node.get('value', 0)):.4g} <small>"
             f"{_e(node.get('kind'))}</small>: bias {float(node.get('bias', 0)):.4g}; "
             f"terms {shown}{tail}")
     children = node.get("children", [])
-    inner = "<ul>" + "".join(_tree_items(c) for c in children) + "</ul>" if children else ""
+    inner = "<ul>" + "".join(_tree_items(c, site, up) for c in children) + "</ul>" \
+        if children else ""
     return f"<li>{line}{inner}</li>"
 
 
@@ -506,7 +515,7 @@ def _tree_page(site: _Site, e: dict[str, Any], rel: str) -> str:
     if png in e.get("files", []):
         parts.append(_figure(site, f"{key}/{png}", up, f"{_e(unit)} on {_e(key)}",
                              ' class="wide"'))
-    parts.append(f'<ul class="tree">{_tree_items(tree)}</ul>')
+    parts.append(f'<ul class="tree">{_tree_items(tree, site, up)}</ul>')
     return _page(f"{key} · {unit}", "\n".join(parts), up, site)
 
 
