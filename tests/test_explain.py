@@ -24,7 +24,7 @@ from convmaps.io.images import decode
 from convmaps.jobs.explain import node_record, run_explain
 from convmaps.options import ExplainOptions
 
-from .conftest import logged, refused_in_one_line, sharded_like_one
+from .conftest import logged, refused_in_one_line, sharded_like_one, write_image
 
 runner = CliRunner()
 
@@ -358,3 +358,18 @@ def test_progress_in_a_log_and_a_titled_figure(tmp_path):
 
     with Image.open(tmp_path / "o" / "3_dress.png" / "png" / "explain" / "C5:7.png") as img:
         assert img.width > 400 and img.height > 300
+
+
+def test_alexnet_runs_are_byte_identical(tmp_path):
+    """AlexNet's in-place ReLUs: two runs give the same tree files and figures, byte for byte."""
+    write_image(tmp_path / "in" / "a.png", (230, 240))
+    args = ["explain", "alexnet", str(tmp_path / "in"), "-w", "none", "--unit", "features.8:3",
+            "--depth", "2", "--top", "2", "--workers", "0"]
+    for name in ("o1", "o2"):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    files = sorted(p.relative_to(tmp_path / "o1") for p in (tmp_path / "o1" / "a.png").rglob("*")
+                   if p.is_file())
+    assert any(f.suffix == ".json" for f in files) and any(f.suffix == ".png" for f in files)
+    for f in files:
+        assert (tmp_path / "o1" / f).read_bytes() == (tmp_path / "o2" / f).read_bytes(), f
