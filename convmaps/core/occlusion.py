@@ -110,8 +110,12 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
     try:
         model.eval()
         with torch.no_grad():
-            clear, peaks = _full(model, image[None], spatial, lambda t: t.amax((2, 3)))
-            base = _base(steps, image[None]) if steps is not None else []
+            if steps is not None:  # the unoccluded pass the windows are spliced into
+                base = _base(steps, image[None])
+                clear, peaks = base[-1], {m: _maps(base[ends[m]], m).amax((2, 3)) for m in modules}
+            else:
+                base = []
+                clear, peaks = _full(model, image[None], spatial, lambda t: t.amax((2, 3)))
             for start in range(0, len(boxes), batch_size):
                 part = boxes[start:start + batch_size]
                 if steps is not None:
@@ -143,16 +147,21 @@ def _full(model: nn.Module, x: Tensor, modules: dict[str, nn.Module],
     handles = []
     for name, module in modules.items():
         def hook(_: nn.Module, __: object, out: Tensor, name: str = name) -> None:
-            if out.dim() != 4:
-                raise ConvmapsError(f"{name} gives {tuple(out.shape[1:])} per image, not "
-                                    "feature maps (C, H, W) to sum")
-            kept[name] = reduce(out)
+            kept[name] = reduce(_maps(out, name))
         handles.append(module.register_forward_hook(hook))
     try:
         return model(x), kept
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _maps(out: Tensor, name: str) -> Tensor:
+    """A module's output, which must be feature maps (B, C, H, W) to sum over space."""
+    if out.dim() != 4:
+        raise ConvmapsError(f"{name} gives {tuple(out.shape[1:])} per image, not feature maps "
+                            "(C, H, W) to sum")
+    return out
 
 
 def _base(steps: Sequence[tuple[str, nn.Module]], x: Tensor) -> list[Tensor]:
