@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from torch import nn
 from torchvision.models import VGG, AlexNet
 
+from convmaps.core.fields import _pair
 from convmaps.errors import ConvmapsError
 
-__all__ = ["ends", "steps"]
+__all__ = ["Window", "ends", "steps", "window"]
 
 
 def _flat(seq: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
@@ -56,3 +57,30 @@ def ends(chain: Sequence[tuple[str, nn.Module]]) -> dict[str, int]:
         for k in range(1, len(parts) + 1):
             found[".".join(parts[:k])] = i
     return found
+
+
+# Per axis (kernel, stride, padding, dilation): output o reads input o*stride - padding +
+# t*dilation, t < kernel.
+Window = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+
+
+def window(module: nn.Module) -> Window | None:
+    """The windows a conv or pool reads, per axis; None for any other module, and for those
+    whose windows are not plain (a conv padded other than with zeros or by a 'same'/'valid'
+    word, an average pool that pads or rounds up)."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        k, s, p, d = (_pair(module.kernel_size), _pair(module.stride), _pair(module.padding),
+                      _pair(module.dilation))
+    elif isinstance(module, nn.MaxPool2d):
+        k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        p, d = _pair(module.padding), _pair(module.dilation)
+    elif isinstance(module, nn.AvgPool2d):
+        if module.padding not in (0, (0, 0)) or module.ceil_mode:
+            return None  # padded averages count the padding or not; not worth the cases
+        k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        p, d = (0, 0), (1, 1)
+    else:
+        return None
+    return (k[0], s[0], p[0], d[0]), (k[1], s[1], p[1], d[1])

@@ -506,7 +506,7 @@ def _chain_chunk(model: nn.Module, x: torch.Tensor, chunk: _Chunk, mode: Mode,
 # is receptive-field arithmetic, as in `fields`, but relative to the unit's module, at every
 # step: fields() gives module outputs in input pixels only, so the steps are composed here.
 
-_Taps = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+_Taps = chain.Window
 _SAME: _Taps = ((1, 1, 0, 1), (1, 1, 0, 1))
 
 
@@ -518,14 +518,8 @@ def _taps(module: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]) 
         return None
     if isinstance(module, (nn.ReLU, nn.BatchNorm2d, nn.Dropout, nn.Identity)):
         return _SAME
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-        kernel = module.weight.shape[-2:] if isinstance(module, nn.Conv2d) else \
-            _pair(module.kernel_size)
-        s, p, d = _pair(module.stride), _pair(module.padding), _pair(module.dilation)
-        return ((int(kernel[0]), s[0], p[0], d[0]), (int(kernel[1]), s[1], p[1], d[1]))
-    if isinstance(module, nn.AvgPool2d):  # _chain_rule_exists: no padding, no ceil_mode
-        k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
-        return ((k[0], s[0], 0, 1), (k[1], s[1], 0, 1))
+    if (axes := chain.window(module)) is not None:  # conv, max and average pools
+        return axes
     if isinstance(module, nn.AdaptiveAvgPool2d):
         n_in, n_out = in_shape[-2:], out_shape[-2:]
         if all(a % b == 0 for a, b in zip(n_in, n_out, strict=True)):  # plain windows

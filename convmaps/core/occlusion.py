@@ -231,10 +231,11 @@ def _step(module: nn.Module, x: _Patched, base: Tensor) -> _Patched | None:
         same = all(s in (None, n) for s, n in zip(_pair(module.output_size),
                                                     x.base.shape[-2:], strict=True))
         return _Patched(base, x.patch, x.at) if same else None  # AlexNet's 6x6 at 224
-    geometry = _geometry(module, x.patch)
-    if geometry is None:
+    axes = chain.window(module) if x.patch.dim() == 4 else None
+    if axes is None:  # a module without a window rule here: it runs in full
         return None
-    kernel, stride, pad, dil, fill = geometry
+    kernel, stride, pad, dil = ([axis[i] for axis in axes] for i in range(4))
+    fill = -math.inf if isinstance(module, nn.MaxPool2d) else 0.0  # what the padding holds
     out_hw, in_hw, h_w = base.shape[-2:], x.base.shape[-2:], x.patch.shape[-2:]
     spans = [[_reach(at[d], at[d] + h_w[d], kernel[d], stride[d], pad[d], dil[d], out_hw[d])
               for at in x.at] for d in range(2)]
@@ -288,29 +289,6 @@ def _reach(a: int, b: int, k: int, s: int, p: int, d: int, n_out: int) -> tuple[
     o1 = min(n_out, (b - 1 + p) // s + 1)
     o0 = min(o0, (a + p) // s, n_out - 1)
     return o0, max(o1, o0 + 1)
-
-
-def _geometry(module: nn.Module, x: Tensor
-              ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int],
-                         float] | None:
-    """kernel, stride, padding, dilation and the padding's value of a window op on 4-D input;
-    None for a module without a rule here (it runs in full)."""
-    if x.dim() != 4:
-        return None
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return None
-        return (_pair(module.kernel_size), _pair(module.stride), _pair(module.padding),
-                _pair(module.dilation), 0.0)
-    if isinstance(module, nn.MaxPool2d):
-        return (_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
-                _pair(module.padding), _pair(module.dilation), -math.inf)
-    if isinstance(module, nn.AvgPool2d):
-        if module.padding not in (0, (0, 0)) or module.ceil_mode:
-            return None  # padded averages count the padding or not; not worth the cases here
-        return (_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
-                (0, 0), (1, 1), 0.0)
-    return None
 
 
 def _unpadded(module: nn.Module) -> nn.Module:
