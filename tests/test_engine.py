@@ -360,6 +360,17 @@ def test_a_batch_leaves_the_device_once_at_one_place(tmp_path, photos, monkeypat
                Project()) == 3
     assert run(TopkOptions(**common, out=str(tmp_path / "t"), project="none", png=False),
                Topk()) == 0
+    from convmaps.jobs.explain import Explain
+    from convmaps.jobs.invariance import Invariance
+    from convmaps.jobs.occlude import Occlude
+    from convmaps.options import ExplainOptions, InvarianceOptions, OccludeOptions
+
+    assert run(OccludeOptions(**common, out=str(tmp_path / "o"), patch=14, stride=14,
+                              png=False), Occlude()) == 3
+    assert run(InvarianceOptions(**common, out=str(tmp_path / "i"), steps=2, png=False),
+               Invariance()) == 3
+    assert run(ExplainOptions(**common, out=str(tmp_path / "e"), units=["C3:1"], png=False),
+               Explain()) == 3
 
 
 def test_to_host_keeps_every_tensor_and_value():

@@ -94,7 +94,7 @@ class Invariance:
 
     distance: Tensor  # float32 (T, L): ||f(x_t) - f(x)||_2 of each module's flattened output
     probability: Tensor  # float32 (T,): the original top class's probability on x_t
-    top: int  # the original top class
+    top: Tensor  # int64 (): the original top class (a tensor: read on the device, no sync)
 
 
 def invariance(model: nn.Module, x: Tensor, transform: str,
@@ -109,9 +109,9 @@ def invariance(model: nn.Module, x: Tensor, transform: str,
     batch = torch.cat([x[None], transformed(x, transform, values).to(x.dtype)])
     got = trace(model, batch, [*modules, ""]).outputs
     logits = got[""].float().flatten(1)
-    top = int(logits[0].argmax())
-    probability = logits.softmax(-1)[1:, top]
+    top = logits[0].argmax()
+    probability = logits.softmax(-1)[1:].index_select(1, top.view(1)).squeeze(1)
     distance = torch.stack([
         (got[m][1:].float().flatten(1) - got[m][:1].float().flatten(1)).norm(dim=1)
-        for m in modules], dim=1) if modules else torch.zeros(len(values), 0)
+        for m in modules], dim=1) if modules else logits.new_zeros(len(values), 0)
     return Invariance(distance.float().contiguous(), probability.float().contiguous(), top)

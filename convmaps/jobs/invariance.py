@@ -37,7 +37,7 @@ from convmaps.core.models import LoadedModel
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io.store import save_tensors, write_bytes
-from convmaps.jobs.engine import Job, Plan, Result, check_network, plain_entry, run_job
+from convmaps.jobs.engine import Job, Plan, Result, check_network, plain_entry, run_job, to_host
 from convmaps.jobs.ownership import clear_folder
 from convmaps.jobs.partial import (
     closing,
@@ -138,14 +138,16 @@ class Invariance(Job):
 
     def step(self, plan: Plan, batch: Tensor | None, items: list[Entry]) -> None:
         good = [it for it in items if it["tensor"] is not None]
+        rows: dict[int, dict[str, Tensor]] = {}
         for row, it in enumerate(good):
             assert batch is not None
             got = {}
             for t in self.transforms:
                 r = invariance(self.model, batch[row], t, self.amounts[t].tolist(), self.modules)
                 got[f"distance/{t}"], got[f"probability/{t}"] = r.distance, r.probability
-                got["top_class"] = torch.tensor(r.top, dtype=torch.int64)
-            self.state.rows[it["index"]] = {k: v.cpu() for k, v in got.items()}
+                got["top_class"] = r.top
+            rows[it["index"]] = got
+        self.state.rows.update(to_host(rows))  # the batch's rows leave the device at once
         self.state.entries.update({it["index"]: plain_entry(plan, it) for it in items})
         if time.monotonic() - self.saved >= self.options.checkpoint_seconds:
             _save_state(plan, self.state, plan.shard)
