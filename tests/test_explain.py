@@ -87,6 +87,7 @@ def _check_tree(model: nn.Module, image: torch.Tensor, root: Node, top: int) -> 
             assert torch.allclose(got, km, rtol=0, atol=tol * max(scale, 1e-30))
             bias = 0.0 if conv.bias is None else float(conv.bias[node.channel].detach())
             assert node.bias == bias
+            _check_windows(conv, ins[node.module], node, c0, top, tol * max(scale, 1e-30))
         if node.children:
             first = node.children[0]
             assert (first.channel, first.position) == (node.terms[0].channel,
@@ -100,6 +101,31 @@ def _check_tree(model: nn.Module, image: torch.Tensor, root: Node, top: int) -> 
             if node.kind == "add":
                 assert len(node.children) == len(node.terms) == 2
     return convs
+
+
+def _check_windows(conv: nn.Conv2d, x: torch.Tensor, node: Node, c0: int, top: int,
+                   atol: float) -> None:
+    """A conv node's windows: its `top` largest terms (every colour channel at the pixels), each
+    tap `w * x` recomputed from the weights and the padded input, summing to the term."""
+    assert node.position is not None
+    pixels = node.terms[0].source == INPUT
+    assert [w.channel for w in node.windows] == \
+        [t.channel for t in (node.terms if pixels else node.terms[:top])]
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    ph, pw = conv.padding  # (the models here pad with ints)
+    kh, kw = conv.kernel_size
+    rows = [node.position[0] * sh - ph + i * dh for i in range(kh)]
+    cols = [node.position[1] * sw - pw + j * dw for j in range(kw)]
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode=mode)
+    value = {t.channel: t.value for t in node.terms}
+    for w in node.windows:
+        assert (w.rows, w.cols) == (rows, cols)
+        patch = padded[w.channel, [r + ph for r in rows]][:, [c + pw for c in cols]]
+        want = conv.weight[node.channel, w.channel - c0].detach() * patch
+        got = torch.tensor(w.taps, dtype=want.dtype)
+        assert torch.allclose(got, want, rtol=0, atol=atol)
+        assert abs(got.sum().item() - value[w.channel]) <= atol
 
 
 def test_lenet_every_node_float64() -> None:
@@ -300,6 +326,12 @@ def test_job_files_hold_the_trees_of_the_core(tmp_path):
                 total = r["bias"] + r["rest"] + sum(c["value"] for c in r["contributions"])
                 big = max(abs(c["value"]) for c in r["contributions"])
                 assert abs(total - r["value"]) <= 1e-5 * max(big, abs(r["value"]), 1e-30)
+                terms = {c["channel"]: c["value"] for c in r["contributions"]}
+                assert len(r["windows"]) == (min(2, len(terms)) if r["kind"] == "Conv2d" else 0)
+                for w in r["windows"]:  # each window's taps sum to its term
+                    taps = sum(map(sum, w["taps"]))
+                    assert abs(taps - terms[w["channel"]]) <= 1e-5 * max(big, 1e-30)
+                    assert len(w["taps"]) == len(w["rows"]) == 5 == len(w["cols"])
     tree = json.loads((out / "5_sandal.png/explain/OUTPUT:3.json").read_text())["tree"]
     assert tree["position"] is None and len(tree["contributions"]) == 64  # of F6's 84
     assert tree["children"][0]["module"] == "relu6"

@@ -758,7 +758,22 @@ GOLDEN = {
     "topk_figure": lambda: _topk_pictures()[0],
     "topk_overview": lambda: _topk_pictures()[1],
     "occlusion": lambda: _occlusion_picture(),
+    "explain": lambda: _explain_picture(),
 }
+
+
+def _explain_picture() -> Image.Image:
+    from convmaps.core.explain import Node, Term, Window
+    from convmaps.render import explain_figure
+
+    taps = _ramp(2, 3, 3)
+    sums = [float(t.sum()) for t in taps]
+    terms = [Term(0, sums[0], (3, 4), "relu1"), Term(1, sums[1], (2, 3), "relu1")]
+    windows = [Window(c, [2, 3, 4], [3, 4, 5], taps[c].tolist()) for c in (0, 1)]
+    child = Node("relu1", 0, (3, 4), sums[0], 0.0, [Term(0, sums[0], (3, 4), "conv1")], "ReLU")
+    root = Node("conv2", 4, (1, 2), 0.1 + sum(sums), 0.1, terms, "Conv2d", [child], windows)
+    image = ((_ramp(3, 12, 12) + 0.5) * 255).to(torch.uint8)
+    return explain_figure(root, image, (2, 3, 8, 9), title="lenet · unit conv2:4 · x.png")
 
 
 def _occlusion_picture() -> Image.Image:

@@ -56,7 +56,7 @@ from convmaps.core.deconv import Unit
 from convmaps.core.pooling import switches
 from convmaps.errors import ConvmapsError
 
-__all__ = ["INPUT", "Node", "Term", "explain", "explainable", "nodes", "recipe"]
+__all__ = ["INPUT", "Node", "Term", "Window", "explain", "explainable", "nodes", "recipe"]
 
 INPUT = "input"  # the module name of the image's pixel nodes
 _WEIGHTED = (nn.Conv2d, nn.Linear)  # the modules that count as a level of depth
@@ -82,10 +82,23 @@ class Term:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class Window:
+    """A conv term tap by tap: `taps[i][j]` is `w * x` at input row `rows[i]`, column
+    `cols[j]` (outside the input: the conv's padding, 0 for zeros); the taps sum to the term's
+    value, input channel `channel`'s kernel-map value at the node's position."""
+
+    channel: int
+    rows: list[int]
+    cols: list[int]
+    taps: list[list[float]]
+
+
 @dataclass
 class Node:
     """One unit: `value == bias + sum(t.value for t in terms)`; `terms` sorted by |value|
-    (ties: the input order), `children` the nodes of the largest."""
+    (ties: the input order), `children` the nodes of the largest; a conv node's `windows`
+    are its `top` largest terms (every colour channel at the pixels) tap by tap."""
 
     module: str  # a module's name (`name@k` for its k-th call after the first), an operation's
     channel: int
@@ -95,6 +108,7 @@ class Node:
     terms: list[Term]
     kind: str  # the module's type name or the operation's, "input" for pixels
     children: list[Node] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)
 
 
 def nodes(root: Node) -> list[Node]:
@@ -265,7 +279,11 @@ def _at(t: Tensor, channel: int, position: tuple[int, int] | None) -> float:
     return float(t[channel] if position is None else t[channel, position[0], position[1]])
 
 
-def _conv(conv: nn.Conv2d, x: Tensor, c: int, pos: tuple[int, int]) -> tuple[float, list[Term]]:
+_Taps = tuple[Tensor, list[int], list[int], int]  # a conv's products, rows, cols, first channel
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, c: int, pos: tuple[int, int]
+          ) -> tuple[float, list[Term], _Taps]:
     prods = window_products(conv, x, c, pos)  # (C_in/groups, kh, kw)
     rows, cols = window_taps(conv, pos)
     h, w = x.shape[-2:]
@@ -278,7 +296,7 @@ def _conv(conv: nn.Conv2d, x: Tensor, c: int, pos: tuple[int, int]) -> tuple[flo
     terms = [Term(c0 + i, float(v), (int(rows[t // kw]), int(cols[t % kw])))
              for i, (v, t) in enumerate(zip(prods.sum((1, 2)).tolist(), taps, strict=True))]
     bias = 0.0 if conv.bias is None else float(conv.bias[c])
-    return bias, terms
+    return bias, terms, (prods, rows.tolist(), cols.tolist(), c0)
 
 
 def _linear(lin: nn.Linear, x: Tensor, c: int) -> tuple[float, list[Term]]:
@@ -330,8 +348,8 @@ def _flatten(x: Tensor, c: int) -> list[Term]:
 
 
 def _terms(run: _Run, k: int, c: int, pos: tuple[int, int] | None
-           ) -> tuple[float, list[Term]]:
-    """Op k's unit as (bias, terms)."""
+           ) -> tuple[float, list[Term], _Taps | None]:
+    """Op k's unit as (bias, terms, a conv's taps)."""
     op = run.ops[k]
     m, n = op.what, op.node
     x, y = run.outs[op.inputs[0]] if op.inputs else None, run.outs[k]
@@ -339,20 +357,20 @@ def _terms(run: _Run, k: int, c: int, pos: tuple[int, int] | None
         branches = [a for a in n.args if isinstance(a, fx.Node)]
         bias = sum(float(a) for a in n.args if isinstance(a, (int, float)))
         return bias, [Term(c, _at(run.outs[run.of(a)], c, pos), pos, run.name(run.of(a)))
-                      for a in branches]
+                      for a in branches], None
     if m is torch.cat:
         for a in _arg(n, 0, "tensors", []):
             width = run.outs[run.of(a)].shape[0]
             if c < width:
                 return 0.0, [Term(c, _at(run.outs[run.of(a)], c, pos), pos,
-                                  run.name(run.of(a)))]
+                                  run.name(run.of(a)))], None
             c -= width
         raise AssertionError("a channel beyond the concatenation")
     assert x is not None
-    bias, terms = 0.0, list[Term]()
+    bias, terms, taps = 0.0, list[Term](), None
     if isinstance(m, nn.Conv2d):
         assert pos is not None
-        bias, terms = _conv(m, x, c, pos)
+        bias, terms, taps = _conv(m, x, c, pos)
     elif isinstance(m, nn.Linear):
         bias, terms = _linear(m, x, c)
     elif isinstance(m, nn.BatchNorm2d):
@@ -377,7 +395,12 @@ def _terms(run: _Run, k: int, c: int, pos: tuple[int, int] | None
                 _arg(n, 1, "output_size", None)
             terms = _adaptive(size, x, c, pos)
     source = run.name(op.inputs[0])
-    return bias, [replace(t, source=source) for t in terms]
+    return bias, [replace(t, source=source) for t in terms], taps
+
+
+def _windows(taps: _Taps, terms: list[Term]) -> list[Window]:
+    prods, rows, cols, c0 = taps
+    return [Window(t.channel, rows, cols, prods[t.channel - c0].tolist()) for t in terms]
 
 
 def _node(run: _Run, k: int, c: int, pos: tuple[int, int] | None, level: int) -> Node:
@@ -387,17 +410,18 @@ def _node(run: _Run, k: int, c: int, pos: tuple[int, int] | None, level: int) ->
     if k < 0:
         return Node(INPUT, c, pos, value, 0.0, [Term(c, value, pos)], INPUT)
     op = run.ops[k]
-    bias, terms = _terms(run, k, c, pos)
+    bias, terms, taps = _terms(run, k, c, pos)
     terms = _sorted(terms)
-    node = Node(op.name, c, pos, value, bias, terms, op.kind)
     weighted = isinstance(op.what, _WEIGHTED)
+    # a weighted node's largest terms; at the pixels every colour channel
+    largest = terms if terms and terms[0].source == INPUT else terms[:run.top]
+    node = Node(op.name, c, pos, value, bias, terms, op.kind,
+                windows=[] if taps is None else _windows(taps, largest))
     below = level + 1 if weighted else level
     if below > run.depth:
         return node
-    if weighted and terms and terms[0].source == INPUT:  # the pixels: every colour channel
-        chosen = terms
-    elif weighted:
-        chosen = terms[:run.top]
+    if weighted:
+        chosen = largest
     elif op.what in _ADD:  # every branch
         chosen = terms
     else:

@@ -9,7 +9,9 @@ A tree file: `tree` (the root node) beside what made it (`model`, `weights`, `un
 (`[y, x]`, or null for a 1-D output), `value`, `bias`, `contributions` (the largest
 `_LISTED` terms `{"channel", "value"[, "position"], "source"}` sorted by |value|: `source`
 the input's module or operation, `position` where in it the term's child would be), `rest`
-(the sum of the others, 0 when all are listed) and `children`.
+(the sum of the others, 0 when all are listed), `windows` (a conv node's largest terms tap by
+tap, `{"channel", "rows", "cols", "taps"}`: `taps[i][j]` is `w * x` at input row `rows[i]`,
+column `cols[j]`, and they sum to the term's value) and `children`.
 
 `OUT/explain.json` lists the images, as a dump's manifest does; the engine brings folders,
 batches, progress, shards and resume. One configuration owns an image's trees: other options
@@ -29,7 +31,7 @@ from convmaps.core.capture import LayerRow, Trace
 from convmaps.core.deconv import parse_unit
 from convmaps.core.explain import Node, explain, explainable
 from convmaps.core.fields import Field
-from convmaps.core.models import LoadedModel
+from convmaps.core.models import LoadedModel, normalisation
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io.store import png_complete, write_bytes
@@ -67,6 +69,8 @@ class Explain(ListedJob):
         for u in self.units:
             explainable(loaded.model, u)
         self.names = list(dict.fromkeys(str(u) for u in self.units))
+        self.fields = fields  # the root's receptive-field box in the figure
+        self.mean, self.std = normalisation(loaded.preprocess)
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.options
@@ -87,12 +91,18 @@ class Explain(ListedJob):
             return None
         o = self.options
         units = list({str(u): u for u in self.units}.values())
-        return [[explain(self.model, x, u, o.depth, o.top) for u in units] for x in batch]
+        trees = [[explain(self.model, x, u, o.depth, o.top) for u in units] for x in batch]
+        return (batch if o.png else None), trees  # the engine brings both to the host at once
 
     def write(self, plan: Plan, items: list[dict[str, Any]], stepped: Any
               ) -> list[tuple[int, dict[str, Any]]]:
+        from convmaps import render
+
+        batch, trees = stepped
+
         def write_one(row: int, it: dict[str, Any]) -> dict[str, Any]:
-            return plain_entry(plan, it, _write(plan, it, stepped[row]))
+            picture = None if batch is None else render.picture(batch[row], self.mean, self.std)
+            return plain_entry(plan, it, _write(plan, it, trees[row], picture))
 
         return per_image(plan, items, write_one)
 
@@ -125,6 +135,8 @@ def node_record(node: Node, listed_terms: int = _LISTED) -> dict[str, Any]:
                           | ({} if t.position is None else {"position": list(t.position)})
                           | {"source": t.source} for t in listed],
         "rest": sum(t.value for t in node.terms[listed_terms:]),
+        "windows": [{"channel": w.channel, "rows": w.rows, "cols": w.cols, "taps": w.taps}
+                    for w in node.windows],
         "children": [node_record(c, listed_terms) for c in node.children],
     }
 
@@ -135,8 +147,9 @@ def _explain(plan: Plan) -> Explain:
     return job
 
 
-def _write(plan: Plan, it: dict[str, Any], trees: list[Node]) -> list[str]:
-    """One image's tree files and figures."""
+def _write(plan: Plan, it: dict[str, Any], trees: list[Node], picture: Tensor | None
+           ) -> list[str]:
+    """One image's tree files and figures (`picture`: the input as uint8 RGB)."""
     job = _explain(plan)
     o, loaded = job.options, plan.loaded
     src = plan.sources[it["index"]]
@@ -152,10 +165,15 @@ def _write(plan: Plan, it: dict[str, Any], trees: list[Node]) -> list[str]:
         if o.png:
             from convmaps import render
 
+            assert picture is not None
             at = "" if root.position is None else f" (at {root.position[0]},{root.position[1]})"
+            field = job.fields.get(root.module)
+            h, w = picture.shape[-2:]
+            box = field.box(*root.position) if field is not None and root.position else \
+                (0, 0, int(h), int(w))
             img = render.explain_figure(
-                root, f"{loaded.arch} · unit {unit}{at} · {src.key} · depth {o.depth}, "
-                f"top {o.top}")
+                root, picture, box, f"{loaded.arch} · unit {unit}{at} · {src.key} · "
+                f"depth {o.depth}, top {o.top}")
             write_bytes(folder / layout.explain_png(unit), render.png_bytes(img), sync=False)
     return job.settle(plan, src.key, previous)
 

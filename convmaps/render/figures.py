@@ -150,6 +150,19 @@ def _crop(rgb: Tensor, box: tuple[int, int, int, int], fill: int) -> Tensor:
     return out
 
 
+def _draw_box(canvas: Image.Image, x: int, y: int, box: tuple[int, int, int, int],
+              hw: tuple[int, int], factor: int) -> None:
+    """A receptive-field box on a picture of size `hw` pasted at (x, y) upscaled by `factor`:
+    clipped to the picture, 2 px wide."""
+    from PIL import ImageDraw
+
+    top, left, bottom, right = box
+    ImageDraw.Draw(canvas).rectangle(
+        [x + max(left, 0) * factor, y + max(top, 0) * factor,
+         x + min(right, hw[1]) * factor - 1, y + min(bottom, hw[0]) * factor - 1],
+        outline=_BOX_RGB, width=2)
+
+
 def projection_figure(image: Tensor, projection: Tensor, box: tuple[int, int, int, int],
                       title: str = "", caption: str = "") -> Image.Image:
     """A unit's projection beside its receptive field, each panel labelled: the input picture
@@ -164,7 +177,6 @@ def projection_figure(image: Tensor, projection: Tensor, box: tuple[int, int, in
     >>> img.size, img.info["convmaps-range"]
     ((464, 300), '-1,1')
     """
-    from PIL import ImageDraw
 
     signed, lim = signed_picture(projection)
     _, h, w = image.shape
@@ -186,11 +198,8 @@ def projection_figure(image: Tensor, projection: Tensor, box: tuple[int, int, in
         _write(canvas, _PANELS[i], x, y0)
         canvas.paste(Image.fromarray(p.permute(1, 2, 0).contiguous().numpy()),
                      (x, y0 + _LINE + 2))
-        if i == 0:  # the box, clipped to the picture, 2 px wide
-            ImageDraw.Draw(canvas).rectangle(
-                [_PAD + max(left, 0) * factor, y0 + _LINE + 2 + max(top, 0) * factor,
-                 _PAD + min(right, w) * factor - 1, y0 + _LINE + 2 + min(bottom, h) * factor - 1],
-                outline=_BOX_RGB, width=2)
+        if i == 0:
+            _draw_box(canvas, _PAD, y0 + _LINE + 2, box, (h, w), factor)
         x += p.shape[2] + gap
     y = y0 + _LINE + 2 + height + 6
     _scale_bar(canvas, _PAD, y, lim, projection.shape[0] == 3)
@@ -399,27 +408,34 @@ def occlusion_figure(image: Tensor, probability: Tensor, top_class: Tensor, unit
     return canvas
 
 
-# --- explain ----------------------------------------------------------------------------------
+# --- explain ---------------------------------------------------------------------------------
 
-_POS_RGB, _NEG_RGB, _REST_RGB = (78, 121, 167), (225, 87, 89), (186, 176, 172)
+# bars on the diverging scale's sides (coolwarm: red positive, blue negative), as the taps are
+_POS_RGB, _NEG_RGB, _REST_RGB = (214, 96, 77), (88, 120, 206), (186, 176, 172)
 _EXPLAIN_BARS = 6  # a node's largest terms drawn as bars; the others make one "rest" bar
 _EXPLAIN_LABEL = 24 * _FONT_W  # the bars' label column (a residual add names its branches)
 _EXPLAIN_HALF = 150  # px from the zero line to the largest bar's end
 _EXPLAIN_INDENT = 2 * _FONT_W  # per level of the tree
+_EXPLAIN_TILE = 48  # px of a kernel-map window, about (taps are whole pixels)
+_EXPLAIN_INPUT_PX = 160  # the input panels are upscaled (nearest) to about this height
+_EXPLAIN_KEY = ("bars: red positive, blue negative, grey the rest and the bias, each node on "
+                "its own scale",
+                "tiles: a top channel's kernel-map window, w*x per tap (red +, blue -, to +-the "
+                "number under them); outlined: the tap its child is at")
 
 
 def _at_text(position: tuple[int, int] | None) -> str:
     return "" if position is None else f"@{position[0]},{position[1]}"
 
 
-def _explain_rows(node: Node, level: int) -> list[tuple[int, str, list[tuple[str, float, tuple[
-        int, int, int]]]]]:
-    """(indent, header, bars) per node, depth first; bars (label, value, colour) only where
+_Bar = tuple[str, float, tuple[int, int, int]]
+
+
+def _explain_rows(node: Node, level: int) -> list[tuple[int, Node, list[_Bar]]]:
+    """(indent, node, bars) per node, depth first; bars (label, value, colour) only where
     the sum has more than one term or a bias."""
     terms = node.terms
-    head = (f"{node.module}:{node.channel}{_at_text(node.position)} = {node.value:.4g}"
-            f"   {node.kind}")
-    bars: list[tuple[str, float, tuple[int, int, int]]] = []
+    bars: list[_Bar] = []
     if len(terms) > 1 or node.bias != 0:
         for t in terms[:_EXPLAIN_BARS]:
             pooled = "avgpool" in node.kind.lower().replace("_", "")
@@ -430,43 +446,126 @@ def _explain_rows(node: Node, level: int) -> list[tuple[int, str, list[tuple[str
             bars.append((f"rest ({len(terms) - _EXPLAIN_BARS})",
                          sum(t.value for t in terms[_EXPLAIN_BARS:]), _REST_RGB))
         bars.append(("bias", node.bias, _REST_RGB))
-    rows = [(level * _EXPLAIN_INDENT, head, bars)]
+    rows = [(level * _EXPLAIN_INDENT, node, bars)]
     for child in node.children:
         rows += _explain_rows(child, level + 1)
     return rows
 
 
-def explain_figure(root: Node, title: str | None = None) -> Image.Image:
-    """A unit's explain tree, one block per node (depth first, indented by level): its value,
-    and where it is a sum of several terms a bar chart of the largest terms, the rest as one
-    bar, and the bias, on the node's own scale (blue positive, red negative, grey rest and
-    bias). With a `title` (model, unit, image), a strip says it."""
+def _head(node: Node) -> str:
+    return f"{node.module}:{node.channel}{_at_text(node.position)} = {node.value:.4g}   {node.kind}"
+
+
+def _tap_px(node: Node) -> int:
+    """A tap's side in px: the windows about `_EXPLAIN_TILE` wide, at least 2 px a tap."""
+    if not node.windows:
+        return 0
+    w = node.windows[0]
+    return max(2, _EXPLAIN_TILE // max(len(w.rows), len(w.cols)))
+
+
+def _windows_size(node: Node) -> tuple[int, int]:
+    """The px (width, height) of a node's windows: a label line, the tiles, the limit."""
+    if not node.windows:
+        return 0, 0
+    w, px = node.windows[0], _tap_px(node)
+    tile_w = max(len(w.cols) * px, _text_w(f"ch {max(v.channel for v in node.windows)}"))
+    return len(node.windows) * (tile_w + 8), 2 * _LINE + len(w.rows) * px + 2
+
+
+def _draw_windows(canvas: Image.Image, node: Node, x: int, y: int) -> None:
+    """A node's top channels' kernel-map windows at (x, y), on one symmetric scale, each tap
+    `w * x`; the tap its child is at outlined."""
+    from PIL import ImageDraw
+
+    px = _tap_px(node)
+    lim = max((abs(v) for w in node.windows for row in w.taps for v in row), default=0.0) or 1.0
+    at = {t.channel: t.position for t in node.terms}
+    tile_w = _windows_size(node)[0] // len(node.windows) - 8
+    draw = ImageDraw.Draw(canvas)
+    for w in node.windows:
+        taps = torch.tensor(w.taps, dtype=torch.float32)
+        tile = _upscale(colorize((taps / lim + 1) / 2, Scale.DIVERGING), px)
+        _write(canvas, f"ch {w.channel}", x, y)
+        canvas.paste(Image.fromarray(tile.permute(1, 2, 0).contiguous().numpy()), (x, y + _LINE))
+        draw.rectangle([x - 1, y + _LINE - 1, x + tile.shape[2], y + _LINE + tile.shape[1]],
+                       outline=_REST_RGB)
+        pos = at.get(w.channel)
+        if pos is not None and pos[0] in w.rows and pos[1] in w.cols:
+            i, j = w.rows.index(pos[0]), w.cols.index(pos[1])
+            draw.rectangle([x + j * px - 1, y + _LINE + i * px - 1, x + (j + 1) * px,
+                            y + _LINE + (i + 1) * px], outline=_INK_RGB, width=2)
+        x += tile_w + 8
+    _write(canvas, f"+-{lim:.3g}", x - tile_w - 8, y + _LINE + len(node.windows[0].rows) * px + 2)
+
+
+def explain_figure(root: Node, image: Tensor, box: tuple[int, int, int, int],
+                   title: str | None = None) -> Image.Image:
+    """A unit's explain tree. On top the input picture (uint8 RGB (3, H, W)) with the root's
+    receptive-field `box`, and the box cut out; under it one block per node (depth first,
+    indented by level): its value; where it is a sum of several terms, a bar chart of the
+    largest terms, the rest as one bar, and the bias, on the node's own scale; at a conv node
+    its top channels' kernel-map windows, tap by tap. A key says what the colours mean; with
+    a `title` (model, unit, image), a strip says it.
+
+    >>> from convmaps.core.explain import Node, Term
+    >>> leaf = Node("input", 0, (0, 0), 0.5, 0.0, [Term(0, 0.5, (0, 0))], "input")
+    >>> explain_figure(leaf, torch.zeros(3, 4, 4, dtype=torch.uint8), (0, 0, 1, 1)).size[1] > 0
+    True
+    """
     from PIL import ImageDraw
 
     rows = _explain_rows(root, 0)
+    _, h, w = image.shape
+    factor = max(1, math.ceil(_EXPLAIN_INPUT_PX / max(h, 1)))
+    panels = [_upscale(image, factor)]
+    top, left, bottom, right = box
+    if not (top <= 0 and left <= 0 and bottom >= h and right >= w):
+        crop = _crop(image, box, 128)
+        panels.append(_upscale(crop, max(1, (h * factor) // max(crop.shape[1], 1))))
+    panel_h = _LINE + 2 + max(p.shape[1] for p in panels) + 8
     bar_w = 2 * _EXPLAIN_HALF
-    width = max(i for i, _, _ in rows) + _EXPLAIN_LABEL + bar_w + 12 * _FONT_W + 2 * _PAD
-    height = sum(_LINE + len(bars) * _LINE + 4 for _, _, bars in rows) + _PAD
+    column = _PAD + max(i for i, _, _ in rows) + _EXPLAIN_LABEL + bar_w + 12 * _FONT_W
+    sizes = [_windows_size(n) for _, n, _ in rows]
+    blocks = [max(_LINE + len(bars) * _LINE, wh) + 4 for (_, _, bars), (_, wh) in zip(
+        rows, sizes, strict=True)]
+    width = max(column + max(ww for ww, _ in sizes) + _PAD,
+                sum(p.shape[2] + 8 for p in panels) + 2 * _PAD)
+    height = panel_h + sum(blocks) + 2 * _LINE + 2 * _PAD
     what = ("each node: value = bias + its terms (input channels' kernel-map values, w*x, ...); "
             "children: the largest terms")
     canvas, y = _titled(width, height, None if title is None else (title, what),
-                        *(h for _, h, _ in rows))
+                        *(_head(n) for _, n, _ in rows), *_EXPLAIN_KEY)
+    x = _PAD
+    for i, p in enumerate(panels):
+        _write(canvas, ("input, receptive field boxed", "receptive field")[i], x, y)
+        canvas.paste(Image.fromarray(p.permute(1, 2, 0).contiguous().numpy()), (x, y + _LINE + 2))
+        if i == 0:
+            _draw_box(canvas, x, y + _LINE + 2, box, (h, w), factor)
+        x += p.shape[2] + 8
+    y += panel_h
     draw = ImageDraw.Draw(canvas)
-    for indent, head, bars in rows:
+    for (indent, node, bars), block in zip(rows, blocks, strict=True):
         x = _PAD + indent
-        _write(canvas, head, x, y)
-        y += _LINE
+        _write(canvas, _head(node), x, y)
+        if node.windows:
+            _draw_windows(canvas, node, column, y)
+        by = y + _LINE
         lim = max((abs(v) for _, v, _ in bars), default=0.0) or 1.0
         zero = x + _EXPLAIN_LABEL + _EXPLAIN_HALF
         if bars:
-            draw.line([zero, y, zero, y + len(bars) * _LINE - 2], fill=_INK_RGB)
+            draw.line([zero, by, zero, by + len(bars) * _LINE - 2], fill=_INK_RGB)
         for label, value, rgb in bars:
-            _write(canvas, label, x, y)
+            _write(canvas, label, x, by)
             end = zero + round(value / lim * _EXPLAIN_HALF)
             if end != zero:
-                draw.rectangle([min(zero, end), y + 2, max(zero, end), y + _LINE - 3], fill=rgb)
-            _write(canvas, f"{value:.4g}", x + _EXPLAIN_LABEL + bar_w + 4, y)
-            y += _LINE
-        y += 4
+                draw.rectangle([min(zero, end), by + 2, max(zero, end), by + _LINE - 3], fill=rgb)
+            _write(canvas, f"{value:.4g}", x + _EXPLAIN_LABEL + bar_w + 4, by)
+            by += _LINE
+        y += block
+    y += _PAD
+    for line in _EXPLAIN_KEY:
+        _write(canvas, line, _PAD, y)
+        y += _LINE
     canvas.info["convmaps-scale"] = "explain"
     return canvas
