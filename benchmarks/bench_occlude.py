@@ -84,7 +84,8 @@ def main() -> None:
           "logits' range")
     for name, t in med.items():
         counted = f"{flops[name] / 1e9:9.1f} GFLOP" if name in flops else ""
-        print(f"  {name:12s} median {t:7.2f} s  ({n / t:7.1f} positions/s)  {counted}")
+        print(f"  {name:12s} median {t:7.2f} s  ({n / t:7.1f} positions/s, {1 / t:6.3f} "
+              f"images/s for a whole map)  {counted}")
     speedup, ideal = med["full"] / med["incremental"], flops["full"] / flops["incremental"]
     print(f"  incremental: {speedup:.2f}x the full passes (theoretical {ideal:.2f}x, "
           f"{speedup / ideal:.0%} of it)"

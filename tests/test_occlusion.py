@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from convmaps.core.models import lenet5
-from convmaps.core.occlusion import corners, occlude, occluded
+from convmaps.core.occlusion import corners, method, occlude, occluded
 from convmaps.errors import ConvmapsError
 
 
@@ -104,14 +104,87 @@ def test_float32_within_range_tolerance():
     _close(got.logits, want["logits"], 1e-5)
 
 
-def test_non_chain_models_run_in_full_and_agree():
-    model = _seeded(torchvision.models.resnet18(weights=None, num_classes=5))
-    image = torch.randn(3, 40, 40, dtype=torch.double)
-    got = occlude(model, image, 12, 10, modules=["layer1"])
-    assert not got.incremental and got.full_from is None
-    want = _reference(model, image, 12, 10, 0.0, ["layer1"])
+GRAPHS = {
+    # residual adds (and a 1x1 stride-2 branch beside two 3x3 convs), GoogLeNet's
+    # concatenations with in-place F.relu and ceil-mode pools, DenseNet's growing
+    # concatenations and average pools, MobileNetV2's depthwise convs, ReLU6 and adds
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=5),
+                 96, ["layer1", "layer2.0.downsample", "layer2"]),
+    "googlenet": (lambda: torchvision.models.googlenet(weights=None, num_classes=5,
+                                                       aux_logits=False, init_weights=False),
+                  96, ["inception3a", "inception3b.branch2"]),
+    "densenet121": (lambda: torchvision.models.densenet121(weights=None, num_classes=5),
+                    64, ["features.denseblock1", "features.transition1"]),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None, num_classes=5),
+                     64, ["features.2", "features.4"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+def test_traced_graphs_equal_full_passes_in_float64(name):
+    make, size, modules = GRAPHS[name]
+    model = _seeded(make(), 1)
+    image = torch.randn(3, size, size, dtype=torch.double)
+    got = occlude(model, image, 16, 24, fill=0.3, modules=modules, batch_size=4)
+    assert got.incremental
+    want = _reference(model, image, 16, 24, 0.3, modules)
     _close(got.logits, want["logits"], 1e-10)
-    _close(got.sums["layer1"], want["layer1"], 1e-10)
+    for m in modules:
+        _close(got.sums[m], want[m], 1e-10)
+    assert "no rule" not in method(model)  # every op of these has a rule
+
+
+class _Shuffled(nn.Module):
+    """A channel shuffle (reshape, transpose) between two convs: ops without a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(self.b(x).mean((2, 3)))
+
+
+class _Branchy(nn.Module):
+    """A forward that branches on its input's values: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(x.mean((2, 3)))
+
+
+def test_ops_without_a_rule_run_in_full_and_agree():
+    model = _seeded(_Shuffled())
+    image = torch.randn(3, 20, 20, dtype=torch.double)
+    said = method(model)
+    assert said.startswith("incremental") and "no rule for" in said
+    assert "transpose" in said and "view" in said and "Conv2d" not in said
+    got = occlude(model, image, 5, 4, modules=["a", "b"])
+    assert got.incremental and got.full_from == "view"  # the first op a patch met with no rule
+    want = _reference(model, image, 5, 4, 0.0, ["a", "b"])
+    _close(got.logits, want["logits"], 1e-10)
+    _close(got.sums["b"], want["b"], 1e-10)
+
+
+def test_models_that_do_not_trace_run_in_full_and_agree():
+    model = _seeded(_Branchy())
+    image = torch.randn(3, 20, 20, dtype=torch.double)
+    assert method(model).startswith("full passes (_Branchy cannot be traced")
+    got = occlude(model, image, 6, 5, modules=["a"])
+    assert not got.incremental and got.full_from is None
+    want = _reference(model, image, 6, 5, 0.0, ["a"])
+    _close(got.logits, want["logits"], 1e-10)
+    _close(got.sums["a"], want["a"], 1e-10)
 
 
 def test_captum_grid():

@@ -593,6 +593,14 @@ def test_occlusion_maps_are_on_their_image_pages_and_in_a_standalone_report(tmp_
         (src,) = [r for r in _refs(page) if r.endswith("occlusion.png")]
         assert (page.parent / unquote(src)).resolve().is_file()
     assert _built_from(out)["occlusion"]["inputs"] == 8
+    # Fig. 7 on a page of its own: every image's figure, each linked to its image page
+    assert '<a href="occlusion.html">Fig. 7</a>' in index and "figure by figure" in index
+    paper = out / "report" / "occlusion.html"
+    srcs = [r for r in _refs(paper) if r.endswith("occlusion.png")]
+    assert len(srcs) == 8 and all((paper.parent / unquote(r)).resolve().is_file() for r in srcs)
+    links = [r for r in _refs(paper) if r.startswith("images/")]
+    assert sorted(links) == sorted(f"images/{n}.html" for n in range(8))
+    assert "incremental (each op" in paper.read_text()  # how the maps were computed
     run_dump(plan_dump(DumpOptions(model="lenet", out=str(out), png=False, workers=0)))
     build_report(out)
     first = (out / "report" / "images" / "0.html").read_text()

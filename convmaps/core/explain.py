@@ -44,15 +44,17 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from convmaps.core import graph
 from convmaps.core.decompose import window_products, window_taps
 from convmaps.core.deconv import Unit
+from convmaps.core.graph import Op, ancestors, arg
 from convmaps.core.pooling import switches
 from convmaps.errors import ConvmapsError
 
@@ -133,75 +135,7 @@ def recipe(trees: Sequence[Node]) -> list[tuple[str, int, int]]:
 # --- the graph ---------------------------------------------------------------------------------
 
 
-@dataclass
-class _Op:
-    """One operation of the traced forward pass."""
-
-    name: str  # a module's name (name@k for its k-th call again), else the graph node's name
-    what: Any  # the module, the function, or the method's name
-    node: fx.Node
-    inputs: list[int]  # the ops it reads (-1: the image)
-    stack: tuple[str, ...]  # the modules it runs inside, outermost first (itself included)
-
-    @property
-    def kind(self) -> str:
-        if isinstance(self.what, nn.Module):
-            return type(self.what).__name__
-        return str(getattr(self.what, "__name__", self.what))
-
-
-def _graph(model: nn.Module) -> list[_Op]:
-    """The model's forward pass as operations in the order they run."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # tracing runs the model's own Python: anything may go wrong
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvmapsError(f"explain: {type(model).__name__} cannot be traced into a graph "
-                            f"by torch.fx ({reason[:120]})") from None
-    index: dict[fx.Node, int] = {}
-    ops: list[_Op] = []
-    calls: Counter[str] = Counter()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            if index:
-                raise ConvmapsError(f"explain: {type(model).__name__}'s forward takes more "
-                                    "than one input")
-            index[n] = -1
-            continue
-        if n.op == "output":
-            continue
-        name, what = n.name, n.target
-        if n.op == "call_module":
-            k = calls[n.target]
-            calls[n.target] += 1
-            name = n.target if k == 0 else f"{n.target}@{k}"
-            what = model.get_submodule(n.target)
-        elif n.op == "get_attr":
-            what = f"attribute {n.target}"
-        stack = tuple(n.meta.get("nn_module_stack", {}))
-        if n.op == "call_module" and n.target not in stack:
-            stack += (n.target,)
-        index[n] = len(ops)
-        ops.append(_Op(name, what, n, [index[a] for a in n.all_input_nodes], stack))
-    return ops
-
-
-def _ancestors(ops: Sequence[_Op], k: int) -> list[int]:
-    """The ops op k depends on, k included, in order."""
-    seen, todo = {k}, [k]
-    while todo:
-        for i in ops[todo.pop()].inputs:
-            if i >= 0 and i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return sorted(seen)
-
-
-def _arg(node: fx.Node, i: int, key: str, default: Any) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
-
-
-def _supported(op: _Op) -> bool:
+def _supported(op: Op) -> bool:
     m, n = op.what, op.node
     if isinstance(m, nn.Module):
         if not isinstance(m, _MODULES):
@@ -218,25 +152,25 @@ def _supported(op: _Op) -> bool:
     if m in _ADD:
         return "alpha" not in n.kwargs and len(n.args) == 2
     if m is torch.flatten:
-        return _arg(n, 1, "start_dim", 0) == 1 and _arg(n, 2, "end_dim", -1) == -1
+        return arg(n, 1, "start_dim", 0) == 1 and arg(n, 2, "end_dim", -1) == -1
     if m is torch.cat:
-        return _arg(n, 1, "dim", 0) == 1
+        return arg(n, 1, "dim", 0) == 1
     return True
 
 
-def explainable(model: nn.Module, unit: Unit) -> tuple[list[_Op], int]:
+def explainable(model: nn.Module, unit: Unit) -> tuple[list[Op], int]:
     """The model's traced operations and the one whose output is the unit's module.
 
     Raises:
         ConvmapsError: the model does not trace into a graph, or an operation on the way to
             the unit cannot be taken apart into a sum.
     """
-    ops = _graph(model)
+    ops = graph.ops(model, "explain")
     ends = [i for i, op in enumerate(ops) if unit.module in op.stack]
     if not ends:
         raise ConvmapsError(f"unit {unit}: {unit.module} runs no operation of the traced graph")
     k = ends[-1]  # a container's output: the last operation run inside it
-    for i in _ancestors(ops, k):
+    for i in ancestors(ops, k):
         if not _supported(ops[i]):
             raise ConvmapsError(f"explain cannot take {ops[i].name} ({ops[i].kind}) apart; it "
                                 f"follows {_FOLLOWS}")
@@ -250,7 +184,7 @@ def explainable(model: nn.Module, unit: Unit) -> tuple[list[_Op], int]:
 class _Run:
     """One image's forward pass: every operation's output, batch axis dropped."""
 
-    ops: list[_Op]
+    ops: list[Op]
     outs: dict[int, Tensor]  # op index -> its output; -1: the image
     depth: int
     top: int
@@ -293,10 +227,11 @@ def _conv(conv: nn.Conv2d, x: Tensor, c: int, pos: tuple[int, int]
     taps = size.argmax(1).tolist()
     c0 = c // (conv.out_channels // conv.groups) * (conv.in_channels // conv.groups)
     kw = prods.shape[-1]
-    terms = [Term(c0 + i, float(v), (int(rows[t // kw]), int(cols[t % kw])))
+    ys, xs = rows.tolist(), cols.tolist()  # Python numbers: indexing a tensor per term is slow
+    terms = [Term(c0 + i, v, (ys[t // kw], xs[t % kw]))
              for i, (v, t) in enumerate(zip(prods.sum((1, 2)).tolist(), taps, strict=True))]
     bias = 0.0 if conv.bias is None else float(conv.bias[c])
-    return bias, terms, (prods, rows.tolist(), cols.tolist(), c0)
+    return bias, terms, (prods, ys, xs, c0)
 
 
 def _linear(lin: nn.Linear, x: Tensor, c: int) -> tuple[float, list[Term]]:
@@ -359,7 +294,7 @@ def _terms(run: _Run, k: int, c: int, pos: tuple[int, int] | None
         return bias, [Term(c, _at(run.outs[run.of(a)], c, pos), pos, run.name(run.of(a)))
                       for a in branches], None
     if m is torch.cat:
-        for a in _arg(n, 0, "tensors", []):
+        for a in arg(n, 0, "tensors", []):
             width = run.outs[run.of(a)].shape[0]
             if c < width:
                 return 0.0, [Term(c, _at(run.outs[run.of(a)], c, pos), pos,
@@ -392,10 +327,10 @@ def _terms(run: _Run, k: int, c: int, pos: tuple[int, int] | None
                             range(pos[1] * sw, pos[1] * sw + kw))
         else:
             size = m.output_size if isinstance(m, nn.AdaptiveAvgPool2d) else \
-                _arg(n, 1, "output_size", None)
+                arg(n, 1, "output_size", None)
             terms = _adaptive(size, x, c, pos)
     source = run.name(op.inputs[0])
-    return bias, [replace(t, source=source) for t in terms], taps
+    return bias, [Term(t.channel, t.value, t.position, source) for t in terms], taps
 
 
 def _windows(taps: _Taps, terms: list[Term]) -> list[Window]:
@@ -431,28 +366,6 @@ def _node(run: _Run, k: int, c: int, pos: tuple[int, int] | None, level: int) ->
     return node
 
 
-def _forward(ops: list[_Op], k: int, image: Tensor) -> dict[int, Tensor]:
-    """The outputs of op k and the ops it depends on, batch axis dropped."""
-    index = {op.node: i for i, op in enumerate(ops)}
-    # A fresh copy: a batch row's view sits at another alignment, and BLAS may round
-    # differently there, so an image's tree would depend on its batch.
-    full = {-1: image.detach().clone().unsqueeze(0)}
-
-    for i in _ancestors(ops, k):
-        op = ops[i]
-        # an in-place ReLU reads a copy: it must not overwrite the output kept before it
-        copy = getattr(op.what, "inplace", False) or op.node.kwargs.get("inplace", False)
-
-        def read(a: fx.Node, copy: bool = bool(copy)) -> Tensor:
-            t = full[index.get(a, -1)]
-            return t.clone() if copy else t
-
-        args = fx.node.map_arg(op.node.args, read)
-        kwargs = fx.node.map_arg(op.node.kwargs, read)
-        full[i] = op.what(*args, **kwargs)
-    return {i: t[0] for i, t in full.items()}
-
-
 def explain(model: nn.Module, image: Tensor, unit: Unit, depth: int = 3, top: int = 3) -> Node:
     """The tree of `unit` on one image `(C, H, W)`: its value as an exact sum, followed down the
     `top` largest terms of each conv and linear node for `depth` levels.
@@ -472,7 +385,10 @@ def explain(model: nn.Module, image: Tensor, unit: Unit, depth: int = 3, top: in
     model.eval()
     try:
         with torch.no_grad():
-            outs = _forward(ops, k, image)
+            # A fresh copy: a batch row's view sits at another alignment, and BLAS may round
+            # differently there, so an image's tree would depend on its batch.
+            full = graph.run(ops, image.detach().clone().unsqueeze(0), upto=k)
+            outs = {i: t[0] for i, t in full.items()}
             out = outs[k]
             pos = unit.position
             if pos is None and out.dim() == 3:

@@ -2,12 +2,15 @@
 
 A square patch of `fill` slides over the preprocessed input on Captum's grid. A patch changes
 only a box of the input, and through each conv or pool only the box of outputs whose windows
-meet it (the interval arithmetic of receptive fields, run forwards). So each layer recomputes
-that box alone, from the occluded batch's input around it, and splices it into the
-unoccluded pass's output; where the box covers the whole map, or at the first module that mixes
-every position (linear, flatten, an adaptive pool that is not the identity), the rest runs in
-full (Krypton, Nakandala et al., SIGMOD 2019). Models that are not a chain of modules
-(`core.chain`) run every position in full.
+meet it (the interval arithmetic of receptive fields, run forwards). So each operation of the
+model's traced graph (`core.graph`) recomputes that box alone, from the occluded batch's input
+around it, and splices it into the unoccluded pass's output (Krypton, Nakandala et al.,
+SIGMOD 2019). Elementwise ops (ReLU, eval BatchNorm, …) work on the box as it is; a residual
+add, a product or a concatenation works on the union of its operands' boxes. Where the box
+covers the whole map, at an op that mixes every position (linear, flatten, an adaptive pool
+that is not the identity), and at an op without a rule here (`method` names them), that op
+runs in full, and so does everything after it that reads it. A model `torch.fx` cannot trace
+runs every position in full.
 
     >>> import torch
     >>> from convmaps.core.models import lenet5
@@ -24,22 +27,35 @@ full (Krypton, Nakandala et al., SIGMOD 2019). Models that are not a chain of mo
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torchvision.ops import stochastic_depth
 
-from convmaps.core import chain
+from convmaps.core import chain, graph
 from convmaps.core.fields import _pair
 from convmaps.errors import ConvmapsError
 
-__all__ = ["Occlusion", "corners", "occlude", "occluded"]
+__all__ = ["Occlusion", "corners", "method", "occlude", "occluded"]
 
-# The modules a box passes through unchanged in place (elementwise in eval mode).
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Hardtanh,
-                nn.BatchNorm2d, nn.Dropout, nn.Identity)
+# The modules and functions a box passes through unchanged in place (elementwise in eval).
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU,
+                nn.Hardtanh, nn.Hardswish, nn.BatchNorm2d, nn.Dropout, nn.Identity)
+_ELEMENTWISE_FUNCTIONS = (torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.gelu,
+                          F.silu, F.hardswish, torch.sigmoid, torch.tanh, F.dropout,
+                          stochastic_depth)  # (EfficientNet's and ConvNeXt's: eval, identity)
+# Elementwise ops of two operands: on the union of their boxes.
+_JOINS = (operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul,
+          operator.sub, torch.sub)
+# Ops that mix every position: they run in full, as they must.
+_GLOBAL = (nn.Linear, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_GLOBAL_FUNCTIONS = (torch.flatten, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.linear)
+_GLOBAL_METHODS = ("flatten", "mean", "amax", "sum")  # (RegNet's x.flatten(start_dim=1))
 
 
 def corners(size: int, patch: int, stride: int) -> list[int]:
@@ -70,9 +86,24 @@ class Occlusion:
     clear: Tensor
     sums: dict[str, Tensor] = field(default_factory=dict)
     peaks: dict[str, Tensor] = field(default_factory=dict)
-    incremental: bool = False  # whether the incremental pass ran (a chain), not full passes
-    full_from: str | None = None  # the first module that ran in full at some position
+    incremental: bool = False  # whether the incremental pass ran (a traced graph), not full passes
+    full_from: str | None = None  # the first op that ran in full at some position
     # ("flatten": the torch.flatten call in AlexNet's and VGG's forward)
+
+
+def method(model: nn.Module) -> str:
+    """How `occlude` computes the maps of `model` (in eval mode), in words: incremental, and
+    the ops it has no rule for (they run in full wherever a patch reaches them), or full
+    passes, and why."""
+    try:
+        ops = graph.ops(model, "occlude")
+    except ConvmapsError as e:
+        return f"full passes ({str(e).split(': ', 1)[1]})"
+    if graph.result(ops) is None:
+        return f"full passes ({type(model).__name__}'s forward returns no single tensor)"
+    unknown = sorted({op.kind for op in ops if op.node.op != "get_attr" and not _known(op)})
+    return ("incremental (each op of the traced graph recomputes the box a patch can change"
+            + (f"; no rule for {', '.join(unknown)}: run in full" if unknown else "") + ")")
 
 
 def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
@@ -94,34 +125,28 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
     h, w = image.shape[1:]
     ys, xs = corners(h, patch, stride), corners(w, patch, stride)
     boxes = [(y, min(y + patch, h), x, min(x + patch, w)) for y in ys for x in xs]
-    try:
-        steps = chain.steps(model) if incremental else None
-    except ConvmapsError:
-        steps = None
-    ends = chain.ends(steps) if steps is not None else {}
-    missing = [m for m in modules if steps is not None and m not in ends]
-    if missing:
-        raise ConvmapsError(f"no module {missing[0]!r} in the chain of {type(model).__name__}")
     spatial = {m: model.get_submodule(m) for m in modules}
     logits: list[Tensor] = []
     sums: dict[str, list[Tensor]] = {m: [] for m in modules}
-    full_from: set[int] = set()
+    ran_full: set[int] = set()
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
+        ops = _traced(model) if incremental else None
         with torch.no_grad():
-            if steps is not None:  # the unoccluded pass the windows are spliced into
-                base = _base(steps, image[None])
-                clear, peaks = base[-1], {m: _maps(base[ends[m]], m).amax((2, 3)) for m in modules}
+            if ops is not None:  # the unoccluded pass the boxes are spliced into
+                end = graph.ends(ops)
+                keep = {end[m]: m for m in modules}
+                base = graph.run(ops, image[None])
+                clear = base[graph.result(ops)]  # type: ignore[index]
+                peaks = {m: _maps(base[end[m]], m).amax((2, 3)) for m in modules}
             else:
-                base = []
                 clear, peaks = _full(model, image[None], spatial, lambda t: t.amax((2, 3)))
             for start in range(0, len(boxes), batch_size):
                 part = boxes[start:start + batch_size]
-                if steps is not None:
-                    out, kept, first = _incremental(steps, base, image, part, fill,
-                                                    {ends[m]: m for m in modules})
-                    full_from.add(first)
+                if ops is not None:
+                    out, kept, full = _incremental(ops, base, image, part, fill, keep)
+                    ran_full |= full
                 else:
                     out, kept = _full(model, occluded(image, part, fill), spatial,
                                       lambda t: t.sum((2, 3)))
@@ -132,11 +157,20 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
         for module, flag in training:
             module.training = flag
     shape = (len(ys), len(xs))
-    first = min(full_from, default=len(steps or []))
-    named = (steps[first][0] or "flatten") if steps is not None and first < len(steps) else None
+    named = ops[min(ran_full)].name if ops is not None and ran_full else None
     return Occlusion(torch.cat(logits).reshape(*shape, -1), clear[0],
                      {m: torch.cat(v).reshape(*shape, -1) for m, v in sums.items()},
-                     {m: v[0] for m, v in peaks.items()}, steps is not None, named)
+                     {m: v[0] for m, v in peaks.items()}, ops is not None, named)
+
+
+def _traced(model: nn.Module) -> list[graph.Op] | None:
+    """The model's traced graph, or None where it does not trace into one that returns one
+    tensor (those models run in full)."""
+    try:
+        ops = graph.ops(model, "occlude")
+    except ConvmapsError:
+        return None
+    return ops if graph.result(ops) is not None else None
 
 
 def _full(model: nn.Module, x: Tensor, modules: dict[str, nn.Module],
@@ -164,15 +198,6 @@ def _maps(out: Tensor, name: str) -> Tensor:
     return out
 
 
-def _base(steps: Sequence[tuple[str, nn.Module]], x: Tensor) -> list[Tensor]:
-    """The unoccluded pass: every step's output (1, ...)."""
-    outs: list[Tensor] = []
-    for _, module in steps:
-        x = module(x.clone() if outs else x)  # AlexNet's in-place ReLUs keep the conv's output
-        outs.append(x)
-    return outs
-
-
 @dataclass
 class _Patched:
     """A batch that equals the unoccluded `base` (1, C, H, W) except in one window per image:
@@ -187,6 +212,11 @@ class _Patched:
         _scatter(out, self.at, self.patch)
         return out
 
+    def meta(self) -> Tensor:
+        """The batch's shape and dtype on the meta device (no values)."""
+        return torch.empty((len(self.at), *self.base.shape[1:]), dtype=self.base.dtype,
+                           device="meta")
+
     def sums(self) -> Tensor:
         """Each channel summed over the whole map, per image: the base's sums corrected by
         what each window changed."""
@@ -195,31 +225,125 @@ class _Patched:
         return self.base.sum((2, 3)) + (self.patch - under).sum((2, 3))
 
 
-def _incremental(steps: Sequence[tuple[str, nn.Module]], base: Sequence[Tensor], image: Tensor,
+def _incremental(ops: Sequence[graph.Op], base: dict[int, Tensor], image: Tensor,
                  boxes: Sequence[tuple[int, int, int, int]], fill: float, keep: dict[int, str]
-                 ) -> tuple[Tensor, dict[str, Tensor], int]:
-    """The steps run on `len(boxes)` occluded copies of `image`, each recomputing only the
-    window its patch can change; also the first step that ran in full."""
+                 ) -> tuple[Tensor, dict[str, Tensor], set[int]]:
+    """The traced ops run on `len(boxes)` occluded copies of `image`, each recomputing only the
+    box its patch can change; also the ops that ran in full with a patch reaching them."""
     # the patches as windows of one size (a patch cut at the edge: a window moved inwards)
     h, w = image.shape[1:]
     size = (max(y1 - y0 for y0, y1, _, _ in boxes), max(x1 - x0 for _, _, x0, x1 in boxes))
     at = [(min(y0, h - size[0]), min(x0, w - size[1])) for y0, _, x0, _ in boxes]
-    x: _Patched | Tensor = _Patched(image[None], _gather(occluded(image, boxes, fill), at, size),
-                                    at)
+    env: dict[int, _Patched | Tensor] = {
+        -1: _Patched(image[None], _gather(occluded(image, boxes, fill), at, size), at)}
+    index = {op.node: i for i, op in enumerate(ops)}
+    last = {j: i for i, op in enumerate(ops) for j in op.inputs}  # an output's last reader
     kept: dict[str, Tensor] = {}
-    first = len(steps)
-    for i, (_, module) in enumerate(steps):
-        if isinstance(x, _Patched):
-            step = _step(module, x, base[i])
-            if step is None:
-                first = i
-            x = step if step is not None else module(x.full())
-        else:
-            x = module(x)
+    full: set[int] = set()
+    for i, op in enumerate(ops):
+        ins = [env[j] for j in op.inputs]
+        out = _patched(op, ins, base[i]) \
+            if any(isinstance(x, _Patched) for x in ins) else None
+        if out is None:
+            if any(isinstance(x, _Patched) for x in ins) and not _reads_shape(op):
+                full.add(i)
+
+            shape = _reads_shape(op)
+
+            def read(a: fx.Node, shape: bool = shape) -> Any:
+                x = env[index.get(a, -1)]
+                if isinstance(x, _Patched):  # a shape needs no values
+                    return x.meta() if shape else x.full()
+                return x
+
+            out = graph.call(op, fx.node.map_arg(op.node.args, read),
+                             fx.node.map_arg(op.node.kwargs, read))
+        env[i] = out
         if i in keep:
-            kept[keep[i]] = x.sums() if isinstance(x, _Patched) else x.sum((2, 3))
-    assert isinstance(x, Tensor)  # a classifier ends in a full pass (flatten, linear)
-    return x, kept, first
+            kept[keep[i]] = out.sums() if isinstance(out, _Patched) else \
+                _maps(out, keep[i]).sum((2, 3))
+        for j in op.inputs:
+            if last[j] == i and j >= 0:
+                del env[j]  # bounded memory: only the outputs still to be read
+    result = env[graph.result(ops)]  # type: ignore[index]
+    return (result.full() if isinstance(result, _Patched) else result), kept, full
+
+
+def _reads_shape(op: graph.Op) -> bool:
+    """`x.shape`, `x.size()`, `x.dim()`: what a reshape needs, not the values."""
+    n = op.node
+    return (n.op == "call_method" and n.target in ("size", "dim")) or \
+        (n.op == "call_function" and n.target is getattr and n.args[1:2] == ("shape",))
+
+
+def _known(op: graph.Op) -> bool:
+    """Whether occlusion has a rule for the op: a box, a union of boxes, a shape, or a full
+    pass because it mixes every position."""
+    if _reads_shape(op) or op.node.op == "call_method" and op.node.target in _GLOBAL_METHODS:
+        return True
+    m = op.what
+    if isinstance(m, nn.Module):
+        return isinstance(m, (*_ELEMENTWISE, *_GLOBAL)) or chain.window(m) is not None
+    return op.node.op == "call_function" and (m in _ELEMENTWISE_FUNCTIONS or m in _JOINS
+                                              or m is torch.cat or m in _GLOBAL_FUNCTIONS)
+
+
+def _patched(op: graph.Op, ins: list[_Patched | Tensor], base: Tensor) -> _Patched | None:
+    """Op on patched operands, as a box spliced into its unoccluded output `base`; None where
+    it runs in full (no rule, it mixes every position, or an operand is whole)."""
+    m, n = op.what, op.node
+    if not all(isinstance(x, _Patched) for x in ins) or not isinstance(base, Tensor) \
+            or base.dim() != 4:
+        return None
+    boxes: list[_Patched] = ins  # type: ignore[assignment]
+    if isinstance(m, nn.Module):
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs:
+            return None
+        return _step(m, boxes[0], base)
+    if n.op != "call_function":
+        return None
+    if m in _ELEMENTWISE_FUNCTIONS:
+        if len(ins) != 1 or not n.args or n.args[0] is not n.all_input_nodes[0]:
+            return None  # the box is the first argument, the rest are numbers
+        patch = boxes[0].patch.clone()  # an in-place F.relu must not touch the patch it read
+        return _Patched(base, m(patch, *n.args[1:], **n.kwargs), boxes[0].at)
+    if m in _JOINS:
+        if len(n.args) != 2 or n.kwargs or len({x.base.shape for x in boxes}) != 1:
+            return None  # (a broadcast is no union of boxes)
+        windows, at = _union(boxes)
+        lookup = dict(zip(n.all_input_nodes, windows, strict=True))
+        args = [lookup[a] if isinstance(a, fx.Node) else a for a in n.args]
+        fn = {operator.iadd: operator.add, operator.imul: operator.mul}.get(m, m)
+        return _Patched(base, fn(*args), at)  # a fresh sum, not in place
+    tensors = graph.arg(n, 0, "tensors", [])
+    if m is torch.cat and graph.arg(n, 1, "dim", 0) in (1, -3) and \
+            all(isinstance(a, fx.Node) for a in tensors) and \
+            len({x.base.shape[-2:] for x in boxes}) == 1:
+        windows, at = _union(boxes)
+        lookup = dict(zip(n.all_input_nodes, windows, strict=True))
+        return _Patched(base, torch.cat([lookup[a] for a in tensors], 1), at)
+    return None
+
+
+def _union(xs: Sequence[_Patched]) -> tuple[list[Tensor], list[tuple[int, int]]]:
+    """The operands' windows over one box per image that holds each operand's box (one size
+    for the batch), read from each operand's unoccluded map where its own box does not reach."""
+    hw = xs[0].base.shape[-2:]
+    starts = [[min(x.at[b][d] for x in xs) for d in range(2)] for b in range(len(xs[0].at))]
+    stops = [[max(x.at[b][d] + x.patch.shape[-2 + d] for x in xs) for d in range(2)]
+             for b in range(len(xs[0].at))]
+    size = [max(e[d] - s[d] for s, e in zip(starts, stops, strict=True)) for d in range(2)]
+    at = [(min(s[0], hw[0] - size[0]), min(s[1], hw[1] - size[1])) for s in starts]
+    windows = []
+    for x in xs:
+        if x.at == at and list(x.patch.shape[-2:]) == size:
+            windows.append(x.patch)
+            continue
+        window = _gather(x.base.expand(len(at), *x.base.shape[1:]), at, size)
+        _scatter(window, [(a[0] - b[0], a[1] - b[1]) for a, b in zip(x.at, at, strict=True)],
+                 x.patch)
+        windows.append(window)
+    return windows, at
 
 
 def _step(module: nn.Module, x: _Patched, base: Tensor) -> _Patched | None:

@@ -10,8 +10,9 @@ the network says at each of its positions, into `OUT/<image key>/occlusion.safet
   (each `--unit`; by default the channel of the last conv layer with the largest maximum on
   the unoccluded image).
 
-The maps come from `core.occlusion` (exact incremental inference on chains, full passes
-elsewhere); `OUT/occlusion.json` lists the images, as a dump's manifest does, and the engine
+The maps come from `core.occlusion` (exact incremental inference on the traced graph, full
+passes for a model that does not trace; the manifest's `method` says which, and the ops
+without a rule); `OUT/occlusion.json` lists the images, as a dump's manifest does, and the engine
 brings folders, batches, progress, shards and resume. One configuration owns an image's
 occlusion files: other options are refused, or replaced with --overwrite.
 """
@@ -25,12 +26,11 @@ import torch
 from torch import Tensor
 
 from convmaps import __version__
-from convmaps.core import chain
 from convmaps.core.capture import LayerRow, Trace
 from convmaps.core.deconv import parse_unit
 from convmaps.core.fields import Field
 from convmaps.core.models import LoadedModel, normalisation
-from convmaps.core.occlusion import Occlusion, corners, occlude
+from convmaps.core.occlusion import Occlusion, corners, method, occlude
 from convmaps.errors import ConvmapsError
 from convmaps.io import layout
 from convmaps.io.store import png_complete, read_metadata, save_tensors, write_bytes
@@ -81,12 +81,8 @@ class Occlude(ListedJob):
         from convmaps.jobs.dump import class_names
 
         self.names = class_names(loaded)
-        try:  # said once, in the manifest and the header line: how the maps are computed
-            chain.steps(loaded.model)
-            self.method = "incremental (a chain of modules: each layer recomputes its window)"
-        except ConvmapsError:
-            self.method = (f"full passes ({type(loaded.model).__name__} is not a chain of "
-                           "modules)")
+        # said once, in the manifest and the header line: how the maps are computed
+        self.method = method(loaded.model)  # (loaded in eval mode, as it is traced)
         self.mean, self.std = normalisation(loaded.preprocess)
 
     def modules(self) -> list[str]:

@@ -361,6 +361,19 @@ def _index(site: _Site) -> str:
         parts.append(f'<h2>Invariance</h2><p><a href="invariance.html">'
                      f'{_e(", ".join(site.invariance.get("transforms", [])))}</a> over '
                      f'{len(site.invariance["inputs"])} image(s)</p>')
+    if site.occlusion and _occluded_pictures(site):
+        parts.append(f'<h2>Occlusion</h2><p><a href="occlusion.html">'
+                     f'{len(_occluded_pictures(site))} image(s)</a></p>')
+    paper = [(f, page, what) for f, page, what, there in (
+        ("Fig. 2", "topk/index.html", "top-9 patches and their projections, per conv unit",
+         site.topk), ("Fig. 5", "invariance.html", "invariance to translation, scale and "
+                      "rotation", site.invariance),
+        ("Fig. 7", "occlusion.html", "occlusion: where the network looks",
+         site.occlusion and _occluded_pictures(site))) if there]
+    if paper:
+        items = "".join(f'<li><a href="{page}">{f}</a>: {what}</li>' for f, page, what in paper)
+        parts.insert(1, "<h2>Zeiler &amp; Fergus (2014), figure by figure</h2><ul>" + items
+                     + "</ul>")
     return _page(f"{h.get('model')} · report", "\n".join(parts), "", site)
 
 
@@ -447,12 +460,9 @@ def _image_page(site: _Site, e: dict[str, Any], units: dict[str, dict[int, int]]
             parts.append("<h2>Projections to pixel space</h2>" + "".join(figs))
     occ = site.occluded.get((key, e.get("sha256") or ""))
     if occ and layout.OCCLUSION_PNG in occ.get("files", []):
-        meta = read_metadata(folder / layout.OCCLUSION) or {}
-        cap = (f"a {_e(meta.get('patch', '?'))} px grey square every "
-               f"{_e(meta.get('stride', '?'))} px · target {_e(meta.get('target_name', '?'))} · "
-               f"unit {_e(meta.get('units') or '—')}")
         parts.append("<h2>Occlusion (where the network looks)</h2>"
-                     + _figure(site, f"{key}/{layout.OCCLUSION_PNG}", up, cap, ' class="wide"'))
+                     + _figure(site, f"{key}/{layout.OCCLUSION_PNG}", up,
+                               _occlusion_caption(folder), ' class="wide"'))
     parts.append(_tree_links([(PurePosixPath(f).stem, page) for (k, f), page
                               in site.trees.items() if k == key], up))
     if units:
@@ -542,6 +552,34 @@ def _units_driven(units: dict[str, dict[int, int]], up: str) -> str:
 def _projection_entry(site: _Site, e: dict[str, Any]) -> dict[str, Any] | None:
     """The projections of the image of entry `e`: same folder, same bytes."""
     return site.projected.get((e["key"], e.get("sha256") or ""))
+
+
+def _occlusion_caption(folder: Path) -> str:
+    meta = read_metadata(folder / layout.OCCLUSION) or {}
+    return (f"a {_e(meta.get('patch', '?'))} px grey square every "
+            f"{_e(meta.get('stride', '?'))} px · target {_e(meta.get('target_name', '?'))} · "
+            f"unit {_e(meta.get('units') or '—')}")
+
+
+def _occluded_pictures(site: _Site) -> list[tuple[str, dict[str, Any]]]:
+    """(image page, occlusion entry) of each image whose occlusion figure is in OUT."""
+    return [(site.pages[k], e) for (k, _), e in site.occluded.items()
+            if k in site.pages and layout.OCCLUSION_PNG in e.get("files", [])]
+
+
+def _occlusion_page(site: _Site) -> str:
+    """Every image's occlusion figure on one page (Zeiler & Fergus, Fig. 7)."""
+    m = site.occlusion
+    assert m is not None
+    figs = [f'<h2><a href="{_url(page)}">{_e(e["key"])}</a></h2>'
+            + _figure(site, f"{e['key']}/{layout.OCCLUSION_PNG}", "",
+                      _occlusion_caption(site.out / e["key"]), ' class="wide"')
+            for page, e in _occluded_pictures(site)]
+    intro = (f"<p>A grey square slid over each of {len(figs)} image(s): at each position the "
+             "probability of the target class, the most probable class, and a unit's "
+             "activity summed over its map (Zeiler &amp; Fergus, Fig. 7). Computed by "
+             f"{_e(m.get('method', '?'))}.</p>")
+    return _page("Occlusion", intro + "".join(figs), "", site)
 
 
 def _filters_page(site: _Site) -> str:
@@ -861,6 +899,8 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
         files.append(("filters.html", partial(_filters_page, site)))
     if site.invariance:
         files.append(("invariance.html", partial(_invariance_page, site)))
+    if site.occlusion and _occluded_pictures(site):
+        files.append(("occlusion.html", partial(_occlusion_page, site)))
     if site.topk:
         files.append(("topk/index.html", partial(_topk_index, site)))
         for name, u in site.units.items():
