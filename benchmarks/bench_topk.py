@@ -6,6 +6,7 @@ preprocess + forward loop over the same folder, in one run; medians and ratios. 
                                     [--device cpu]
     python benchmarks/bench_topk.py --project deconvnet [--k 4] [--images 8] [--repeats 3]
                                     [--channels N]
+    python benchmarks/bench_topk.py --explain [--layers features.10] [--k 4] [--images 8]
 
 - plain:      `alexnet(weights=AlexNet_Weights.DEFAULT)` loaded beforehand; PIL decode +
               `weights.transforms()`, batched forward under `torch.no_grad()`. Nothing kept.
@@ -25,6 +26,10 @@ the projection phase (decode the winners again, project every entry, cut it to i
 Both must give the same projections (printed: the largest difference over the largest value).
 `--channels N` projects only the first N channels of each conv (quicker, less faithful).
 
+`--explain` (top-`--k` of `--layers`, batch 8, no projections or figures): `topk` against
+`topk --explain`, interleaved; what `--explain` adds per entry (its k trees of every channel,
+depth 2, top 3), against one forward pass of one image (batch 1, the same model).
+
 Weights as in bench_dump.py: the real cached file when there is one, else a seeded stand-in
 in a temporary torch hub cache. Without --photos it makes photo-sized JPEGs in a temp folder.
 """
@@ -41,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -77,9 +83,10 @@ def plain(files: list[Path], device: str) -> Callable[[], None]:
     return loop
 
 
-def topk(folder: Path, out: Path, device: str, workers: int, **kw: object) -> Callable[[], None]:
-    o = TopkOptions(model="alexnet", inputs=[str(folder)], out=str(out), layers="conv",
-                    batch_size=BATCH, workers=workers, device=device, resume=False, **kw)
+def topk(folder: Path, out: Path, device: str, workers: int, **kw: Any) -> Callable[[], None]:
+    kw.setdefault("layers", "conv")
+    o = TopkOptions(model="alexnet", inputs=[str(folder)], out=str(out), batch_size=BATCH,
+                    workers=workers, device=device, resume=False, **kw)
     plan = plan_topk(o)
 
     def work() -> None:
@@ -164,6 +171,39 @@ def projection_phase(a: argparse.Namespace, folder: Path, tmp: Path, weights: st
     assert math.isfinite(worst)
 
 
+def explain_phase(a: argparse.Namespace, folder: Path, tmp: Path, files: list[Path]) -> None:
+    times: dict[str, list[float]] = {"topk": [], "topk --explain": [], "forward": []}
+    model = torchvision.models.alexnet(weights=torchvision.models.AlexNet_Weights.DEFAULT)
+    tf = torchvision.models.AlexNet_Weights.DEFAULT.transforms()
+    x = tf(Image.open(files[0]).convert("RGB"))[None]
+    entries = 0
+    for _ in range(a.repeats):
+        for name, explained in (("topk", False), ("topk --explain", True)):
+            out = tmp / name.replace(" ", "")
+            work = topk(folder, out, a.device, a.workers, k=a.k, project="none", png=False,
+                        explain=explained, layers=a.layers)
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+            if explained:
+                trees = list((out / "topk" / "explain").rglob("*.json"))
+                entries = sum(len(json.loads(f.read_text())["entries"]) for f in trees)
+        with torch.no_grad(), threads(None):
+            for _ in range(5):  # (the median of the fifth, warm)
+                start = time.perf_counter()
+                model.eval()(x)
+                forward = time.perf_counter() - start
+        times["forward"].append(forward)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    extra = (med["topk --explain"] - med["topk"]) / max(entries, 1)
+    print(f"AlexNet, top-{a.k} of {a.layers}, {len(files)} photos, {a.repeats} repeats: "
+          f"{entries} entries explained; median seconds")
+    for k, v in med.items():
+        print(f"  {k:15s} {v:8.3f}")
+    print(f"--explain adds {extra * 1e3:.1f} ms an entry = {extra / med['forward']:.2f}x one "
+          "forward pass (goal <= 2)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=40)
@@ -176,6 +216,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="with --project: the top-k projected")
     ap.add_argument("--channels", type=int, help="with --project: the first N channels only")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--explain", action="store_true", help="time what topk --explain adds")
+    ap.add_argument("--layers", default="features.10", help="with --explain: topk's --layers")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="convmaps-bench-topk-"))
     weights = cached_weights(tmp)
@@ -192,6 +234,10 @@ def main() -> None:
         files = make_photos(folder, a.images)
     if a.project:
         projection_phase(a, folder, tmp, weights)
+        shutil.rmtree(tmp)
+        return
+    if a.explain:
+        explain_phase(a, folder, tmp, files)
         shutil.rmtree(tmp)
         return
     times: dict[str, list[float]] = {"plain": [], "topk": [], "topk+png": []}

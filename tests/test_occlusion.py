@@ -96,12 +96,19 @@ def test_the_first_full_module_is_named():
     assert got.full_from is not None
 
 
-def test_float32_within_range_tolerance():
-    model, image, modules = _case("alexnet")
-    model, image = model.float(), image.float()
+@pytest.mark.parametrize("name", ["alexnet", "resnet18"])
+def test_float32_within_range_tolerance(name):
+    if name in GRAPHS:
+        make, size, modules = GRAPHS[name]
+        model, image = _seeded(make(), 1).float(), torch.randn(3, size, size)
+    else:
+        model, image, modules = _case(name)
+        model, image = model.float(), image.float()
     want = _reference(model, image, 9, 13, 0.0, modules)
     got = occlude(model, image, 9, 13, modules=modules)
     _close(got.logits, want["logits"], 1e-5)
+    for m in modules:
+        _close(got.sums[m], want[m], 1e-5)
 
 
 GRAPHS = {

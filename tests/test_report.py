@@ -608,6 +608,27 @@ def test_occlusion_maps_are_on_their_image_pages_and_in_a_standalone_report(tmp_
     assert "<th>probability</th>" in first  # the dump's page: its predictions, then occlusion
 
 
+def test_an_occluded_unit_shows_its_top_k_patches_where_a_topk_run_ranked_it(tmp_path):
+    """Fig. 7's unit panel beside what the unit responds to: its top-k figure and page."""
+    from convmaps.jobs.occlude import run_occlude
+    from convmaps.jobs.topk import plan_topk, run_topk
+    from convmaps.options import OccludeOptions, TopkOptions
+
+    out = tmp_path / "o"
+    run_topk(plan_topk(TopkOptions(out=str(out), layers="C3", k=3, png_cap=3, workers=0)))
+    run_occlude(OccludeOptions(model="lenet", out=str(out), patch=10, stride=9, workers=0,
+                               units=["C3:2", "C3:9"]))  # 9: past --png-cap, no figure
+    build_report(out, standalone=True)
+    for page, n in ((out / "report" / "images" / "0.html", 1),
+                    (out / "report" / "occlusion.html", 8)):  # (one per image)
+        html, refs = page.read_text(), _refs(page)
+        assert "unit C3:2</a>: what it responds to most" in html and "unit C3:9<" not in html
+        links = [r for r in refs if r.endswith("topk/C3/2.html")]
+        figs = [r for r in refs if r.endswith(".png") and "topk" in r]
+        assert len(links) == len(figs) == n
+        assert all((page.parent / unquote(r)).resolve().is_file() for r in links + figs)
+
+
 def test_explain_trees_get_pages_linked_from_their_image_and_top_k_unit(tmp_path):
     """A page per tree (its figure and the tree as nested lists), linked from the image page
     and from the top-k page of the unit it explains; the figure is copied when standalone."""

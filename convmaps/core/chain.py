@@ -1,5 +1,6 @@
 """A model as the chain of modules its forward pass runs one after the other (LeNet, AlexNet,
-VGG, any `nn.Sequential`): what the DeconvNet down pass and incremental occlusion walk.
+VGG, any `nn.Sequential`): what the DeconvNet down pass walks; and the windows a conv or pool
+reads, which incremental occlusion grows its boxes by.
 
     >>> from convmaps.core.models import lenet5
     >>> [name for name, _ in steps(lenet5())][:3]

@@ -365,7 +365,7 @@ def _index(site: _Site) -> str:
         parts.append(f'<h2>Occlusion</h2><p><a href="occlusion.html">'
                      f'{len(_occluded_pictures(site))} image(s)</a></p>')
     paper = [(f, page, what) for f, page, what, there in (
-        ("Fig. 2", "topk/index.html", "top-9 patches and their projections, per conv unit",
+        ("Fig. 2", "topk/index.html", "top-k patches and their projections, per unit",
          site.topk), ("Fig. 5", "invariance.html", "invariance to translation, scale and "
                       "rotation", site.invariance),
         ("Fig. 7", "occlusion.html", "occlusion: where the network looks",
@@ -462,7 +462,8 @@ def _image_page(site: _Site, e: dict[str, Any], units: dict[str, dict[int, int]]
     if occ and layout.OCCLUSION_PNG in occ.get("files", []):
         parts.append("<h2>Occlusion (where the network looks)</h2>"
                      + _figure(site, f"{key}/{layout.OCCLUSION_PNG}", up,
-                               _occlusion_caption(folder), ' class="wide"'))
+                               _occlusion_caption(folder), ' class="wide"')
+                     + _occluded_units(site, folder, up))
     parts.append(_tree_links([(PurePosixPath(f).stem, page) for (k, f), page
                               in site.trees.items() if k == key], up))
     if units:
@@ -561,6 +562,24 @@ def _occlusion_caption(folder: Path) -> str:
             f"unit {_e(meta.get('units') or '—')}")
 
 
+def _occluded_units(site: _Site, folder: Path, up: str) -> str:
+    """The top-k figures of the units an occlusion map follows, where a topk run in OUT ranked
+    them: what the unit responds to, beside where in this image it does."""
+    meta = read_metadata(folder / layout.OCCLUSION) or {}
+    figs = []
+    for unit in str(meta.get("units") or "").split(","):
+        name, _, channel = unit.rpartition(":")
+        u = site.units.get(name)
+        if u is None or not channel.isdigit() or int(channel) >= len(u.get("values", [])):
+            continue
+        fig = _topk_layout(site).channel_png(name, int(channel))
+        if (site.out / layout.TOPK / fig).is_file():
+            figs.append(f'<p><a href="{up}topk/{_url(name)}/{channel}.html">unit {_e(unit)}'
+                        "</a>: what it responds to most in the top-k run</p>" + _figure(
+                            site, f"{layout.TOPK}/{fig}", up, f"{_e(unit)}: top-k patches"))
+    return "".join(figs)
+
+
 def _occluded_pictures(site: _Site) -> list[tuple[str, dict[str, Any]]]:
     """(image page, occlusion entry) of each image whose occlusion figure is in OUT."""
     return [(site.pages[k], e) for (k, _), e in site.occluded.items()
@@ -574,10 +593,11 @@ def _occlusion_page(site: _Site) -> str:
     figs = [f'<h2><a href="{_url(page)}">{_e(e["key"])}</a></h2>'
             + _figure(site, f"{e['key']}/{layout.OCCLUSION_PNG}", "",
                       _occlusion_caption(site.out / e["key"]), ' class="wide"')
+            + _occluded_units(site, site.out / e["key"], "")
             for page, e in _occluded_pictures(site)]
     intro = (f"<p>A grey square slid over each of {len(figs)} image(s): at each position the "
              "probability of the target class, the most probable class, and a unit's "
-             "activity summed over its map (Zeiler &amp; Fergus, Fig. 7). Computed by "
+             "activity summed over its map (Zeiler &amp; Fergus, Fig. 7). The maps: "
              f"{_e(m.get('method', '?'))}.</p>")
     return _page("Occlusion", intro + "".join(figs), "", site)
 
