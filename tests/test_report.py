@@ -595,6 +595,7 @@ def test_occlusion_maps_are_on_their_image_pages_and_in_a_standalone_report(tmp_
     assert _built_from(out)["occlusion"]["inputs"] == 8
     # Fig. 7 on a page of its own: every image's figure, each linked to its image page
     assert '<a href="occlusion.html">Fig. 7</a>' in index and "figure by figure" in index
+    assert '<a href="../occlusion.html">occlusion</a>' in pages[0].read_text()  # the nav bar
     paper = out / "report" / "occlusion.html"
     srcs = [r for r in _refs(paper) if r.endswith("occlusion.png")]
     assert len(srcs) == 8 and all((paper.parent / unquote(r)).resolve().is_file() for r in srcs)

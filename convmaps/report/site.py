@@ -80,6 +80,7 @@ class _Site:
     by_sha: dict[str, str] = field(default_factory=dict)  # sha256 -> its image page
     projected: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     occluded: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    figure7: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (page, entry)
     # (image key, tree file) -> the tree's page
     trees: dict[tuple[str, str], str] = field(default_factory=dict)
     copies: _Copies | None = None  # a standalone report's copies of the pictures of OUT
@@ -286,6 +287,8 @@ def _page(title: str, body: str, up: str, site: _Site) -> str:
         nav.append(f'<a href="{up}topk/index.html">top-k</a>')
     if site.invariance:
         nav.append(f'<a href="{up}invariance.html">invariance</a>')
+    if site.figure7:
+        nav.append(f'<a href="{up}occlusion.html">occlusion</a>')
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(title)} · convmaps</title>"
@@ -361,15 +364,15 @@ def _index(site: _Site) -> str:
         parts.append(f'<h2>Invariance</h2><p><a href="invariance.html">'
                      f'{_e(", ".join(site.invariance.get("transforms", [])))}</a> over '
                      f'{len(site.invariance["inputs"])} image(s)</p>')
-    if site.occlusion and _occluded_pictures(site):
+    if site.figure7:
         parts.append(f'<h2>Occlusion</h2><p><a href="occlusion.html">'
-                     f'{len(_occluded_pictures(site))} image(s)</a></p>')
+                     f'{len(site.figure7)} image(s)</a></p>')
     paper = [(f, page, what) for f, page, what, there in (
         ("Fig. 2", "topk/index.html", "top-k patches and their projections, per unit",
          site.topk), ("Fig. 5", "invariance.html", "invariance to translation, scale and "
                       "rotation", site.invariance),
         ("Fig. 7", "occlusion.html", "occlusion: where the network looks",
-         site.occlusion and _occluded_pictures(site))) if there]
+         site.figure7)) if there]
     if paper:
         items = "".join(f'<li><a href="{page}">{f}</a>: {what}</li>' for f, page, what in paper)
         parts.insert(1, "<h2>Zeiler &amp; Fergus (2014), figure by figure</h2><ul>" + items
@@ -594,7 +597,7 @@ def _occlusion_page(site: _Site) -> str:
             + _figure(site, f"{e['key']}/{layout.OCCLUSION_PNG}", "",
                       _occlusion_caption(site.out / e["key"]), ' class="wide"')
             + _occluded_units(site, site.out / e["key"], "")
-            for page, e in _occluded_pictures(site)]
+            for page, e in site.figure7]
     intro = (f"<p>A grey square slid over each of {len(figs)} image(s): at each position the "
              "probability of the target class, the most probable class, and a unit's "
              "activity summed over its map (Zeiler &amp; Fergus, Fig. 7). The maps: "
@@ -898,6 +901,7 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
     site.projected, site.occluded = ({(e["key"], e.get("sha256") or ""): e
                                       for e in (m or {}).get("inputs", []) if e["status"] == "ok"}
                                      for m in (site.projections, site.occlusion))
+    site.figure7 = _occluded_pictures(site)
     trees = [(e, f) for e in (site.explain or {}).get("inputs", []) if e["status"] == "ok"
              and e["key"] in site.pages for f in e.get("files", []) if f.endswith(".json")]
     site.trees = {(e["key"], f): f"explain/{n}.html" for n, (e, f) in enumerate(trees)}
@@ -919,7 +923,7 @@ def _write_site(site: _Site, root: Path, on_phase: Phase | None = None) -> None:
         files.append(("filters.html", partial(_filters_page, site)))
     if site.invariance:
         files.append(("invariance.html", partial(_invariance_page, site)))
-    if site.occlusion and _occluded_pictures(site):
+    if site.figure7:
         files.append(("occlusion.html", partial(_occlusion_page, site)))
     if site.topk:
         files.append(("topk/index.html", partial(_topk_index, site)))
