@@ -289,6 +289,18 @@ def test_refusals() -> None:
     with pytest.raises(ConvmapsError, match="at least 1"):
         explain(lenet5(), torch.rand(1, 28, 28), Unit("C1", 0), depth=0)
 
+    class Reread(nn.Module):  # eager mode hands `+ a` the ReLU's output: the graph would not
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.a(x)
+            return self.b(a.relu_()) + a
+
+    with pytest.raises(ConvmapsError, match="relu_: it writes over its input in place"):
+        explain(Reread().eval(), torch.rand(1, 8, 8), Unit("b", 0))
+
 
 # -- the job and the command -----------------------------------------------------------------
 
@@ -381,6 +393,23 @@ def test_shards_give_the_bytes_of_one_process(tmp_path):
 def test_bad_units_are_one_line(tmp_path, model, extra, words):
     refused_in_one_line(["explain", model, "--out", str(tmp_path / "o"), *extra], words)
     assert not (tmp_path / "o" / "explain.json").exists()
+
+
+def test_the_box_is_the_units_receptive_field_where_its_last_op_is_a_function(tmp_path):
+    """GoogLeNet's inception3a ends in torch.cat: the box is still the module's field."""
+    from convmaps.core.fields import fields
+
+    write_image(tmp_path / "in" / "a.png", (64, 64))
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["explain", "googlenet", "-w", "none", str(tmp_path / "in"),
+                                 "--out", str(out), "--unit", "inception3a:70@10,12",
+                                 "--depth", "1"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "a.png/explain/inception3a:70@10,12.json").read_text())
+    assert record["tree"]["module"] == "cat"
+    model = load_model("googlenet", weights="none").model
+    want = fields(model, (3, 224, 224))["inception3a"].box(10, 12)
+    assert record["box"] == list(want) and record["box"] != [0, 0, 224, 224]
 
 
 def test_progress_in_a_log_and_a_titled_figure(tmp_path):

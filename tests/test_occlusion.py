@@ -194,6 +194,107 @@ def test_models_that_do_not_trace_run_in_full_and_agree():
     _close(got.sums["a"], want["a"], 1e-10)
 
 
+class _Head(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class _TrailingUnderscore(nn.Module):
+    """In place by torch's trailing underscore, with no inplace flag (the results used)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d, self.h = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3), _Head(4)
+
+    def forward(self, x):
+        a = self.c(x).relu_()
+        return self.h(torch.relu_(self.d(a)).add_(1.0))
+
+
+class _Reread(nn.Module):
+    """An in-place ReLU's input read again after it: eager mode reads the overwritten values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d, self.h = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), \
+            _Head(4)
+
+    def forward(self, x):
+        a = self.c(x)
+        b = torch.nn.functional.relu(a, inplace=True)
+        return self.h(self.d(b) + a)
+
+
+class _ReadsItsResult(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.h = nn.Conv2d(3, 4, 3), _Head(4)
+
+    def forward(self, x):
+        y = self.h(self.c(x))
+        torch._assert(y.shape[1] == 5, "5 classes")
+        return y
+
+
+EDGES = {
+    # name: (model, modules, patch, stride, incremental)
+    "trailing underscore": (_TrailingUnderscore, ["c", "d"], 3, 2, True),
+    "reread after in place": (_Reread, ["c"], 3, 2, False),  # exact by full passes
+    "a container and its child end together": (
+        lambda: nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), _Head(4)),
+        ["0", "0.1"], 3, 2, True),
+    "an empty Sequential": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(), _Head(4)), ["1"], 3, 2,
+        False),
+    "adaptive (None, 11)": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((None, 11)), _Head(4)),
+        [], 3, 2, True),
+    "the result read again": (_ReadsItsResult, [], 3, 2, True),
+    "stride past the patch": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _Head(4)), ["0"], 1, 5,
+                              True),
+    "batch statistics": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(
+        4, track_running_stats=False), _Head(4)), [], 3, 2, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGES))
+def test_edge_cases_equal_the_real_model(name):
+    make, modules, patch, stride, incremental = EDGES[name]
+    model = make()
+    torch.manual_seed(3)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.3)
+    model = model.eval().double()
+    image = torch.randn(3, 11, 13, dtype=torch.double)
+    got = occlude(model, image, patch, stride, fill=0.5, modules=modules, batch_size=3)
+    assert got.incremental is incremental
+    if name == "reread after in place":
+        assert method(model) == "full passes (the input of the in-place relu is read again " \
+            "after it)"
+    if name == "batch statistics":  # the maps then depend on the batch: the same batches
+        want = occlude(model, image, patch, stride, fill=0.5, batch_size=3, incremental=False)
+        _close(got.logits, want.logits, 1e-10)
+        return
+    want = _reference(model, image, patch, stride, 0.5, modules)
+    _close(got.logits, want["logits"], 1e-10)
+    for m in modules:
+        _close(got.sums[m], want[m], 1e-10)
+
+
+def test_a_model_that_returns_a_tuple_is_refused_in_one_line():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)), x
+
+    with pytest.raises(ConvmapsError, match="returns one tensor of class scores; Pair returns "
+                                            "tuple"):
+        occlude(Pair(), torch.rand(3, 8, 8), 4, 4)
+
+
 def test_captum_grid():
     assert corners(10, 4, 3) == [0, 3, 6]  # ceil((10 - 4) / 3) + 1; the last cut at the edge
     assert corners(224, 16, 4)[-1] == 208 and len(corners(224, 16, 4)) == 53

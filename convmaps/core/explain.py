@@ -170,6 +170,9 @@ def explainable(model: nn.Module, unit: Unit) -> tuple[list[Op], int]:
     if not ends:
         raise ConvmapsError(f"unit {unit}: {unit.module} runs no operation of the traced graph")
     k = ends[-1]  # a container's output: the last operation run inside it
+    if (i := graph.reread(ops)) is not None and i in ancestors(ops, k):
+        raise ConvmapsError(f"explain cannot follow {ops[i].name}: it writes over its input in "
+                            "place, and a later operation reads that input again")
     for i in ancestors(ops, k):
         if not _supported(ops[i]):
             raise ConvmapsError(f"explain cannot take {ops[i].name} ({ops[i].kind}) apart; it "

@@ -26,7 +26,7 @@ from torch import Tensor, fx, nn
 
 from convmaps.errors import ConvmapsError
 
-__all__ = ["Op", "ancestors", "arg", "call", "ends", "inplace", "ops", "result", "run"]
+__all__ = ["Op", "ancestors", "arg", "call", "ends", "inplace", "ops", "reread", "result", "run"]
 
 
 @dataclass
@@ -122,8 +122,28 @@ def arg(node: fx.Node, i: int, key: str, default: Any) -> Any:
 
 
 def inplace(op: Op) -> bool:
-    """Whether the op writes over its input (AlexNet's and VGG's ReLUs, GoogLeNet's F.relu)."""
-    return bool(getattr(op.what, "inplace", False) or op.node.kwargs.get("inplace", False))
+    """Whether the op writes over its input: an `inplace` flag (AlexNet's and VGG's ReLUs,
+    GoogLeNet's F.relu), or torch's trailing underscore (`x.relu_()`, `torch.relu_`,
+    `x.add_(y)`)."""
+    if getattr(op.what, "inplace", False) or op.node.kwargs.get("inplace", False):
+        return True
+    name = op.node.target if op.node.op == "call_method" else \
+        getattr(op.what, "__name__", "") if op.node.op == "call_function" else ""
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def reread(found: Sequence[Op]) -> int | None:
+    """The first in-place op whose input a later op reads again (eager mode would hand that op
+    the overwritten values, which a graph run that keeps every output does not); None when
+    there is none (torchvision's models)."""
+    readers: dict[int, list[int]] = {}
+    for i, op in enumerate(found):
+        for j in op.inputs:
+            readers.setdefault(j, []).append(i)
+    for i, op in enumerate(found):
+        if inplace(op) and op.inputs and any(r > i for r in readers[op.inputs[0]]):
+            return i
+    return None
 
 
 def run(found: Sequence[Op], x: Tensor, upto: int | None = None) -> dict[int, Tensor]:

@@ -38,7 +38,6 @@ from torch import Tensor, fx, nn
 from torchvision.ops import stochastic_depth
 
 from convmaps.core import chain, graph
-from convmaps.core.fields import _pair
 from convmaps.errors import ConvmapsError
 
 __all__ = ["Occlusion", "corners", "method", "occlude", "occluded"]
@@ -101,6 +100,8 @@ def method(model: nn.Module) -> str:
         return f"full passes ({str(e).split(': ', 1)[1]})"
     if graph.result(ops) is None:
         return f"full passes ({type(model).__name__}'s forward returns no single tensor)"
+    if (i := graph.reread(ops)) is not None:
+        return f"full passes (the input of the in-place {ops[i].name} is read again after it)"
     unknown = sorted({op.kind for op in ops if op.node.op != "get_attr" and not _known(op)})
     return ("incremental (each op of the traced graph recomputes the box a patch can change"
             + (f"; no rule for {', '.join(unknown)}: run in full" if unknown else "") + ")")
@@ -133,10 +134,14 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
     try:
         model.eval()
         ops = _traced(model) if incremental else None
+        end = graph.ends(ops) if ops is not None else {}
+        if any(m not in end for m in modules):  # a module that runs no op (an empty Sequential)
+            ops = None
         with torch.no_grad():
             if ops is not None:  # the unoccluded pass the boxes are spliced into
-                end = graph.ends(ops)
-                keep = {end[m]: m for m in modules}
+                keep: dict[int, list[str]] = {}
+                for m in modules:
+                    keep.setdefault(end[m], []).append(m)
                 base = graph.run(ops, image[None])
                 clear = base[graph.result(ops)]  # type: ignore[index]
                 peaks = {m: _maps(base[end[m]], m).amax((2, 3)) for m in modules}
@@ -170,7 +175,7 @@ def _traced(model: nn.Module) -> list[graph.Op] | None:
         ops = graph.ops(model, "occlude")
     except ConvmapsError:
         return None
-    return ops if graph.result(ops) is not None else None
+    return ops if graph.result(ops) is not None and graph.reread(ops) is None else None
 
 
 def _full(model: nn.Module, x: Tensor, modules: dict[str, nn.Module],
@@ -184,10 +189,14 @@ def _full(model: nn.Module, x: Tensor, modules: dict[str, nn.Module],
             kept[name] = reduce(_maps(out, name))
         handles.append(module.register_forward_hook(hook))
     try:
-        return model(x), kept
+        out = model(x)
     finally:
         for handle in handles:
             handle.remove()
+    if not isinstance(out, Tensor):
+        raise ConvmapsError(f"occlude needs a model whose forward returns one tensor of class "
+                            f"scores; {type(model).__name__} returns {type(out).__name__}")
+    return out, kept
 
 
 def _maps(out: Tensor, name: str) -> Tensor:
@@ -226,18 +235,22 @@ class _Patched:
 
 
 def _incremental(ops: Sequence[graph.Op], base: dict[int, Tensor], image: Tensor,
-                 boxes: Sequence[tuple[int, int, int, int]], fill: float, keep: dict[int, str]
-                 ) -> tuple[Tensor, dict[str, Tensor], set[int]]:
+                 boxes: Sequence[tuple[int, int, int, int]], fill: float,
+                 keep: dict[int, list[str]]) -> tuple[Tensor, dict[str, Tensor], set[int]]:
     """The traced ops run on `len(boxes)` occluded copies of `image`, each recomputing only the
     box its patch can change; also the ops that ran in full with a patch reaching them."""
     # the patches as windows of one size (a patch cut at the edge: a window moved inwards)
     h, w = image.shape[1:]
-    size = (max(y1 - y0 for y0, y1, _, _ in boxes), max(x1 - x0 for _, _, x0, x1 in boxes))
+    # (at least 1: a grid start past the edge, where the stride passes the patch, is empty)
+    size = (max(1, *(y1 - y0 for y0, y1, _, _ in boxes)),
+            max(1, *(x1 - x0 for _, _, x0, x1 in boxes)))
     at = [(min(y0, h - size[0]), min(x0, w - size[1])) for y0, _, x0, _ in boxes]
     env: dict[int, _Patched | Tensor] = {
         -1: _Patched(image[None], _gather(occluded(image, boxes, fill), at, size), at)}
     index = {op.node: i for i, op in enumerate(ops)}
     last = {j: i for i, op in enumerate(ops) for j in op.inputs}  # an output's last reader
+    final = graph.result(ops)
+    assert final is not None  # (`_traced` keeps only graphs that return one op's output)
     kept: dict[str, Tensor] = {}
     full: set[int] = set()
     for i, op in enumerate(ops):
@@ -259,14 +272,19 @@ def _incremental(ops: Sequence[graph.Op], base: dict[int, Tensor], image: Tensor
             out = graph.call(op, fx.node.map_arg(op.node.args, read),
                              fx.node.map_arg(op.node.kwargs, read))
         env[i] = out
-        if i in keep:
-            kept[keep[i]] = out.sums() if isinstance(out, _Patched) else \
-                _maps(out, keep[i]).sum((2, 3))
+        for m in keep.get(i, []):
+            kept[m] = out.sums() if isinstance(out, _Patched) else _maps(out, m).sum((2, 3))
         for j in op.inputs:
-            if last[j] == i and j >= 0:
+            if last[j] == i and j not in (-1, final):
                 del env[j]  # bounded memory: only the outputs still to be read
-    result = env[graph.result(ops)]  # type: ignore[index]
+    result = env[final]
     return (result.full() if isinstance(result, _Patched) else result), kept, full
+
+
+def _elementwise(m: nn.Module) -> bool:
+    """A module elementwise in eval (a BatchNorm without running statistics uses the batch's)."""
+    return isinstance(m, _ELEMENTWISE) and not (isinstance(m, nn.BatchNorm2d)
+                                                and m.running_mean is None)
 
 
 def _reads_shape(op: graph.Op) -> bool:
@@ -283,7 +301,7 @@ def _known(op: graph.Op) -> bool:
         return True
     m = op.what
     if isinstance(m, nn.Module):
-        return isinstance(m, (*_ELEMENTWISE, *_GLOBAL)) or chain.window(m) is not None
+        return _elementwise(m) or isinstance(m, _GLOBAL) or chain.window(m) is not None
     return op.node.op == "call_function" and (m in _ELEMENTWISE_FUNCTIONS or m in _JOINS
                                               or m is torch.cat or m in _GLOBAL_FUNCTIONS)
 
@@ -349,11 +367,12 @@ def _union(xs: Sequence[_Patched]) -> tuple[list[Tensor], list[tuple[int, int]]]
 def _step(module: nn.Module, x: _Patched, base: Tensor) -> _Patched | None:
     """`module` on the patched batch `x`, its unoccluded output being `base`; None where this
     module needs a full pass (it mixes every position, or the windows cover the whole map)."""
-    if isinstance(module, _ELEMENTWISE) and x.patch.dim() == 4:
+    if _elementwise(module) and x.patch.dim() == 4:
         return _Patched(base, module(x.patch.clone()), x.at)  # clone: in-place ReLUs
     if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) and x.patch.dim() == 4:
-        same = all(s in (None, n) for s, n in zip(_pair(module.output_size),
-                                                    x.base.shape[-2:], strict=True))
+        wanted = module.output_size
+        pair = (wanted, wanted) if wanted is None or isinstance(wanted, int) else tuple(wanted)
+        same = all(s in (None, n) for s, n in zip(pair, x.base.shape[-2:], strict=True))
         return _Patched(base, x.patch, x.at) if same else None  # AlexNet's 6x6 at 224
     axes = chain.window(module) if x.patch.dim() == 4 else None
     if axes is None:  # a module without a window rule here: it runs in full

@@ -5,13 +5,15 @@ terms (`core.explain`), into `OUT/<image key>/explain/<unit>.json` (the tree) an
 channel was strongest.
 
 A tree file: `tree` (the root node) beside what made it (`model`, `weights`, `unit`, `key`,
-`source`, `sha256`, `run`, `depth`, `top`). A node: `module`, `kind`, `channel`, `position`
-(`[y, x]`, or null for a 1-D output), `value`, `bias`, `contributions` (the largest
-`_LISTED` terms `{"channel", "value"[, "position"], "source"}` sorted by |value|: `source`
-the input's module or operation, `position` where in it the term's child would be), `rest`
-(the sum of the others, 0 when all are listed), `windows` (a conv node's largest terms tap by
-tap, `{"channel", "rows", "cols", "taps"}`: `taps[i][j]` is `w * x` at input row `rows[i]`,
-column `cols[j]`, and they sum to the term's value) and `children`.
+`source`, `sha256`, `run`, `depth`, `top`) and `box`, the root's receptive field in the
+input (`[top, left, bottom, right]`, the whole input for a 1-D unit). A node: `module`,
+`kind`, `channel`, `position` (`[y, x]`, or null for a 1-D output), `value`, `bias`,
+`contributions` (the largest `_LISTED` terms `{"channel", "value"[, "position"], "source"}`
+sorted by |value|: `source` the input's module or operation, `position` where in it the
+term's child would be), `rest` (the sum of the others, 0 when all are listed), `windows` (a
+conv node's largest terms tap by tap, `{"channel", "rows", "cols", "taps"}`: `taps[i][j]` is
+`w * x` at input row `rows[i]`, column `cols[j]`, and they sum to the term's value) and
+`children`.
 
 `OUT/explain.json` lists the images, as a dump's manifest does; the engine brings folders,
 batches, progress, shards and resume. One configuration owns an image's trees: other options
@@ -68,7 +70,8 @@ class Explain(ListedJob):
         self.units = [parse_unit(text, loaded.model, shapes) for text in o.units]
         for u in self.units:
             explainable(loaded.model, u)
-        self.names = list(dict.fromkeys(str(u) for u in self.units))
+        self.by_name = {str(u): u for u in self.units}
+        self.names = list(self.by_name)
         self.fields = fields  # the root's receptive-field box in the figure
         self.mean, self.std = normalisation(loaded.preprocess)
 
@@ -156,10 +159,14 @@ def _write(plan: Plan, it: dict[str, Any], trees: list[Node], picture: Tensor | 
     folder = plan.out / src.key
     previous = plan.listed.get(src.key, set())
     for unit, root in zip(job.names, trees, strict=True):
+        field = job.fields.get(job.by_name[unit].module)  # (the root may be a function's)
+        h, w = loaded.input_size
+        box = field.box(*root.position) if field is not None and root.position else \
+            (0, 0, int(h), int(w))
         record = {"convmaps": __version__, "model": loaded.arch, "weights": loaded.weights,
                   "unit": unit, "key": src.key, "source": str(src.path),
                   "sha256": it["sha256"], "run": plan.fingerprint, "depth": o.depth,
-                  "top": o.top, "tree": node_record(root)}
+                  "top": o.top, "box": [int(v) for v in box], "tree": node_record(root)}
         data = json.dumps(record, indent=1, ensure_ascii=False).encode() + b"\n"
         write_bytes(folder / layout.explain_json(unit), data, sync=False)
         if o.png:
@@ -167,10 +174,6 @@ def _write(plan: Plan, it: dict[str, Any], trees: list[Node], picture: Tensor | 
 
             assert picture is not None
             at = "" if root.position is None else f" (at {root.position[0]},{root.position[1]})"
-            field = job.fields.get(root.module)
-            h, w = picture.shape[-2:]
-            box = field.box(*root.position) if field is not None and root.position else \
-                (0, 0, int(h), int(w))
             img = render.explain_figure(
                 root, picture, box, f"{loaded.arch} · unit {unit}{at} · {src.key} · "
                 f"depth {o.depth}, top {o.top}")
