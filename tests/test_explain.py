@@ -268,6 +268,27 @@ def test_concatenation_picks_the_branch_of_the_channel() -> None:
     assert _check_tree(model, image, root, 7) == 1 + 7
 
 
+def test_a_model_in_training_mode_is_explained_as_in_eval() -> None:
+    """torch.fx traces the Python branches of the mode a model is in: explain traces eval's."""
+
+    class TrainOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.r = nn.Conv2d(1, 2, 3), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.r(y * torch.sigmoid(y) if self.training else y)
+
+    model = TrainOnly().train()
+    image = torch.rand(1, 8, 8)
+    node = explain(model, image, Unit("r", 1, (2, 3)))
+    assert model.training  # given back
+    with torch.no_grad():
+        want = torch.relu(model.a(image[None]))[0, 1, 2, 3]
+    assert node.value == pytest.approx(float(want), abs=1e-7)
+
+
 def test_refusals() -> None:
     with pytest.raises(ConvmapsError, match=r"features\.0\.2 \(SiLU\)"):
         explain(models.efficientnet_b0(weights=None).eval(), torch.rand(3, 32, 32),

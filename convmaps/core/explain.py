@@ -338,7 +338,8 @@ def _terms(run: _Run, k: int, c: int, pos: tuple[int, int] | None
 
 def _windows(taps: _Taps, terms: list[Term]) -> list[Window]:
     prods, rows, cols, c0 = taps
-    return [Window(t.channel, rows, cols, prods[t.channel - c0].tolist()) for t in terms]
+    chosen = prods[[t.channel - c0 for t in terms]].tolist()  # one copy to the host a node
+    return [Window(t.channel, rows, cols, w) for t, w in zip(terms, chosen, strict=True)]
 
 
 def _node(run: _Run, k: int, c: int, pos: tuple[int, int] | None, level: int) -> Node:
@@ -369,13 +370,16 @@ def _node(run: _Run, k: int, c: int, pos: tuple[int, int] | None, level: int) ->
     return node
 
 
-def explain(model: nn.Module, image: Tensor, unit: Unit, depth: int = 3, top: int = 3) -> Node:
+def explain(model: nn.Module, image: Tensor, unit: Unit, depth: int = 3, top: int = 3,
+            traced: tuple[list[Op], int] | None = None) -> Node:
     """The tree of `unit` on one image `(C, H, W)`: its value as an exact sum, followed down the
     `top` largest terms of each conv and linear node for `depth` levels.
 
     Without a position, a unit of a (C, H, W) output is at its channel's strongest position
     (the first maximum). Values are the model's own activations (its dtype, at least float32
-    for the terms); the model runs in eval mode, its state given back.
+    for the terms); the model runs in eval mode, its state given back. `traced`:
+    `explainable(model, unit)` of the eval-mode model, made once for many images and units of
+    one module (tracing costs about a sixth of a tree).
 
     Raises:
         ConvmapsError: the model does not trace, an operation on the way cannot be taken
@@ -383,10 +387,10 @@ def explain(model: nn.Module, image: Tensor, unit: Unit, depth: int = 3, top: in
     """
     if depth < 1 or top < 1:
         raise ConvmapsError(f"--depth and --top must be at least 1 (got {depth}, {top})")
-    ops, k = explainable(model, unit)
     training = model.training
     model.eval()
     try:
+        ops, k = traced if traced is not None else explainable(model, unit)  # the eval graph
         with torch.no_grad():
             # A fresh copy: a batch row's view sits at another alignment, and BLAS may round
             # differently there, so an image's tree would depend on its batch.

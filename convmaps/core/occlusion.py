@@ -94,14 +94,9 @@ def method(model: nn.Module) -> str:
     """How `occlude` computes the maps of `model` (in eval mode), in words: incremental, and
     the ops it has no rule for (they run in full wherever a patch reaches them), or full
     passes, and why."""
-    try:
-        ops = graph.ops(model, "occlude")
-    except ConvmapsError as e:
-        return f"full passes ({str(e).split(': ', 1)[1]})"
-    if graph.result(ops) is None:
-        return f"full passes ({type(model).__name__}'s forward returns no single tensor)"
-    if (i := graph.reread(ops)) is not None:
-        return f"full passes (the input of the in-place {ops[i].name} is read again after it)"
+    ops, why = _traced(model)
+    if ops is None:
+        return f"full passes ({why})"
     unknown = sorted({op.kind for op in ops if op.node.op != "get_attr" and not _known(op)})
     return ("incremental (each op of the traced graph recomputes the box a patch can change"
             + (f"; no rule for {', '.join(unknown)}: run in full" if unknown else "") + ")")
@@ -133,7 +128,7 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        ops = _traced(model) if incremental else None
+        ops = _traced(model)[0] if incremental else None
         end = graph.ends(ops) if ops is not None else {}
         if any(m not in end for m in modules):  # a module that runs no op (an empty Sequential)
             ops = None
@@ -168,14 +163,18 @@ def occlude(model: nn.Module, image: Tensor, patch: int = 16, stride: int = 4,
                      {m: v[0] for m, v in peaks.items()}, ops is not None, named)
 
 
-def _traced(model: nn.Module) -> list[graph.Op] | None:
-    """The model's traced graph, or None where it does not trace into one that returns one
-    tensor (those models run in full)."""
+def _traced(model: nn.Module) -> tuple[list[graph.Op] | None, str]:
+    """The model's traced graph, or None and why the model runs every position in full: it
+    does not trace, returns no single tensor, or reads an in-place op's input again."""
     try:
         ops = graph.ops(model, "occlude")
-    except ConvmapsError:
-        return None
-    return ops if graph.result(ops) is not None and graph.reread(ops) is None else None
+    except ConvmapsError as e:
+        return None, str(e).split(": ", 1)[1]
+    if graph.result(ops) is None:
+        return None, f"{type(model).__name__}'s forward returns no single tensor"
+    if (i := graph.reread(ops)) is not None:
+        return None, f"the input of the in-place {ops[i].name} is read again after it"
+    return ops, ""
 
 
 def _full(model: nn.Module, x: Tensor, modules: dict[str, nn.Module],
@@ -255,13 +254,12 @@ def _incremental(ops: Sequence[graph.Op], base: dict[int, Tensor], image: Tensor
     full: set[int] = set()
     for i, op in enumerate(ops):
         ins = [env[j] for j in op.inputs]
-        out = _patched(op, ins, base[i]) \
-            if any(isinstance(x, _Patched) for x in ins) else None
+        patched = any(isinstance(x, _Patched) for x in ins)
+        out = _patched(op, ins, base[i]) if patched else None
         if out is None:
-            if any(isinstance(x, _Patched) for x in ins) and not _reads_shape(op):
-                full.add(i)
-
             shape = _reads_shape(op)
+            if patched and not shape:
+                full.add(i)
 
             def read(a: fx.Node, shape: bool = shape) -> Any:
                 x = env[index.get(a, -1)]

@@ -26,6 +26,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from convmaps import __version__
@@ -89,12 +90,17 @@ class Explain(ListedJob):
     def finished(self, plan: Plan, i: int) -> dict[str, Any] | None:
         return _finished_entry(plan, i)
 
+    def start(self, plan: Plan, model: torch.nn.Module, device: torch.device) -> None:
+        super().start(plan, model, device)
+        # traced once, from the model the steps run (its own modules)
+        self.traced = {name: explainable(model, u) for name, u in self.by_name.items()}
+
     def step(self, plan: Plan, batch: Tensor | None, items: list[dict[str, Any]]) -> Any:
         if batch is None:
             return None
         o = self.options
-        units = list({str(u): u for u in self.units}.values())
-        trees = [[explain(self.model, x, u, o.depth, o.top) for u in units] for x in batch]
+        trees = [[explain(self.model, x, u, o.depth, o.top, self.traced[name])
+                  for name, u in self.by_name.items()] for x in batch]
         return (batch if o.png else None), trees  # the engine brings both to the host at once
 
     def write(self, plan: Plan, items: list[dict[str, Any]], stepped: Any

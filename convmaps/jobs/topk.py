@@ -372,7 +372,7 @@ def _explain_all(plan: Plan, tops: dict[str, TopK], images: _Winners, model: tor
     (depth 2, top 3), each root checked against the ranked value, and the unit's recipe: the
     lower units its trees go through, with how many of them do."""
     from convmaps.core.deconv import Unit
-    from convmaps.core.explain import explain, recipe
+    from convmaps.core.explain import explain, explainable, recipe
     from convmaps.jobs.explain import node_record
 
     t = _topk(plan)
@@ -383,6 +383,7 @@ def _explain_all(plan: Plan, tops: dict[str, TopK], images: _Winners, model: tor
         top = tops[key]
         spatial = len(t.shapes[key]) == 3
         pos = positions(top.flat, t.shapes[key][2]) if spatial else None
+        traced = explainable(model, Unit(key, 0))  # once a module (the model is in eval)
         for c in range(top.values.shape[0]):
             trees, entries = [], []
             for r in range(top.k):
@@ -390,7 +391,7 @@ def _explain_all(plan: Plan, tops: dict[str, TopK], images: _Winners, model: tor
                 at = (int(pos[c, r, 0]), int(pos[c, r, 1])) if pos is not None else None
                 with torch.inference_mode(False):
                     tree = explain(model, images.tensor(index).to(device), Unit(key, c, at),
-                                   depth=_EXPLAIN_DEPTH, top=_EXPLAIN_TOP)
+                                   depth=_EXPLAIN_DEPTH, top=_EXPLAIN_TOP, traced=traced)
                 _same_value(plan, key, c, r, tree.value, top)
                 trees.append(tree)
                 entries.append({"rank": r, "key": inputs[index]["key"],
