@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import VGG, AlexNet
 
 from convmaps.core.fields import _pair
+from convmaps.core.graph import last_inside
 from convmaps.errors import ConvmapsError
 
 __all__ = ["Window", "ends", "steps", "window"]
@@ -52,12 +53,8 @@ def steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def ends(chain: Sequence[tuple[str, nn.Module]]) -> dict[str, int]:
     """Module name -> the step whose output is that module's output (containers: their last)."""
-    found: dict[str, int] = {}
-    for i, (name, _) in enumerate(chain):
-        parts = name.split(".") if name else []
-        for k in range(1, len(parts) + 1):
-            found[".".join(parts[:k])] = i
-    return found
+    parts = [name.split(".") if name else [] for name, _ in chain]
+    return last_inside([[".".join(p[:k]) for k in range(1, len(p) + 1)] for p in parts])
 
 
 # Per axis (kernel, stride, padding, dilation): output o reads input o*stride - padding +

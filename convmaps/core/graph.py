@@ -26,7 +26,8 @@ from torch import Tensor, fx, nn
 
 from convmaps.errors import ConvmapsError
 
-__all__ = ["Op", "ancestors", "arg", "call", "ends", "inplace", "ops", "reread", "result", "run"]
+__all__ = ["Op", "ancestors", "arg", "call", "ends", "inplace", "last_inside", "ops", "reread",
+           "result", "run"]
 
 
 @dataclass
@@ -104,7 +105,12 @@ def ancestors(found: Sequence[Op], k: int) -> list[int]:
 def ends(found: Sequence[Op]) -> dict[str, int]:
     """Module name -> the op whose output is that module's output: the last op run inside it
     (a container's last; a module called twice, its last call)."""
-    return {m: i for i, op in enumerate(found) for m in op.stack}
+    return last_inside([op.stack for op in found])
+
+
+def last_inside(stacks: Sequence[Sequence[str]]) -> dict[str, int]:
+    """Module name -> the last step that runs inside it, given each step's enclosing modules."""
+    return {m: i for i, stack in enumerate(stacks) for m in stack}
 
 
 def result(found: Sequence[Op]) -> int | None:
